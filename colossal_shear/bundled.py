@@ -1,0 +1,157 @@
+"""The embedded default: a bundled multilingual corpus, a LLaMA-style SentencePiece tokenizer trained on it, and a
+tiny `LlamaForCausalLM` (grouped-query attention) built for it.
+
+Everything here is real (a real SentencePiece BPE model with byte fallback, real Hugging Face directories) and
+small enough to build in a couple of seconds, so the tests, the demo and the benchmarks share one source of truth.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+CORPUS_DIR = Path(__file__).parent / "assets" / "corpus"
+CATEGORIES = ("en", "zh", "code")
+
+
+def corpus_files() -> list[Path]:
+    return [CORPUS_DIR / f"{c}.jsonl" for c in CATEGORIES]
+
+
+def corpus_records() -> Iterator[dict]:
+    for path in corpus_files():
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                yield json.loads(line)
+
+
+def corpus_texts() -> Iterator[str]:
+    for r in corpus_records():
+        yield r.get("source", "") + r["target"]
+
+
+@dataclass(frozen=True)
+class TinyLlamaShape:
+    """Shape of the bundled model: GQA (4 query heads share 2 KV heads), untied by default."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 192
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 512
+
+
+def _atomic_dir(target: Path):
+    """Build into a sibling temporary directory; the caller renames it into place when complete."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+
+
+def _publish(tmp: Path, target: Path) -> Path:
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process built it first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists() and not (target / "tokenizer.model").exists():
+            raise
+    return target
+
+
+def train_sentencepiece(out_dir: str | os.PathLike, vocab_size: int = 2048, texts=None) -> Path:
+    """Train a LLaMA-2-style BPE SentencePiece model (byte fallback, <unk>=0, <s>=1, </s>=2, digits split,
+    identity normalisation) and save it as a Hugging Face tokenizer directory (slow + fast files)."""
+    out = Path(out_dir)
+    if (out / "tokenizer.model").exists():
+        return out
+    tmp = _atomic_dir(out)
+    try:
+        _train_into(tmp, vocab_size, texts)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _publish(tmp, out)
+
+
+def _train_into(tmp: Path, vocab_size: int, texts) -> None:
+    import sentencepiece as spm
+    from transformers import AutoTokenizer, LlamaTokenizer
+
+    lines = []
+    for t in texts if texts is not None else corpus_texts():
+        lines.extend(l for l in t.splitlines() if l.strip())
+    with open(tmp / "train.txt", "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    spm.SentencePieceTrainer.train(
+        input=str(tmp / "train.txt"),
+        model_prefix=str(tmp / "tokenizer"),
+        model_type="bpe",
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        character_coverage=0.99,
+        split_digits=True,
+        normalization_rule_name="identity",
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    (tmp / "train.txt").unlink()
+    (tmp / "tokenizer.vocab").unlink()
+    slow = LlamaTokenizer(vocab_file=str(tmp / "tokenizer.model"), legacy=True, add_bos_token=True)
+    slow.save_pretrained(tmp)
+    fast = AutoTokenizer.from_pretrained(tmp)  # converts from the .model, then writes tokenizer.json too
+    fast.save_pretrained(tmp)
+
+
+def build_tiny_llama(
+    out_dir: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike,
+    tie_word_embeddings: bool = False,
+    shape: TinyLlamaShape = TinyLlamaShape(),
+    seed: int = 0,
+) -> Path:
+    """Save a randomly initialised tiny `LlamaForCausalLM` (fp32, safetensors) with its tokenizer copied beside it."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    if (out / "config.json").exists():
+        return out
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=tie_word_embeddings,
+        rms_norm_eps=1e-5,
+        torch_dtype="float32",
+        **asdict(shape),
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    tmp = _atomic_dir(out)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    return _publish(tmp, out)
+
+
+def build_bundled(root: str | os.PathLike) -> dict[str, Path]:
+    """Build (or reuse) the bundled tokenizer and both tiny models under `root`."""
+    root = Path(root)
+    tok = train_sentencepiece(root / "tokenizer")
+    return {
+        "tokenizer": tok,
+        "model": build_tiny_llama(root / "tiny-llama", tok),
+        "model_tied": build_tiny_llama(root / "tiny-llama-tied", tok, tie_word_embeddings=True),
+    }

@@ -1,0 +1,188 @@
+"""What colossalai 0.5.0 leaves unimplemented for CPU processes and for torch newer than the 2.5.1 it pins.
+
+Every workaround is a small function registered in `PATCHES`, applied in memory by `install()` (idempotent; no file
+of colossalai is changed on disk). Each one names the failure it fixes and has a test in tests/test_compat.py that
+shows colossalai failing without it. When colossalai fixes one, its test says so and the patch can go.
+
+Run `python -m colossal_shear.compat --report` to see the versions and what was applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Callable
+
+import torch
+
+PATCHES: dict[str, Callable[[], bool]] = {}
+_applied: list[str] = []
+
+
+def _patch(fn: Callable[[], bool]) -> Callable[[], bool]:
+    PATCHES[fn.__name__] = fn
+    return fn
+
+
+@_patch
+def hccl_probe() -> bool:
+    """Pipeline parallelism: colossalai.pipeline.p2p calls `torch.distributed.is_hccl_available`, gone in torch 2.6+."""
+    if hasattr(torch.distributed, "is_hccl_available"):
+        return False
+    torch.distributed.is_hccl_available = lambda: False
+    return True
+
+
+def _cpu_accelerator():
+    from colossalai.accelerator.cpu_accelerator import CpuAccelerator
+
+    return CpuAccelerator
+
+
+@_patch
+def cpu_rng() -> bool:
+    """Tensor parallelism and seeding: CpuAccelerator passes `device` to `torch.get_rng_state()` (which takes none)
+    and refuses manual_seed/seed/... with "not supported for cpu accelerator"."""
+    acc = _cpu_accelerator()
+    acc.get_rng_state = lambda self, device=None: torch.get_rng_state()
+    acc.get_rng_state_all = lambda self: [torch.get_rng_state()]
+    acc.set_rng_state = lambda self, new_state, device=None: torch.set_rng_state(new_state)
+    acc.set_rng_state_all = lambda self, states: torch.set_rng_state(states[0])
+    acc.manual_seed = lambda self, seed: torch.manual_seed(seed)
+    acc.manual_seed_all = lambda self, seed: torch.manual_seed(seed)
+    acc.seed = lambda self: torch.seed()
+    acc.seed_all = lambda self: torch.seed()
+    acc.initial_seed = lambda self: torch.initial_seed()
+    return True
+
+
+class _NullStream:
+    """Stands in for a device stream where work is synchronous (CPU): every wait is already satisfied."""
+
+    def wait_stream(self, other):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def record_event(self, event=None):
+        return _NullEvent()
+
+
+class _NullEvent:
+    def record(self, stream=None):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+@_patch
+def cpu_streams() -> bool:
+    """ZeRO: LowLevelZero's bucket store and reduction ask the accelerator for streams, which CpuAccelerator
+    refuses. On CPU all work is synchronous, so null streams are exact (overlap_communication must be off)."""
+    acc = _cpu_accelerator()
+    acc.Stream = lambda self, device=None, priority=0, **kw: _NullStream()
+    acc.Event = lambda self, enable_timing=False, blocking=False, interprocess=False: _NullEvent()
+    acc.current_stream = lambda self, device=None: _NullStream()
+    acc.default_stream = lambda self, device=None: _NullStream()
+    acc.set_stream = lambda self, stream_: None
+    acc.stream = lambda self, stream_: contextlib.nullcontext()
+    acc.synchronize = lambda self, device=None: None
+    return True
+
+
+@_patch
+def cpu_memory_stats() -> bool:
+    """Memory statistics and cache control are no-ops on CPU (colossalai's logging and Booster paths call them)."""
+    acc = _cpu_accelerator()
+    for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved"):
+        setattr(acc, name, lambda self, device=None: 0)
+    for name in ("empty_cache", "reset_max_memory_allocated", "reset_max_memory_cached", "reset_peak_memory_stats"):
+        setattr(acc, name, lambda self, device=None: None)
+    acc.memory_stats = lambda self, device=None: {}
+    acc.memory_summary = lambda self, device=None, abbreviated=False: ""
+    acc.device_count = lambda self: 1
+    return True
+
+
+@_patch
+def zero_on_cpu() -> bool:
+    """ZeRO: `LowLevelZeroOptimizer._sanity_checks` asserts the accelerator is cuda or npu ("device is required").
+    Keep its dtype check and accept cpu too."""
+    from colossalai.zero.low_level.low_level_optim import LowLevelZeroOptimizer
+
+    original = LowLevelZeroOptimizer._sanity_checks
+    if getattr(original, "_colossal_shear", False):
+        return False
+
+    def _sanity_checks(self):
+        from colossalai.accelerator import get_accelerator
+
+        assert get_accelerator().name in ("cuda", "npu", "cpu"), "device is required"
+        for group in self.optim.param_groups:
+            for param in group["params"]:
+                if not getattr(param, "skip_zero_check", False):
+                    assert param.dtype == self._dtype, (
+                        f"Parameters are expected to have the same dtype `{self._dtype}`, but got `{param.dtype}`"
+                    )
+
+    _sanity_checks._colossal_shear = True
+    LowLevelZeroOptimizer._sanity_checks = _sanity_checks
+    return True
+
+
+def install() -> list[str]:
+    """Apply every patch once; return the names applied by this call."""
+    done = []
+    for name, fn in PATCHES.items():
+        if name in _applied:
+            continue
+        if fn():
+            done.append(name)
+        _applied.append(name)
+    return done
+
+
+def applied() -> list[str]:
+    return list(_applied)
+
+
+def versions() -> dict[str, str]:
+    import colossalai
+    import transformers
+
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "colossalai": colossalai.__version__,
+        "cuda": str(torch.version.cuda),
+        "gpus": str(torch.cuda.device_count() if torch.cuda.is_available() else 0),
+    }
+
+
+if __name__ == "__main__":
+    if "--report" in sys.argv:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        from colossalai.booster import Booster  # noqa: F401  (the import chain users hit first)
+
+        print("colossal_shear environment:", ", ".join(f"{k} {v}" for k, v in versions().items()))
+        print("compat patches applied:", ", ".join(install()) or "none")

@@ -1,0 +1,1 @@
+"""Training: parallel configuration and plugin factory, optimiser, loop, schedule, checkpoints, metrics, logging."""

@@ -1,0 +1,155 @@
+"""Booster plugin factory: one place that turns `--plugin` and its parallel flags into a ColossalAI plugin.
+
+CPU processes (gloo) run `ddp`, `zero2`, `zero2_cpu` and `3d` thanks to colossal_shear.compat; `gemini` and
+`gemini_auto` need a CUDA/NPU device and are refused before any work starts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+PLUGINS = ("gemini", "gemini_auto", "zero2", "zero2_cpu", "3d", "ddp")
+PRECISIONS = ("fp16", "bf16", "fp32")
+CUDA_ONLY = {
+    "gemini": "Gemini's chunk manager keeps parameters in CUDA/NPU memory chunks and asserts a cuda or npu device",
+    "gemini_auto": "Gemini's chunk manager keeps parameters in CUDA/NPU memory chunks and asserts a cuda or npu device",
+}
+
+
+class PluginError(ValueError):
+    """A plugin/parallel configuration that cannot run here; raised before any training work."""
+
+
+@dataclass
+class ParallelConfig:
+    plugin: str = "zero2"
+    mixed_precision: str = "bf16"
+    tp: int = 1
+    pp: int = 1
+    sp: int = 1
+    zero_stage: int = 0
+    microbatch_size: int = 1
+    zero_cpu_offload: bool = False
+    grad_clip: float = 1.0
+
+
+def device_type() -> str:
+    """What colossalai's accelerator auto-detection will pick, known before launching (no process group needed)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_parallel_config(cfg: ParallelConfig, world_size: int | None = None, model_config=None) -> None:
+    """Refuse configurations that cannot work, with the reason, before distributed start-up or model loading."""
+    if cfg.plugin not in PLUGINS:
+        raise PluginError(f"--plugin {cfg.plugin!r} is not one of {', '.join(PLUGINS)}")
+    if cfg.mixed_precision not in PRECISIONS:
+        raise PluginError(f"--mixed_precision {cfg.mixed_precision!r} is not one of {', '.join(PRECISIONS)}")
+    if cfg.plugin in CUDA_ONLY and device_type() == "cpu":
+        raise PluginError(
+            f"--plugin {cfg.plugin} cannot run on this CPU-only machine: {CUDA_ONLY[cfg.plugin]}. "
+            "Use zero2, zero2_cpu, 3d or ddp on CPU processes."
+        )
+    if cfg.plugin.startswith("gemini") and cfg.mixed_precision == "fp32":
+        raise PluginError(f"--plugin {cfg.plugin} supports only fp16 and bf16 (--mixed_precision)")
+    for name in ("tp", "pp", "sp", "microbatch_size"):
+        if getattr(cfg, name) < 1:
+            raise PluginError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.plugin != "3d" and (cfg.tp > 1 or cfg.pp > 1 or cfg.sp > 1):
+        raise PluginError(f"--tp/--pp/--sp need --plugin 3d (got --plugin {cfg.plugin})")
+    if cfg.zero_stage not in (0, 1, 2):
+        raise PluginError(f"--zero_stage must be 0, 1 or 2, got {cfg.zero_stage}")
+    if cfg.pp > 1 and cfg.zero_stage == 2:
+        raise PluginError("--zero_stage 2 cannot be combined with --pp > 1 (ColossalAI supports ZeRO-1 with pipelines)")
+    if world_size is not None and world_size % (cfg.tp * cfg.pp * cfg.sp) != 0:
+        raise PluginError(f"world size {world_size} is not divisible by tp*pp*sp = {cfg.tp * cfg.pp * cfg.sp}")
+    if model_config is not None:
+        heads = model_config.num_attention_heads
+        kv = getattr(model_config, "num_key_value_heads", None) or heads
+        if heads % cfg.tp or kv % cfg.tp:
+            raise PluginError(
+                f"--tp {cfg.tp} must divide the attention heads ({heads}) and key/value heads ({kv}) of the model"
+            )
+        if cfg.pp > model_config.num_hidden_layers:
+            raise PluginError(f"--pp {cfg.pp} is larger than the model's {model_config.num_hidden_layers} layers")
+
+
+def make_plugin(cfg: ParallelConfig):
+    """Build the plugin. Call after `colossalai.launch_from_torch` (plugins read the process group)."""
+    from colossalai.booster.plugin import GeminiPlugin, HybridParallelPlugin, LowLevelZeroPlugin, TorchDDPPlugin
+
+    from colossal_shear import compat
+
+    compat.install()
+    check_parallel_config(cfg, world_size=torch.distributed.get_world_size())
+    on_cpu = device_type() == "cpu"
+    precision = cfg.mixed_precision
+    if cfg.plugin == "ddp":
+        return TorchDDPPlugin(find_unused_parameters=False)
+    if cfg.plugin in ("zero2", "zero2_cpu"):
+        return LowLevelZeroPlugin(
+            stage=2,
+            precision=precision,
+            max_norm=cfg.grad_clip,
+            initial_scale=2**16,
+            cpu_offload=cfg.plugin == "zero2_cpu" or cfg.zero_cpu_offload,
+            overlap_communication=not on_cpu,  # record_stream needs real streams
+        )
+    if cfg.plugin.startswith("gemini"):
+        return GeminiPlugin(
+            placement_policy="auto" if cfg.plugin == "gemini_auto" else "static",
+            precision=precision,
+            max_norm=cfg.grad_clip,
+            initial_scale=2**16,
+            offload_optim_frac=1.0 if cfg.zero_cpu_offload else 0.0,
+        )
+    extra = {"microbatch_size": cfg.microbatch_size} if cfg.pp > 1 else {}
+    return HybridParallelPlugin(
+        tp_size=cfg.tp,
+        pp_size=cfg.pp,
+        sp_size=cfg.sp if cfg.sp > 1 else None,
+        enable_sequence_parallelism=cfg.sp > 1,
+        sequence_parallelism_mode="all_to_all" if cfg.sp > 1 else None,
+        zero_stage=cfg.zero_stage,
+        precision=precision,
+        max_norm=cfg.grad_clip,
+        initial_scale=2**16,
+        cpu_offload=cfg.zero_cpu_offload,
+        enable_fused_normalization=not on_cpu,
+        overlap_communication=not on_cpu,
+        overlap_p2p=not on_cpu,
+        **extra,
+    )
+
+
+def make_optimizer(params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95)):
+    """HybridAdam on GPU; torch AdamW on CPU processes, where HybridAdam's CPU kernel cannot build (its extension
+    is registered as CUDA and includes cuda.h). Both follow AdamW semantics (decoupled weight decay)."""
+    if device_type() == "cpu":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=1e-8, foreach=False)
+    from colossalai.nn.optimizer import HybridAdam
+
+    return HybridAdam(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=1e-8, adamw_mode=True)
+
+
+def launch(seed: int = 42) -> None:
+    """Join the process group the launcher (colossalai run / torchrun) describes: nccl on GPU, gloo on CPU."""
+    import colossalai
+
+    from colossal_shear import compat
+
+    compat.install()
+    if "RANK" not in os.environ:  # a plain `python train.py`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    colossalai.launch_from_torch(backend="nccl" if device_type() == "cuda" else "gloo", seed=seed, verbose=False)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
