@@ -155,3 +155,12 @@ def build_bundled(root: str | os.PathLike) -> dict[str, Path]:
         "model": build_tiny_llama(root / "tiny-llama", tok),
         "model_tied": build_tiny_llama(root / "tiny-llama-tied", tok, tie_word_embeddings=True),
     }
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m colossal_shear.bundled OUTPUT_DIR   (builds the bundled tokenizer and tiny models)")
+    for name, path in build_bundled(sys.argv[1]).items():
+        print(f"{name}: {path}")

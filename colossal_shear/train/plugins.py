@@ -146,6 +146,10 @@ def launch(seed: int = 42) -> None:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     colossalai.launch_from_torch(backend="nccl" if device_type() == "cuda" else "gloo", seed=seed, verbose=False)
 
+    from colossalai.logging import get_dist_logger
+
+    get_dist_logger().set_level("WARNING")  # its INFO lines about checkpoint shards drown the run's own log
+
 
 def _free_port() -> int:
     import socket

@@ -45,11 +45,12 @@ def main():
     from colossalai.booster import Booster
     from transformers import LlamaForCausalLM
 
-    from colossal_shear.train.plugins import ParallelConfig, launch, make_optimizer, make_plugin
+    from colossal_shear.train.plugins import ParallelConfig, check_parallel_config, launch, make_optimizer, make_plugin
 
-    launch(seed=1234)
     cfg = ParallelConfig(plugin=args.plugin, mixed_precision=args.precision, tp=args.tp, pp=args.pp,
                          zero_stage=args.zero_stage, microbatch_size=1, grad_clip=1.0)
+    check_parallel_config(cfg)  # before any distributed work: gemini on a CPU-only run stops here
+    launch(seed=1234)
     plugin = make_plugin(cfg)
     rank = dist.get_rank()
     dp_group = getattr(plugin, "dp_group", None)

@@ -1,0 +1,70 @@
+"""Run logging on rank 0: tensorboard scalars, a progress bar, and a one-line summary per log interval."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+class RunLogger:
+    def __init__(self, cfg, total_steps: int, enabled: bool, start_step: int = 0):
+        self.enabled, self.interval = enabled, max(1, cfg.log_interval)
+        self.writer = self.bar = None
+        if not enabled:
+            return
+        if cfg.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(cfg.tensorboard_dir)
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=f"{cfg.stage}", dynamic_ncols=True)
+
+    def step(self, step: int, scalars: dict) -> None:
+        if not self.enabled:
+            return
+        if self.writer:
+            for k, v in scalars.items():
+                if v is not None:
+                    self.writer.add_scalar(f"train/{k}", v, step)
+        if self.bar:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{scalars['loss']:.4f}")
+        if step % self.interval == 0:
+            parts = [f"step {step}"] + [_fmt(k, v) for k, v in scalars.items() if v is not None]
+            self._print(" | ".join(parts))
+
+    def eval(self, step: int, losses: dict) -> None:
+        if not self.enabled:
+            return
+        if self.writer:
+            for cat, v in losses.items():
+                self.writer.add_scalar(f"eval/loss/{cat}", v, step)
+        self._print(f"eval step {step} | " + " | ".join(f"{c} {v:.4f}" for c, v in losses.items()))
+
+    def close(self, result: dict) -> None:
+        if not self.enabled:
+            return
+        if self.bar:
+            self.bar.close()
+        if self.writer:
+            self.writer.flush()
+            self.writer.close()
+        summary = {k: v for k, v in result.items() if k != "losses"}
+        summary["final_loss"] = result["losses"][-1] if result["losses"] else None
+        self._print("done " + json.dumps(summary))
+
+    def _print(self, line: str) -> None:
+        if self.bar:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+
+def _fmt(k, v):
+    if k == "lr":
+        return f"lr {v:.3e}"
+    if isinstance(v, float):
+        return f"{k} {v:.4g}"
+    return f"{k} {v}"

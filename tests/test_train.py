@@ -1,0 +1,186 @@
+"""The trainer: exact resume on every CPU plugin, packed-document isolation, bucket order, export, freezing,
+NaN handling and the pre-flight errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from colossal_shear.bundled import corpus_files, train_sentencepiece
+from colossal_shear.data import PrepareConfig, prepare_dataset
+from colossal_shear.data.collator import block_causal_mask, collate
+from colossal_shear.data.sampler import BucketSampler
+from colossal_shear.train.config import parse_config
+from colossal_shear.train.loop import TrainingError, preflight
+from colossal_shear.train.plugins import PluginError
+from conftest import ROOT, run_distributed
+
+TRAIN = ROOT / "train.py"
+
+
+@pytest.fixture(scope="module")
+def dataset(tokenizer_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "prepared"
+    prepare_dataset(PrepareConfig(data_input_dirs=[str(p) for p in corpus_files()], tokenizer_dir=str(tokenizer_dir),
+                                  data_output_dirs=str(out), max_length=64, num_spliced_dataset_bins=2, num_proc=1,
+                                  progress=False))
+    return out
+
+
+def tb_scalars(logdir, tag="train/loss") -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def _args(model_dir, dataset, tmp, *extra, steps=6):
+    return ["--pretrained", model_dir, "--dataset", dataset, "--mixed_precision", "fp32", "--batch_size", 2,
+            "--max_steps", steps, "--lr", 3e-3, "--warmup_steps", 2, "--save_interval", 3,
+            "--save_dir", tmp / "ckpt", "--tensorboard_dir", tmp / "tb", *extra]
+
+
+RESUME_CASES = {
+    "ddp": ["--plugin", "ddp"],
+    "zero2": ["--plugin", "zero2"],
+    "zero2_cpu": ["--plugin", "zero2_cpu"],
+    "3d_tp2": ["--plugin", "3d", "--tp", "2"],
+    "3d_pp2": ["--plugin", "3d", "--pp", "2", "--microbatch_size", "1"],
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_stopped_and_resumed_run_follows_uninterrupted_run(case, model_dir, dataset, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_distributed(TRAIN, *_args(model_dir, dataset, full, *RESUME_CASES[case]))
+    run_distributed(TRAIN, *_args(model_dir, dataset, part, *RESUME_CASES[case], "--stop_at_step", 3))
+    assert (part / "ckpt" / "latest").read_text().strip() == "step-0000003"
+    run_distributed(TRAIN, *_args(model_dir, dataset, part, *RESUME_CASES[case], "--load_checkpoint", part / "ckpt"))
+    expected, got = tb_scalars(full / "tb"), tb_scalars(part / "tb")
+    assert sorted(expected) == list(range(1, 7))
+    assert expected[6] < expected[1]
+    for step in range(1, 7):
+        assert got[step] == pytest.approx(expected[step], abs=1e-6, rel=0), f"step {step}: {got} vs {expected}"
+    assert sorted(p.name for p in (part / "ckpt").glob("step-*")) == ["step-0000003", "step-0000006"]
+
+
+def test_export_freeze_and_eval(model_dir, dataset, tmp_path):
+    """Align stage: only embeddings and LM head move; the export is a plain HF model that loads in one call."""
+    export = tmp_path / "export"
+    proc = run_distributed(TRAIN, *_args(model_dir, dataset, tmp_path, "--plugin", "ddp", "--freeze_non_embeds_params",
+                                         "--export_dir", export, "--eval_dataset", dataset, steps=3))
+    assert "eval step 3 |" in proc.stdout
+    src = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    out_model = AutoModelForCausalLM.from_pretrained(export)
+    assert AutoTokenizer.from_pretrained(export)("hello").input_ids
+    out = out_model.state_dict()
+    assert out.keys() == src.keys()
+    for name in src:
+        changed = not torch.equal(src[name], out[name])
+        assert changed == (name in ("model.embed_tokens.weight", "lm_head.weight")), name
+    saved = (tmp_path / "ckpt" / "config.yaml").read_text()
+    assert "freeze_non_embeds_params: true" in saved
+    scalars = tb_scalars(tmp_path / "tb", "eval/loss/en")
+    assert list(scalars) == [3]
+
+
+def test_nan_steps_are_skipped_then_stop_with_a_clear_error(model_dir, dataset, tmp_path):
+    with pytest.raises(AssertionError) as err:
+        run_distributed(TRAIN, *_args(model_dir, dataset, tmp_path, "--plugin", "ddp", "--lr", "1e30",
+                                      "--grad_clip", 0, "--max_bad_steps", 2, "--warmup_steps", 0, steps=8))
+    assert "2 consecutive steps had a NaN/inf loss" in str(err.value)
+    skipped = tb_scalars(tmp_path / "tb", "train/skipped_steps")
+    assert max(skipped.values()) == 2
+
+
+def test_packed_documents_do_not_attend_to_each_other(model_dir):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32, attn_implementation="sdpa")
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(3, 2000, (10,), generator=g), torch.randint(3, 2000, (7,), generator=g)
+    packed = torch.cat([a, b, torch.zeros(3, dtype=torch.long)])
+    batch = collate({"input_ids": [packed.tolist()], "labels": [packed.tolist()], "doc_lengths": [[10, 7]],
+                     "category": ["x"]})
+    assert batch["position_ids"][0].tolist() == list(range(10)) + list(range(7)) + list(range(3))
+    mask = block_causal_mask(batch["segment_ids"], torch.float32)
+    with torch.no_grad():
+        together = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask).logits
+        alone = model(input_ids=b[None]).logits
+        unmasked = model(input_ids=batch["input_ids"]).logits
+    torch.testing.assert_close(together[0, 10:17], alone[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(unmasked[0, 10:17], alone[0], atol=1e-3)  # without the mask, B sees A
+
+
+def test_sampler_keeps_bucket_order_shards_ranks_and_resumes():
+    sizes = [5, 4, 3]
+    ranks = [BucketSampler(sizes, r, 2, seed=7) for r in range(2)]
+    taken = [s.take(6) for s in ranks]  # one epoch: 12 sequences over 2 ranks
+    order = [taken[i % 2][i // 2] for i in range(12)]
+    assert sorted(order) == list(range(12))
+    assert [min(range(12), key=lambda k: k) for _ in [0]] and all(
+        (0 <= x < 5) for x in order[:5]) and all(5 <= x < 9 for x in order[5:9]) and all(x >= 9 for x in order[9:])
+    fresh = BucketSampler(sizes, 0, 2, seed=7)
+    fresh.take(2)
+    state = fresh.state_dict()
+    resumed = BucketSampler(sizes, 0, 2, seed=7)
+    resumed.load_state_dict(state)
+    assert resumed.take(8) == fresh.take(8)  # crosses into the next epoch identically
+    with pytest.raises(ValueError, match="another dataset"):
+        BucketSampler([5, 4], 0, 2).load_state_dict(state)
+
+
+@pytest.fixture(scope="module")
+def other_dataset(tmp_path_factory):
+    """A dataset tokenised with a different (smaller) tokenizer: must be refused."""
+    root = tmp_path_factory.mktemp("other")
+    tok = train_sentencepiece(root / "tok", vocab_size=1500)
+    out = root / "prepared"
+    prepare_dataset(PrepareConfig(data_input_dirs=[str(corpus_files()[0])], tokenizer_dir=str(tok),
+                                  data_output_dirs=str(out), max_length=64, num_spliced_dataset_bins=1, num_proc=1,
+                                  progress=False))
+    return out
+
+
+def test_preflight_errors(model_dir, dataset, other_dataset, tmp_path, monkeypatch):
+    def check(match, *extra, world=1):
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        cfg = parse_config([str(x) for x in ["--pretrained", model_dir, "--dataset", dataset, *extra]])
+        with pytest.raises((TrainingError, PluginError, ValueError)) as err:
+            preflight(cfg)
+        assert match in str(err.value), str(err.value)
+
+    check("prepared with tokenizer", "--dataset", other_dataset)
+    check("differs from the dataset's packed length 64", "--max_length", 128)
+    check("must divide the attention heads (4)", "--plugin", "3d", "--tp", 3, world=3)
+    check("larger than the model's 4 layers", "--plugin", "3d", "--pp", 8, world=8)
+    if not torch.cuda.is_available():
+        check("--plugin gemini cannot run on this CPU-only machine", "--plugin", "gemini")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    check("is not a writable directory", "--save_dir", blocker / "ckpt")
+    check("no config.json", "--pretrained", tmp_path)
+
+
+def test_positions_and_cli_error_exit(model_dir, tokenizer_dir, tmp_path):
+    """max_length beyond the model's positions, through the real CLI: exit code 2 and one clear line."""
+    long = tmp_path / "long"
+    prepare_dataset(PrepareConfig(data_input_dirs=[str(corpus_files()[0])], tokenizer_dir=str(tokenizer_dir),
+                                  data_output_dirs=str(long), max_length=1024, num_spliced_dataset_bins=1,
+                                  num_proc=1, progress=False))
+    proc = subprocess.run([sys.executable, str(TRAIN), "--pretrained", str(model_dir), "--dataset", str(long)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2
+    assert "larger than the model's 512 positions" in proc.stderr
+
+
+def test_yaml_config_and_flag_precedence(tmp_path):
+    cfg_file = tmp_path / "stage.yaml"
+    cfg_file.write_text("lr: 0.001\nbatch_size: 4\ndataset: data/a\n")
+    cfg = parse_config(["--config", str(cfg_file), "--batch_size", "8"])
+    assert (cfg.lr, cfg.batch_size, cfg.dataset, cfg.plugin) == (0.001, 8, ["data/a"], "zero2")
+    cfg_file.write_text("learning_rate: 1\n")
+    with pytest.raises(SystemExit, match="unknown option"):
+        parse_config(["--config", str(cfg_file)])

@@ -1,0 +1,77 @@
+"""Tries, in one CPU process of a gloo world of one, each operation colossal_shear.compat repairs, and prints a JSON
+map {patch name: "ok" | "<error>"}. Run with --with-compat to install the patches first."""
+
+import json
+import os
+import sys
+import traceback
+
+import torch
+
+
+def probe_hccl_probe():
+    from colossalai.pipeline.p2p import _check_for_nccl_hccl_backend
+
+    _check_for_nccl_hccl_backend(None)
+
+
+def probe_cpu_rng():
+    from colossalai.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    state = acc.get_rng_state("cpu")
+    acc.manual_seed(3)
+    a = torch.rand(2)
+    acc.set_rng_state(state, "cpu")
+    acc.manual_seed(3)
+    assert torch.equal(a, torch.rand(2))
+
+
+def probe_cpu_streams():
+    from colossalai.zero.low_level.bookkeeping.bucket_store import BucketStore
+
+    BucketStore(torch.distributed.group.WORLD, reduce_bucket_size=1024)
+
+
+def probe_cpu_memory_stats():
+    from colossalai.accelerator import get_accelerator
+
+    get_accelerator().max_memory_allocated()
+    get_accelerator().empty_cache()
+
+
+def probe_zero_on_cpu():
+    from colossalai.zero.low_level.low_level_optim import LowLevelZeroOptimizer
+
+    model = torch.nn.Linear(4, 4)
+    opt = LowLevelZeroOptimizer(torch.optim.AdamW(model.parameters()), overlap_communication=False,
+                                partition_grad=True)
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()
+
+
+def main():
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=os.environ.get("MASTER_PORT", "29533"))
+    import colossalai
+
+    if "--with-compat" in sys.argv:
+        from colossal_shear import compat
+
+        compat.install()
+    colossalai.launch_from_torch(backend="gloo", seed=1, verbose=False) if "--with-compat" in sys.argv else \
+        torch.distributed.init_process_group("gloo")
+    results = {}
+    for name, fn in list(globals().items()):
+        if name.startswith("probe_"):
+            try:
+                fn()
+                results[name[len("probe_"):]] = "ok"
+            except Exception as e:  # the failure is the datum
+                results[name[len("probe_"):]] = f"{type(e).__name__}: {e}".splitlines()[0][:300] or \
+                    traceback.format_exc().splitlines()[-1]
+    print("RESULTS " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
