@@ -31,8 +31,8 @@ class TrainConfig:
     eval_dataset: list = _f(None, "prepared dataset(s) for held-out loss per category", nargs="+")
     max_length: int = _f(None, "sequence length; default: the dataset's max_length (must not exceed it or the "
                                "model's positions)")
-    stage: str = _f("continue", "training stage: align (only embeddings + LM head), continue, replay, prune",
-                    choices=("align", "continue", "replay", "prune"))
+    stage: str = _f("continue", "training stage: align (only embeddings + LM head train), continue, replay",
+                    choices=("align", "continue", "replay"))
     # parallelism and precision
     plugin: str = _f("zero2", "Booster plugin", choices=PLUGINS)
     mixed_precision: str = _f("bf16", "training precision", choices=PRECISIONS)
@@ -68,7 +68,7 @@ class TrainConfig:
     overwrite: bool = _f(False, "allow writing into a non-empty export_dir / a save_dir from another run")
     tensorboard_dir: str = _f(None, "tensorboard log directory")
     config_file: str = _f(None, "also write the effective config to this JSON file")
-    log_interval: int = _f(1, "steps between log lines and tensorboard points")
+    log_interval: int = _f(1, "steps between log lines (tensorboard gets every step)")
     eval_interval: int = _f(0, "evaluate every N steps (0: only at the end, if --eval_dataset)")
     config: str = _f(None, "YAML file holding any of these options; flags given on the command line override it")
     trust_remote_code: bool = _f(False, "allow custom model code from the model directory (off: never executed)")
