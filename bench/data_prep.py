@@ -105,6 +105,7 @@ def main() -> None:
     p.add_argument("--max_length", type=int, default=4096)
     p.add_argument("--num_proc", type=int, default=2)
     p.add_argument("--skip_slow", action="store_true", help="leave out baseline-slow")
+    p.add_argument("--trials", type=int, default=2, help="runs of each pipeline (interleaved); the best is reported")
     args = p.parse_args()
 
     import datasets
@@ -120,18 +121,22 @@ def main() -> None:
         if not args.skip_slow:
             runs.append(("baseline-slow",
                          lambda o: run_baseline(work / "input", tok, o, args.max_length, args.num_proc, True)))
-        results = []
-        for name, fn in runs:
-            t0 = time.perf_counter()
-            tokens = fn(work / f"out-{name}")
-            dt = time.perf_counter() - t0
-            results.append((name, tokens, dt))
-            shutil.rmtree(work / f"out-{name}", ignore_errors=True)
+        best: dict[str, tuple[int, float]] = {}
+        for _ in range(args.trials):
+            for name, fn in runs:
+                t0 = time.perf_counter()
+                tokens = fn(work / f"out-{name}")
+                dt = time.perf_counter() - t0
+                if name not in best or dt < best[name][1]:
+                    best[name] = (tokens, dt)
+                shutil.rmtree(work / f"out-{name}", ignore_errors=True)
+        results = [(name, *best[name]) for name, _ in runs]
+        assert len({tokens for _, tokens, _ in results}) == 1, f"pipelines disagree on the token count: {results}"
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"input: bundled corpus x{args.repeat} = {size / 1e6:.2f} MB JSONL; max_length {args.max_length}; "
-          f"num_proc {args.num_proc}; {os.cpu_count()} CPUs; python {platform.python_version()}, "
+          f"num_proc {args.num_proc}; best of {args.trials}; {os.cpu_count()} CPUs; python {platform.python_version()}, "
           f"transformers {transformers.__version__}, datasets {datasets.__version__}")
     ours = results[0][1] / results[0][2]
     print(f"| pipeline | tokens | seconds | tokens/s | ours / this |")

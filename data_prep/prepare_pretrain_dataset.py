@@ -41,12 +41,15 @@ def parse_args(argv=None) -> PrepareConfig:
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else list(argv)
-    return PrepareConfig(
-        data_input_dirs=a.data_input_dirs, tokenizer_dir=a.tokenizer_dir, data_output_dirs=a.data_output_dirs,
-        max_length=a.max_length, num_spliced_dataset_bins=a.num_spliced_dataset_bins, num_proc=a.num_proc,
-        seed=a.seed, write_jsonl=a.write_jsonl, skip_invalid=a.skip_invalid, overwrite=a.overwrite,
-        buffer_size=a.buffer_size, batch_lines=a.batch_lines, progress=not a.no_progress,
-        command="python " + shlex.join(["data_prep/prepare_pretrain_dataset.py", *argv]))
+    try:
+        return PrepareConfig(
+            data_input_dirs=a.data_input_dirs, tokenizer_dir=a.tokenizer_dir, data_output_dirs=a.data_output_dirs,
+            max_length=a.max_length, num_spliced_dataset_bins=a.num_spliced_dataset_bins, num_proc=a.num_proc,
+            seed=a.seed, write_jsonl=a.write_jsonl, skip_invalid=a.skip_invalid, overwrite=a.overwrite,
+            buffer_size=a.buffer_size, batch_lines=a.batch_lines, progress=not a.no_progress,
+            command="python " + shlex.join(["data_prep/prepare_pretrain_dataset.py", *argv]))
+    except ValueError as e:
+        p.error(str(e))
 
 
 def print_summary(manifest: dict, output_dir: str) -> None:
@@ -69,10 +72,10 @@ def print_summary(manifest: dict, output_dir: str) -> None:
 
 
 def main(argv=None) -> int:
+    config = parse_args(argv)
     try:
-        config = parse_args(argv)
         manifest = prepare_dataset(config)
-    except (DataPrepError, ValueError) as e:
+    except DataPrepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_summary(manifest, config.data_output_dirs)

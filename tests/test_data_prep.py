@@ -119,8 +119,9 @@ def output_sequences(parts) -> dict:
     return {c: sorted(v) for c, v in got.items()}
 
 
-def data_bytes(out: Path) -> list[bytes]:
-    return [f.read_bytes() for f in sorted((out / "arrow").rglob("*.arrow"))]
+def data_bytes(out: Path) -> dict[str, bytes]:
+    """Every file of every part (data, dataset_info.json, state.json with its fingerprint)."""
+    return {str(f.relative_to(out)): f.read_bytes() for f in sorted((out / "arrow").rglob("*")) if f.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +276,7 @@ def test_deterministic_across_runs_and_num_proc_seed_changes_order(prepared, cor
     d, _ = corpus
     kw = dict(tokenizer_dir=str(tokenizer_dir), batch_lines=5, seed=7)
     same, m_same = run(tmp_path, [str(d)], name="same", **kw)  # one process, other batching: same bytes
-    assert data_bytes(same) == data_bytes(out)
+    assert data_bytes(same) == data_bytes(out) and len(data_bytes(out)) == 3 * len(parts)
     assert {k: v for k, v in m_same.items() if k != "command"} == {k: v for k, v in manifest.items() if k != "command"}
     other, m_other = run(tmp_path, [str(d)], name="other", **{**kw, "seed": 8})
     other_parts = load_parts(other)
@@ -342,6 +343,10 @@ def test_empty_input_dir_and_tokenizer_without_eos(tmp_path, tokenizer_dir):
         run(tmp_path, [str(empty)], tokenizer_dir=str(tokenizer_dir))
     with pytest.raises(DataPrepError, match="does not exist"):
         run(tmp_path, [str(tmp_path / "missing")], tokenizer_dir=str(tokenizer_dir))
+    corrupt = write_jsonl(tmp_path / "gz" / "c.jsonl.gz", [{"target": "x" * 5000}] * 20, gz=True)
+    corrupt.write_bytes(corrupt.read_bytes()[:-40])  # truncated gzip stream
+    with pytest.raises(DataPrepError, match=f"{corrupt}: cannot read"):
+        run(tmp_path, [str(corrupt)], tokenizer_dir=str(tokenizer_dir))
     from transformers import AutoTokenizer
 
     no_eos = AutoTokenizer.from_pretrained(str(tokenizer_dir))

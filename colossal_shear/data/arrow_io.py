@@ -97,9 +97,30 @@ class SpillStore:
             w.close()
         self._writers.clear()
 
-    def table(self, category: str) -> pa.Table:
-        """The category's sequences, memory-mapped (not read into RAM)."""
-        return pa.ipc.open_file(pa.memory_map(str(self._files[category]))).read_all()
+    def table(self, category: str) -> "SpilledRows":
+        return SpilledRows(self._files[category])
+
+
+class SpilledRows:
+    """Random access to one category's spilled sequences through a memory map: `take` gathers from the record
+    batches that hold the rows, so only the requested rows are ever copied (a table-level take over a chunked
+    column may concatenate the whole column first)."""
+
+    def __init__(self, path: Path):
+        reader = pa.ipc.open_file(pa.memory_map(str(path)))
+        self._batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+        self._starts = np.cumsum([0] + [b.num_rows for b in self._batches])
+        self.num_rows = int(self._starts[-1])
+
+    def take(self, rows: np.ndarray) -> pa.Table:
+        which = np.searchsorted(self._starts, rows, side="right") - 1
+        order = np.argsort(which, kind="stable")
+        pieces = []
+        for b in np.unique(which):
+            sel = rows[which == b] - self._starts[b]
+            pieces.append(self._batches[b].take(pa.array(sel)))
+        table = pa.Table.from_batches(pieces, schema=SPILL_SCHEMA)
+        return table.take(pa.array(np.argsort(order, kind="stable")))
 
 
 class PartStats:
@@ -117,7 +138,7 @@ class PartStats:
         s["segments"] += int(pc.sum(pc.list_value_length(table["doc_lengths"])).as_py() or 0)
 
 
-def part_chunks(tables: dict[str, pa.Table], categories: list[str], codes: np.ndarray, rows: np.ndarray,
+def part_chunks(tables: dict[str, SpilledRows], categories: list[str], codes: np.ndarray, rows: np.ndarray,
                 chunk_rows: int, stats: PartStats) -> Iterator[pa.Table]:
     """The rows of one part in the given order, as output tables of at most `chunk_rows` sequences."""
     for lo in range(0, len(rows), chunk_rows):
@@ -126,7 +147,7 @@ def part_chunks(tables: dict[str, pa.Table], categories: list[str], codes: np.nd
         for code in np.unique(c):
             sel = np.nonzero(c == code)[0]
             cat = categories[code]
-            taken = tables[cat].take(pa.array(r[sel]))
+            taken = tables[cat].take(r[sel])
             stats.add(cat, taken)
             segs = pc.list_value_length(taken["doc_lengths"]).to_numpy(zero_copy_only=False)
             doc_categories = pa.ListArray.from_arrays(

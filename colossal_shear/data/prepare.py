@@ -24,8 +24,8 @@ from .config import PrepareConfig
 from .manifest import FORMAT, tokenizer_fingerprint, write_manifest
 from .packing import CategoryPacker
 from .records import DataPrepError, LineReader, discover_inputs
-from .tokenization import DocumentTokenizer, load_tokenizer, ordered_map, padding_id, init_worker, \
-    set_worker_tokenizer, tokenize_lines
+from .tokenization import (DocumentTokenizer, OrderedPool, init_worker, load_tokenizer, padding_id,
+                           set_worker_tokenizer, tokenize_lines)
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,13 @@ def prepare_dataset(config: PrepareConfig) -> dict:
     files = discover_inputs(config.data_input_dirs)
     _check_output(out, config.overwrite, files)
 
-    tokenizer = load_tokenizer(config.tokenizer_dir)
+    tok_path = Path(config.tokenizer_dir).expanduser()
+    if not tok_path.exists() and (os.sep in config.tokenizer_dir or config.tokenizer_dir.startswith(".")):
+        raise DataPrepError(f"{config.tokenizer_dir}: tokenizer directory does not exist")
+    try:
+        tokenizer = load_tokenizer(config.tokenizer_dir)
+    except (OSError, ValueError) as e:
+        raise DataPrepError(f"cannot load a tokenizer from {config.tokenizer_dir}: {e}") from e
     doc_tokenizer = DocumentTokenizer(tokenizer)  # raises when there is no EOS
     fingerprint = tokenizer_fingerprint(tokenizer)
     pad_id = padding_id(tokenizer)
@@ -122,12 +128,10 @@ def _run(config, files, tokenizer, doc_tokenizer, fingerprint, pad_id, tmp: Path
 
     set_worker_tokenizer(doc_tokenizer)  # inherited by forked workers; spawned ones load it from tokenizer_dir
     try:
-        bar = _progress(config.progress, total=total_bytes, unit="B", unit_scale=True, desc="tokenise+pack")
-        seen = 0
-        results = ordered_map(tokenize_lines, _line_batches(files, config.batch_lines), config.num_proc,
-                              init_worker, (config.tokenizer_dir,))
-        try:
-            for batch, (index, position) in results:
+        with OrderedPool(tokenize_lines, config.num_proc, init_worker, (config.tokenizer_dir,)) as pool, \
+                _progress(config.progress, total=total_bytes, unit="B", unit_scale=True, desc="tokenise+pack") as bar:
+            seen = 0
+            for batch, (index, position) in pool.map(_line_batches(files, config.batch_lines)):
                 if batch.errors:
                     if not config.skip_invalid:
                         raise batch.errors[0]
@@ -137,9 +141,6 @@ def _run(config, files, tokenizer, doc_tokenizer, fingerprint, pad_id, tmp: Path
                 _pack(batch, packers, spill, config.max_length, pad_id)
                 bar.update(position - seen)
                 seen = position
-        finally:
-            results.close()  # stops the pool if we leave early
-            bar.close()
     finally:
         set_worker_tokenizer(None)
     for cat in sorted(packers):

@@ -13,7 +13,7 @@ import multiprocessing as mp
 import os
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -147,28 +147,41 @@ def tokenize_lines(task: tuple[str, list[tuple[int, bytes]]]) -> TokenizedBatch:
     return TokenizedBatch(ids, labels, lengths, [r.category for r in records], errors, len(lines))
 
 
-T = TypeVar("T")
-M = TypeVar("M")
-R = TypeVar("R")
-
-
-def ordered_map(fn: Callable[[T], R], tasks: Iterable[tuple[T, M]], num_proc: int, initializer: Callable,
-                initargs: tuple, window: int | None = None) -> Iterator[tuple[R, M]]:
+class OrderedPool:
     """Like Pool.imap (results in task order) but never more than `window` tasks in flight, so a lazy task stream
-    (a corpus larger than RAM) is pulled only as fast as results are consumed. Tasks are (payload, meta) pairs; meta
-    stays in this process and comes back with the result. num_proc <= 1 runs in this process."""
-    if num_proc <= 1:
-        initializer(*initargs, False)
-        for payload, meta in tasks:
-            yield fn(payload), meta
-        return
-    window = window or 2 * num_proc
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with mp.get_context(method).Pool(num_proc, initializer, (*initargs, True)) as pool:
+    (a corpus larger than RAM) is pulled only as fast as results are consumed. Tasks are (payload, meta) pairs;
+    meta stays in this process and comes back with the result. num_proc <= 1 runs in this process.
+
+    The workers are forked on __enter__, before the caller starts threads (progress bars) or Arrow writers."""
+
+    def __init__(self, fn: Callable, num_proc: int, initializer: Callable, initargs: tuple, window: int | None = None):
+        self.fn, self.num_proc, self.initializer, self.initargs = fn, num_proc, initializer, initargs
+        self.window = window or 2 * num_proc
+        self._pool = None
+
+    def __enter__(self) -> "OrderedPool":
+        if self.num_proc <= 1:
+            self.initializer(*self.initargs, False)
+        else:
+            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            self._pool = mp.get_context(method).Pool(self.num_proc, self.initializer, (*self.initargs, True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.terminate()  # results are all consumed on success; on an error nothing more is wanted
+            self._pool.join()
+            self._pool = None
+
+    def map(self, tasks: Iterable[tuple]) -> Iterator[tuple]:
+        if self._pool is None:
+            for payload, meta in tasks:
+                yield self.fn(payload), meta
+            return
         pending: deque = deque()
         for payload, meta in tasks:
-            pending.append((pool.apply_async(fn, (payload,)), meta))
-            if len(pending) >= window:
+            pending.append((self._pool.apply_async(self.fn, (payload,)), meta))
+            if len(pending) >= self.window:
                 res, m = pending.popleft()
                 yield res.get(), m
         while pending:
