@@ -1,0 +1,178 @@
+"""The run report: `report.md` and PNG plots (loss per stage, eval loss per category, domain weights, expected
+sparsity during pruning), made from the tensorboard logs of a run, plus a summary table.
+
+    python -m colossal_shear.report --tensorboard_dir outputs/demo/tensorboard --out outputs/demo \
+        [--models base=outputs/demo/base/tiny-llama prune=outputs/demo/prune/export ...] \
+        [--tokenizers before=DIR after=DIR --eval_texts FILE.jsonl]
+
+Stages are the sub-directories of --tensorboard_dir, in the order of --stages (default: the recipe's order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+STAGE_ORDER = ("align", "prune", "continue", "replay")
+
+
+def read_scalars(logdir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def count_params(model_dir: str | os.PathLike) -> int:
+    """Parameters of a saved HF model, read from the safetensors headers (no weights loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():
+                n = 1
+                for d in st.get_slice(name).get_shape():
+                    n *= d
+                total += n
+    return total
+
+
+def tokens_per_char(tokenizer_dir, texts: list[str]) -> float:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokens = sum(len(tok(t, add_special_tokens=False).input_ids) for t in texts)
+    return tokens / max(1, sum(len(t) for t in texts))
+
+
+def _texts(path) -> list[str]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                out.append(r.get("text") or (r.get("source") or "") + (r.get("target") or ""))
+    return out
+
+
+def _plot(series: dict[str, list[tuple[int, float]]], title: str, ylabel: str, path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not any(series.values()):
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, points in series.items():
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o" if len(points) < 20 else None, markersize=3, label=name)
+    ax.set_title(title)
+    ax.set_xlabel("step (stages laid end to end)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def make_report(tensorboard_dir, out_dir, stages=STAGE_ORDER, models: dict | None = None,
+                tokenizers: dict | None = None, eval_texts=None) -> tuple[Path, list[tuple[str, str]]]:
+    """Write report.md and the plots; return its path and the summary rows (what, value)."""
+    tb, out = Path(tensorboard_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    present = [s for s in stages if (tb / s).is_dir()] + sorted(
+        p.name for p in tb.iterdir() if p.is_dir() and p.name not in stages) if tb.is_dir() else []
+    losses, evals, weights, sparsity, rows, offset = {}, {}, {}, {}, [], 0
+    for stage in present:
+        scalars = read_scalars(tb / stage)
+        train = scalars.get("train/loss", [])
+        shift = lambda pts: [(s + offset, v) for s, v in pts]  # noqa: E731
+        losses[stage] = shift(train)
+        final_eval = {}
+        for tag, pts in scalars.items():
+            if tag.startswith("eval/loss/"):
+                cat = tag.split("/", 2)[2]
+                evals.setdefault(cat, []).extend(shift(pts))
+                final_eval[cat] = pts[-1][1]
+            elif tag.startswith("domain_weight/"):
+                weights.setdefault(f"{stage}: {tag.split('/', 1)[1]}", []).extend(shift(pts))
+            elif tag.startswith("prune/expected_sparsity/") or tag.startswith("prune/target_sparsity/"):
+                sparsity[tag.split("/", 1)[1]] = shift(pts)
+        rows.append((stage, len(train), train[0][1] if train else None, train[-1][1] if train else None, final_eval))
+        offset += max((s for s, _ in train), default=0)
+
+    plots = [
+        _plot(losses, "training loss per stage", "loss", out / "loss_per_stage.png"),
+        _plot(evals, "held-out loss per category", "loss", out / "eval_loss_per_category.png"),
+        _plot(weights, "domain weights (dynamic loading)", "weight", out / "domain_weights.png"),
+        _plot(sparsity, "expected vs target sparsity during pruning", "sparsity", out / "expected_sparsity.png"),
+    ]
+    lines = ["# Run report", ""]
+    summary = []
+    if tokenizers and eval_texts:
+        texts = _texts(eval_texts)
+        for name, path in tokenizers.items():
+            summary.append((f"tokens per character ({name})", f"{tokens_per_char(path, texts):.4f}"))
+    for name, path in (models or {}).items():
+        if Path(path).is_dir():
+            summary.append((f"parameters ({name})", f"{count_params(path):,}"))
+    for stage, n, first, last, final_eval in rows:
+        if last is not None:
+            summary.append((f"loss ({stage})", f"{first:.4f} → {last:.4f} over {n} steps"))
+    if summary:
+        lines += ["| what | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in summary] + [""]
+    if rows:
+        cats = sorted({c for *_, e in rows for c in e})
+        if cats:
+            lines += ["## Final held-out loss per category", "", "| stage | " + " | ".join(cats) + " |",
+                      "|---|" + "---|" * len(cats)]
+            lines += [f"| {s} | " + " | ".join(f"{e[c]:.4f}" if c in e else "" for c in cats) + " |"
+                      for s, _, _, _, e in rows]
+            lines.append("")
+    for p in plots:
+        if p is not None:
+            lines += [f"![{p.stem}]({p.name})", ""]
+    report = out / "report.md"
+    tmp = report.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    os.replace(tmp, report)
+    return report, summary
+
+
+def _pairs(items) -> dict:
+    out = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise SystemExit(f"expected name=path, got {item!r}")
+        out[name] = path
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tensorboard_dir", required=True, help="directory holding one tensorboard dir per stage")
+    ap.add_argument("--out", required=True, help="where report.md and the PNG plots are written")
+    ap.add_argument("--stages", default=",".join(STAGE_ORDER), help="stage order (comma-separated)")
+    ap.add_argument("--models", nargs="*", help="name=HF_model_dir: parameter counts in the summary")
+    ap.add_argument("--tokenizers", nargs="*", help="name=tokenizer_dir: tokens per character on --eval_texts")
+    ap.add_argument("--eval_texts", help="JSONL ({text} or {source,target}) for tokens per character")
+    args = ap.parse_args(argv)
+    report, summary = make_report(args.tensorboard_dir, args.out, args.stages.split(","), _pairs(args.models),
+                         _pairs(args.tokenizers), args.eval_texts)
+    width = max((len(k) for k, _ in summary), default=10)
+    print(f"report: {report}")
+    for k, v in summary:
+        print(f"  {k:<{width}}  {v}")
+
+
+if __name__ == "__main__":
+    main()
