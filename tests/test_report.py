@@ -1,0 +1,35 @@
+"""The run report is made from real tensorboard logs: every stage's loss, eval per category, weights, sparsity."""
+
+from torch.utils.tensorboard import SummaryWriter
+from transformers import AutoModelForCausalLM
+
+from colossal_shear.report import make_report
+
+
+def test_report_from_tensorboard_logs(tmp_path, model_dir, tokenizer_dir):
+    tb = tmp_path / "tb"
+    for stage, start in (("prune", 5.0), ("continue", 4.0)):
+        w = SummaryWriter(tb / stage)
+        for step in range(1, 4):
+            w.add_scalar("train/loss", start - step * 0.1, step)
+            w.add_scalar("eval/loss/en", start - step * 0.2, step)
+            if stage == "prune":
+                w.add_scalar("prune/expected_sparsity/layers", 0.1 * step, step)
+                w.add_scalar("prune/target_sparsity/layers", 0.5, step)
+            w.add_scalar("domain_weight/en", 0.5 + 0.1 * step, step)
+        w.close()
+    texts = tmp_path / "eval.jsonl"
+    texts.write_text('{"text": "hello world"}\n{"source": "q", "target": "你好"}\n', encoding="utf-8")
+    report, summary = make_report(tb, tmp_path / "out", models={"base": model_dir},
+                                  tokenizers={"base": tokenizer_dir}, eval_texts=texts)
+    text = report.read_text()
+    rows = dict(summary)
+    assert rows["loss (prune)"].startswith("4.9000 → 4.7000 over 3 steps")
+    assert rows["loss (continue)"].startswith("3.9000 → 3.7000")
+    expected = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+    assert int(rows["parameters (base)"].replace(",", "")) == expected
+    assert 0 < float(rows["tokens per character (base)"]) < 3
+    assert "| prune | 4.4000 |" in text and "| continue | 3.4000 |" in text
+    for png in ("loss_per_stage", "eval_loss_per_category", "domain_weights", "expected_sparsity"):
+        assert (tmp_path / "out" / f"{png}.png").stat().st_size > 1000
+        assert f"({png}.png)" in text
