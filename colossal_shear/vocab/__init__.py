@@ -1,0 +1,31 @@
+"""Vocabulary adaptation: expand or prune a SentencePiece or Hugging Face fast (byte-level BPE) tokenizer.
+
+Entry point: `init_tokenizer(TokenizerConfig(...))` (the library side of `tokenizer/init_tokenizer.py`).
+Modules, by responsibility:
+  corpus             reading corpora / eval files (JSONL or plain text) with file:line errors
+  pieces             reading piece files; sorting candidates into added / duplicate / present / rejected
+  bpe                reference BPE on single pieces: reachability of new pieces, derivations of kept ones
+  sentencepiece_edit ModelProto editing (tokenizer.model) and regeneration of the Hugging Face files
+  hf_fast_edit       tokenizer.json editing (vocabulary + merges)
+  frequencies        streaming, multi-process token counts
+  learn              learning new pieces from a corpus (SentencePiece BPE training)
+  id_map             id_map.json (old id -> new id)
+  report             the printed / JSON report
+  api                the orchestration, atomic output and checks
+"""
+
+from .api import TokenizerConfig, init_tokenizer, open_tokenizer
+from .errors import VocabError
+from .id_map import ID_MAP_FILE, read_id_map, write_id_map
+from .report import TokenizerReport
+
+__all__ = [
+    "ID_MAP_FILE",
+    "TokenizerConfig",
+    "TokenizerReport",
+    "VocabError",
+    "init_tokenizer",
+    "open_tokenizer",
+    "read_id_map",
+    "write_id_map",
+]
