@@ -1,53 +1,102 @@
 #!/usr/bin/env bash
-# The staged recipe. Copy to train.sh and edit the variables; every stage reads and writes plain Hugging Face
-# directories, and a stage whose output already exists is skipped on re-run (delete it to redo it).
-# With no edits it runs the embedded default: the bundled tiny Llama and corpus, on 2 CPU processes, in minutes.
+# The staged recipe: vocabulary adaptation -> data preparation -> align (new embeddings only) -> structured pruning
+# to a target shape (dynamic loading) -> continual pretraining (optional distillation) -> knowledge replay -> report.
+#
+# Copy to train.sh and edit the variables below. Every stage reads the previous stage's plain Hugging Face directory
+# and writes its own; a stage whose output exists is skipped on re-run (delete it to redo it), and an interrupted
+# training stage resumes from its own checkpoints: re-running the script resumes the pipeline.
+# With no edits it runs the embedded default: the bundled tiny Llama and corpus on 2 CPU processes, in minutes.
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# ---- what to run ------------------------------------------------------------------------------------------------
 PROJECT_NAME=${PROJECT_NAME:-demo}
-PARENT_SAVE_DIR=${PARENT_SAVE_DIR:-outputs/$PROJECT_NAME}            # checkpoints, exports and prepared data
+PARENT_SAVE_DIR=${PARENT_SAVE_DIR:-outputs/$PROJECT_NAME}            # everything this run writes
 PARENT_TENSORBOARD_DIR=${PARENT_TENSORBOARD_DIR:-$PARENT_SAVE_DIR/tensorboard}
-PARENT_CONFIG_FILE=${PARENT_CONFIG_FILE:-$PARENT_SAVE_DIR/configs}  # effective config of each stage (JSON)
+PARENT_CONFIG_FILE=${PARENT_CONFIG_FILE:-$PARENT_SAVE_DIR/configs}  # each stage's effective config (JSON)
 PRETRAINED_MODEL_PATH=${PRETRAINED_MODEL_PATH:-}                   # empty: build the bundled tiny Llama
-DATASET_INPUTS=${DATASET_INPUTS:-colossal_shear/assets/corpus}     # comma-separated JSONL dirs or files
+NEW_DOMAIN_DATA=${NEW_DOMAIN_DATA:-colossal_shear/assets/corpus/zh.jsonl}   # the new language / domain (JSONL)
+REPLAY_DATA=${REPLAY_DATA:-colossal_shear/assets/corpus}           # old + new domains for knowledge replay
+NEW_PIECES=${NEW_PIECES:-}                                         # JSONL/text of pieces to add; empty: learn them
+NUM_NEW_PIECES=${NUM_NEW_PIECES:-64}                               # pieces learned from NEW_DOMAIN_DATA
+TARGET_SHAPE=${TARGET_SHAPE:-48,2,3,128}                          # hidden,heads,layers,intermediate[,kv] or config.json
 NPROC_PER_NODE=${NPROC_PER_NODE:-2}
-HOSTFILE=${HOSTFILE:-}                                             # empty: this machine only
-PLUGIN=${PLUGIN:-zero2}
+HOSTFILE=${HOSTFILE:-}                                             # empty: this machine only (see hostfile.example)
+PLUGIN=${PLUGIN:-zero2}                                            # gemini, gemini_auto, zero2, zero2_cpu, 3d, ddp
 PRECISION=${PRECISION:-fp32}                                       # bf16 on GPUs
 MAX_LENGTH=${MAX_LENGTH:-128}
-STEPS=${STEPS:-20}
-
+BATCH_SIZE=${BATCH_SIZE:-4}
+ALIGN_STEPS=${ALIGN_STEPS:-10}
+PRUNE_STEPS=${PRUNE_STEPS:-30}
+CONTINUE_STEPS=${CONTINUE_STEPS:-20}
+REPLAY_STEPS=${REPLAY_STEPS:-20}
+USE_TEACHER=${USE_TEACHER:-1}                                      # distil the continue stage from the aligned model
 PYTHON=${PYTHON:-python}
+
 LAUNCH=(colossalai run --nproc_per_node "$NPROC_PER_NODE" --master_port "${MASTER_PORT:-29511}")
 [ -n "$HOSTFILE" ] && LAUNCH+=(--hostfile "$HOSTFILE")
 mkdir -p "$PARENT_SAVE_DIR" "$PARENT_CONFIG_FILE"
+say() { printf '\n=== %s\n' "$*"; }
 
-# 0. the base model (bundled default)
+# ---- 0. the base model ------------------------------------------------------------------------------------------
 if [ -z "$PRETRAINED_MODEL_PATH" ]; then
+  say "bundled base model"
   $PYTHON -m colossal_shear.bundled "$PARENT_SAVE_DIR/base"
   PRETRAINED_MODEL_PATH=$PARENT_SAVE_DIR/base/tiny-llama
 fi
 
-# 1. data preparation: JSONL -> packed, bucketed Arrow
-DATA=$PARENT_SAVE_DIR/data
-if [ ! -f "$DATA/manifest.json" ]; then
-  $PYTHON data_prep/prepare_pretrain_dataset.py --data_input_dirs "$DATASET_INPUTS" \
-    --tokenizer_dir "$PRETRAINED_MODEL_PATH" --data_output_dirs "$DATA" --max_length "$MAX_LENGTH" \
-    --num_spliced_dataset_bins 4 --num_proc 2
+# ---- 1. vocabulary adaptation: expand the tokenizer, resize the model ---------------------------------------------
+VOCAB=$PARENT_SAVE_DIR/vocab
+if [ ! -f "$VOCAB/model/config.json" ]; then
+  say "vocabulary adaptation"
+  if [ -n "$NEW_PIECES" ]; then PIECES=(--expand_tokens_file "$NEW_PIECES")
+  else PIECES=(--learn_from_corpus "$NEW_DOMAIN_DATA" --num_new_pieces "$NUM_NEW_PIECES"); fi
+  $PYTHON tokenizer/init_tokenizer.py --source_tokenizer_dir "$PRETRAINED_MODEL_PATH" \
+    --target_tokenizer_dir "$VOCAB/tokenizer" "${PIECES[@]}" --eval_file "$NEW_DOMAIN_DATA" --overwrite --no_progress
+  $PYTHON tokenizer/init_model.py --source_model_and_tokenizer_path "$PRETRAINED_MODEL_PATH" \
+    --target_tokenizer_path "$VOCAB/tokenizer" --target_model_path "$VOCAB/model" --overwrite
 fi
 
-# 2. continual pretraining (resumes from its own checkpoints if interrupted)
-STAGE=continue
-OUT=$PARENT_SAVE_DIR/$STAGE
-if [ ! -f "$OUT/export/config.json" ]; then
-  RESUME=()
-  [ -f "$OUT/checkpoints/latest" ] && RESUME=(--load_checkpoint "$OUT/checkpoints")
-  "${LAUNCH[@]}" train.py --stage "$STAGE" --pretrained "$PRETRAINED_MODEL_PATH" --dataset "$DATA" \
-    --eval_dataset "$DATA" --plugin "$PLUGIN" --mixed_precision "$PRECISION" --batch_size 4 --max_steps "$STEPS" \
-    --lr 3e-3 --warmup_steps 2 --save_interval 10 --log_interval 5 --save_dir "$OUT/checkpoints" \
-    --tensorboard_dir "$PARENT_TENSORBOARD_DIR/$STAGE" --config_file "$PARENT_CONFIG_FILE/$STAGE.json" \
-    --export_dir "$OUT/export" "${RESUME[@]}"
-fi
+# ---- 2. data preparation (with the adapted tokenizer) -------------------------------------------------------------
+prepare() {  # input, output
+  if [ ! -f "$2/manifest.json" ]; then
+    $PYTHON data_prep/prepare_pretrain_dataset.py --data_input_dirs "$1" --tokenizer_dir "$VOCAB/model" \
+      --data_output_dirs "$2" --max_length "$MAX_LENGTH" --num_spliced_dataset_bins 4 --num_proc 2 --no_progress
+  fi
+}
+say "data preparation"
+prepare "$NEW_DOMAIN_DATA" "$PARENT_SAVE_DIR/data/new"
+prepare "$REPLAY_DATA" "$PARENT_SAVE_DIR/data/replay"
 
-echo "final model: $OUT/export"
+# ---- 3..6. training stages ----------------------------------------------------------------------------------------
+stage() {  # name, input model, dataset, steps, extra flags...
+  local name=$1 model=$2 data=$3 steps=$4; shift 4
+  local out=$PARENT_SAVE_DIR/$name
+  if [ -f "$out/export/config.json" ]; then echo "stage $name: done ($out/export)"; return; fi
+  say "stage $name"
+  local resume=()
+  [ -f "$out/checkpoints/latest" ] && resume=(--load_checkpoint "$out/checkpoints")
+  "${LAUNCH[@]}" train.py --stage "$name" --pretrained "$model" --dataset "$data" --eval_dataset "$data" \
+    --plugin "$PLUGIN" --mixed_precision "$PRECISION" --batch_size "$BATCH_SIZE" --max_steps "$steps" \
+    --save_dir "$out/checkpoints" --save_interval 10 --log_interval 5 \
+    --tensorboard_dir "$PARENT_TENSORBOARD_DIR/$name" --config_file "$PARENT_CONFIG_FILE/$name.json" \
+    --export_dir "$out/export" "${resume[@]}" "$@"
+}
+REPLAY=$PARENT_SAVE_DIR/data/replay
+stage align "$VOCAB/model" "$PARENT_SAVE_DIR/data/new" "$ALIGN_STEPS" --lr 1e-2 --warmup_steps 2
+stage prune "$PARENT_SAVE_DIR/align/export" "$REPLAY" "$PRUNE_STEPS" --lr 1e-3 --warmup_steps 2 \
+  --target_shape "$TARGET_SHAPE" --eval_interval 10 --dynamic_loading \
+  --reference_model "$PARENT_SAVE_DIR/align/export"
+TEACHER=()
+[ "$USE_TEACHER" = 1 ] && TEACHER=(--teacher "$PARENT_SAVE_DIR/align/export" --kd_weight 0.5 --kd_temperature 1.0)
+stage continue "$PARENT_SAVE_DIR/prune/export" "$PARENT_SAVE_DIR/data/new" "$CONTINUE_STEPS" --lr 3e-3 \
+  --warmup_steps 2 "${TEACHER[@]}"
+stage replay "$PARENT_SAVE_DIR/continue/export" "$REPLAY" "$REPLAY_STEPS" --lr 1e-3 --warmup_steps 2
+
+# ---- 7. the run report ----------------------------------------------------------------------------------------------
+say "report"
+$PYTHON -m colossal_shear.report --tensorboard_dir "$PARENT_TENSORBOARD_DIR" --out "$PARENT_SAVE_DIR" \
+  --models "before pruning=$PARENT_SAVE_DIR/align/export" "after pruning=$PARENT_SAVE_DIR/prune/export" \
+  --tokenizers "before vocab change=$PRETRAINED_MODEL_PATH" "after vocab change=$VOCAB/model" \
+  --eval_texts "$NEW_DOMAIN_DATA"
+echo "final model: $PARENT_SAVE_DIR/replay/export"

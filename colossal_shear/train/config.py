@@ -31,8 +31,9 @@ class TrainConfig:
     eval_dataset: list = _f(None, "prepared dataset(s) for held-out loss per category", nargs="+")
     max_length: int = _f(None, "sequence length; default: the dataset's max_length (must not exceed it or the "
                                "model's positions)")
-    stage: str = _f("continue", "training stage: align (only embeddings + LM head train), continue, replay",
-                    choices=("align", "continue", "replay"))
+    stage: str = _f("continue", "training stage: align (only embeddings + LM head train), prune "
+                    "(learned L0 masks to --target_shape, then fold), continue, replay",
+                    choices=("align", "prune", "continue", "replay"))
     # parallelism and precision
     plugin: str = _f("zero2", "Booster plugin", choices=PLUGINS)
     mixed_precision: str = _f("bf16", "training precision", choices=PRECISIONS)
@@ -58,6 +59,22 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
     max_bad_steps: int = _f(10, "stop with an error after this many consecutive steps with a NaN/inf loss")
     seed: int = _f(42, "seed for data order, initialisation and dropout")
+    # dynamic batch loading (Sheared-LLaMA): per-category sampling weights updated after each evaluation
+    dynamic_loading: bool = _f(False, "sample each sequence's category by weights updated after every evaluation "
+                                      "(needs --eval_dataset, --eval_interval and reference losses)")
+    reference_loss: str = _f(None, "reference loss per category for dynamic loading: 'en=2.1,zh=3.0'")
+    reference_model: str = _f(None, "compute the reference losses as this HF model's eval loss per category")
+    # distillation (Minitron)
+    teacher: str = _f(None, "HF model directory of a teacher: adds kd_weight * T^2 * KL(teacher || student)")
+    kd_weight: float = _f(1.0, "weight of the distillation term")
+    kd_temperature: float = _f(1.0, "distillation temperature T")
+    # structured pruning (--stage prune)
+    target_shape: str = _f(None, "prune stage: target 'hidden,heads,layers,intermediate[,kv_heads]' or a config.json "
+                                 "/ HF model directory with the target shape")
+    lag_lr: float = _f(1.0, "prune stage: learning rate of the Lagrangian multipliers (gradient ascent)")
+    mask_lr: float = _f(1.0, "prune stage: learning rate of the masks' log_alpha")
+    mask_init: float = _f(5.0, "prune stage: initial log_alpha of every mask (5: all kept)")
+    lagrangian_warmup_steps: int = _f(None, "prune stage: steps over which the target shape ramps in (default 20%)")
     # checkpoints, logs, export
     save_dir: str = _f(None, "directory for resumable checkpoints (step-NNNNNNN/ + latest)")
     save_interval: int = _f(1000, "save a checkpoint every N optimizer steps (and at the end)")

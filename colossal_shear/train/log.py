@@ -27,13 +27,23 @@ class RunLogger:
         if self.writer:
             for k, v in scalars.items():
                 if v is not None:
-                    self.writer.add_scalar(f"train/{k}", v, step)
+                    self.writer.add_scalar(k if "/" in k else f"train/{k}", v, step)
         if self.bar:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{scalars['loss']:.4f}")
         if step % self.interval == 0:
-            parts = [f"step {step}"] + [_fmt(k, v) for k, v in scalars.items() if v is not None]
+            parts = [f"step {step}"] + [_fmt(k, v) for k, v in scalars.items()
+                                        if v is not None and "/" not in k]
             self._print(" | ".join(parts))
+
+    def scalars(self, step: int, values: dict) -> None:
+        """Extra tensorboard points (domain weights, ...), also printed on one line."""
+        if not self.enabled:
+            return
+        if self.writer:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+        self._print(f"step {step} | " + " | ".join(f"{k} {v:.4g}" for k, v in values.items()))
 
     def eval(self, step: int, losses: dict) -> None:
         if not self.enabled:

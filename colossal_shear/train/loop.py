@@ -19,6 +19,7 @@ import torch.distributed as dist
 from colossal_shear.data.collator import block_causal_mask, collate
 from colossal_shear.data.prepared import open_prepared
 from colossal_shear.data.sampler import BucketSampler
+from colossal_shear.pruning.distill import kd_loss
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, save_config
@@ -67,9 +68,59 @@ def preflight(cfg: TrainConfig):
                             f"--load_checkpoint {cfg.save_dir}, or pass --overwrite")
     if cfg.export_dir and not cfg.overwrite and Path(cfg.export_dir).is_dir() and any(Path(cfg.export_dir).iterdir()):
         raise TrainingError(f"--export_dir {cfg.export_dir} exists and is not empty (pass --overwrite)")
+    _check_stage_options(cfg, model_config, train, evals)
     if cfg.pp > 1 and cfg.batch_size % cfg.microbatch_size:
         raise TrainingError(f"--batch_size {cfg.batch_size} must be a multiple of --microbatch_size {cfg.microbatch_size}")
     return model_path, model_config, tokenizer, train, evals
+
+
+def _check_stage_options(cfg, model_config, train, evals) -> None:
+    if cfg.stage == "prune":
+        from colossal_shear.pruning.shape import PruneShape
+
+        if not cfg.target_shape:
+            raise TrainingError("--stage prune needs --target_shape (hidden,heads,layers,intermediate[,kv_heads] or a "
+                                "config.json)")
+        try:
+            PruneShape.parse(cfg.target_shape, model_config).validate_against(PruneShape.from_config(model_config))
+        except (ValueError, FileNotFoundError) as e:
+            raise TrainingError(f"--target_shape: {e}") from None
+        if cfg.tp > 1 or cfg.pp > 1:
+            raise TrainingError("--stage prune runs with data parallelism (ddp, zero2, zero2_cpu, gemini, 3d with "
+                                "tp=1 pp=1): the masks act on whole heads and layers, which tp/pp split across ranks")
+        if cfg.mixed_precision == "fp16":
+            raise TrainingError("--stage prune needs bf16 or fp32: fp16 loss scaling would scale the masks' gradients")
+        if not cfg.export_dir:
+            raise TrainingError("--stage prune needs --export_dir: the pruned model is folded and written there")
+    if cfg.dynamic_loading:
+        if evals is None or not cfg.eval_interval:
+            raise TrainingError("--dynamic_loading needs --eval_dataset and --eval_interval (weights move after evals)")
+        if bool(cfg.reference_loss) == bool(cfg.reference_model):
+            raise TrainingError("--dynamic_loading needs exactly one of --reference_loss or --reference_model")
+        missing = [c for c in train.categories if c not in evals.categories]
+        if missing:
+            raise TrainingError(f"--eval_dataset has no sequences of categor{'ies' if len(missing) > 1 else 'y'} "
+                                f"{', '.join(missing)}, which dynamic loading needs to weigh")
+        if cfg.reference_loss:
+            from colossal_shear.data.domain_weights import parse_reference_losses
+
+            given = parse_reference_losses(cfg.reference_loss)
+            if sorted(given) != sorted(train.categories):
+                raise TrainingError(f"--reference_loss names {sorted(given)}; the dataset's categories are "
+                                    f"{sorted(train.categories)}")
+    for flag in ("teacher", "reference_model"):
+        path = getattr(cfg, flag)
+        if path and not (Path(path) / "config.json").is_file():
+            raise TrainingError(f"--{flag} {path}: no config.json (not a Hugging Face model directory)")
+    if cfg.teacher:
+        from transformers import AutoConfig
+
+        if cfg.pp > 1:
+            raise TrainingError("--teacher is not supported with --pp > 1 (the student's logits live on the last stage)")
+        t = AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+        if t.vocab_size != model_config.vocab_size:
+            raise TrainingError(f"--teacher vocab size {t.vocab_size} differs from the model's "
+                                f"{model_config.vocab_size}: distillation compares logits token by token")
 
 
 def _check_writable(path: Path, flag: str) -> None:
@@ -164,13 +215,22 @@ def _train(cfg, model_path, model_config, tokenizer, data, evals) -> dict:
     dp_group, dp_rank, dp_size, loss_rank = _group_info(plugin)
     torch.manual_seed(cfg.seed)
 
-    sampler = BucketSampler(data.part_sizes, dp_rank, dp_size, seed=cfg.seed)
     per_step = cfg.batch_size * cfg.accumulation_steps
-    steps_per_epoch = max(1, len(sampler) // per_step)
+    steps_per_epoch = max(1, -(-sum(data.part_sizes) // dp_size) // per_step)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.num_epochs
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(0.025 * total_steps)
 
     model = build_model(cfg, model_path)
+    compute_dtype = DTYPES[cfg.mixed_precision]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.plugin == "ddp" and \
+        cfg.mixed_precision == "bf16" else nullcontext()
+    sampler, weights = make_sampler(cfg, data, evals, dp_rank, dp_size, device, compute_dtype, autocast)
+    pruner = None
+    if cfg.stage == "prune":
+        from .prune_stage import PruneStage
+
+        pruner = PruneStage(cfg, model, model_config, total_steps, device, dp_rank)
+    teacher = load_teacher(cfg, device) if cfg.teacher else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = warmup_cosine(optimizer, warmup, total_steps)
@@ -184,31 +244,32 @@ def _train(cfg, model_path, model_config, tokenizer, data, evals) -> dict:
         state = ckpt.load_checkpoint(booster, model, optimizer, path)
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
+        if pruner is not None:
+            pruner.load_state_dict(state["pruner"])
         step, skipped, tokens_seen = state["step"], state["skipped"], state["tokens"]
     if cfg.save_dir and rank == 0:
         save_config(cfg, Path(cfg.save_dir) / "config.yaml")
     if cfg.config_file and rank == 0:
         save_config(cfg, Path(cfg.config_file))
 
-    compute_dtype = DTYPES[cfg.mixed_precision]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.plugin == "ddp" and \
-        cfg.mixed_precision == "bf16" else nullcontext()
     batches = Batches(data, sampler, cfg.batch_size)
     logger = RunLogger(cfg, total_steps, rank == 0, start_step=step)
     flops_token, peak = flops_per_token(model_config, data.max_length), peak_flops()
     pipeline = cfg.pp > 1
-    history = []
+    history, last_eval = [], None
 
     def save(at):
         state = {"step": at, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
                  "skipped": skipped, "tokens": tokens_seen}
+        if pruner is not None:
+            state["pruner"] = pruner.state_dict()
         ckpt.save_checkpoint(booster, model, optimizer, cfg.save_dir, at, state, cfg.keep_last)
 
     model.train()
     end = min(total_steps, cfg.stop_at_step) if cfg.stop_at_step else total_steps
     while step < end:
         started = time.perf_counter()
-        loss_sum, label_tokens, step_tokens, finite = 0.0, 0, 0, True
+        loss_sum, label_tokens, step_tokens, finite, kd_sum = 0.0, 0, 0, True, 0.0
         for micro in range(cfg.accumulation_steps):
             batch = batches.next()
             inputs = model_inputs(batch, compute_dtype, device)
@@ -221,15 +282,28 @@ def _train(cfg, model_path, model_config, tokenizer, data, evals) -> dict:
                                                return_loss=True)
                 loss = out["loss"] * cfg.accumulation_steps if out["loss"] is not None else None
             else:
+                if pruner is not None:
+                    pruner.before_forward(step, micro)
                 with autocast:
-                    loss = model(**inputs).loss
-                flag = torch.tensor([1.0 if torch.isfinite(loss).item() else 0.0], device=device)
+                    out = model(**inputs)
+                    loss = out.loss
+                    objective = loss
+                    if teacher is not None:
+                        with torch.no_grad():
+                            teacher_logits = teacher(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+                        kd = kd_loss(out.logits, teacher_logits, inputs["labels"], cfg.kd_temperature)
+                        kd_sum += float(kd.detach())
+                        objective = objective + cfg.kd_weight * kd
+                    if pruner is not None:
+                        objective = objective + pruner.penalty(step)
+                del out
+                flag = torch.tensor([1.0 if torch.isfinite(objective).item() else 0.0], device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MIN)
                 if flag.item() == 0:
                     finite = False
                     continue  # every rank skips this backward together
                 with sync:
-                    booster.backward(loss / cfg.accumulation_steps, optimizer)
+                    booster.backward(objective / cfg.accumulation_steps, optimizer)
             if loss is not None and loss_rank:
                 loss_sum += float(loss.detach())
                 label_tokens += 1
@@ -245,10 +319,14 @@ def _train(cfg, model_path, model_config, tokenizer, data, evals) -> dict:
             optimizer.step()
             if grad_norm is None:
                 grad_norm = optimizer.get_grad_norm()
+            if pruner is not None:
+                pruner.step()
             bad_run = 0
         else:
             skipped += 1
             bad_run += 1
+            if pruner is not None:
+                pruner.optimizer.zero_grad()
         optimizer.zero_grad()
         scheduler.step()
         step += 1
@@ -256,16 +334,24 @@ def _train(cfg, model_path, model_config, tokenizer, data, evals) -> dict:
         elapsed = time.perf_counter() - started
         tps = step_tokens / elapsed
         history.append(mean_loss)
-        logger.step(step, {
+        scalars = {
             "loss": mean_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens_per_s": tps,
             "mfu": tps * flops_token / (peak * world) if peak else None, "skipped_steps": skipped,
             "tokens": tokens_seen,
-        })
+            "kd_loss": kd_sum / cfg.accumulation_steps if teacher is not None else None,
+        }
+        if pruner is not None:
+            scalars.update(pruner.scalars(step))
+        logger.step(step, scalars)
         if bad_run >= cfg.max_bad_steps:
             raise TrainingError(f"{bad_run} consecutive steps had a NaN/inf loss (step {step}): lower --lr, use "
                                 "bf16 or fp32, or check the data; the last good checkpoint is in --save_dir")
         if evals is not None and cfg.eval_interval and step % cfg.eval_interval == 0:
-            logger.eval(step, evaluate(cfg, booster, model, evals, plugin, compute_dtype, device, autocast))
+            losses = last_eval = evaluate(cfg, booster, model, evals, plugin, compute_dtype, device, autocast, pruner)
+            logger.eval(step, losses)
+            if weights is not None:
+                weights.update(losses)
+                logger.scalars(step, {f"domain_weight/{c}": w for c, w in weights.as_dict().items()})
         if cfg.save_dir and cfg.save_interval and step % cfg.save_interval == 0:
             save(step)
 
@@ -275,10 +361,16 @@ def _train(cfg, model_path, model_config, tokenizer, data, evals) -> dict:
     if step < total_steps:  # stopped early on request: the run continues from the checkpoint
         logger.close(result)
         return result
+    if evals is not None and not (cfg.eval_interval and step % cfg.eval_interval == 0):  # else just evaluated
+        last_eval = evaluate(cfg, booster, model, evals, plugin, compute_dtype, device, autocast, pruner)
+        logger.eval(step, last_eval)
     if evals is not None:
-        result["eval"] = evaluate(cfg, booster, model, evals, plugin, compute_dtype, device, autocast)
-        logger.eval(step, result["eval"])
-    if cfg.export_dir:
+        result["eval"] = last_eval
+    if cfg.export_dir and pruner is not None:
+        pruner.export(booster, model, cfg.export_dir, model_path, cfg.overwrite,
+                      compute_dtype if cfg.plugin != "ddp" else torch.float32)
+        result["export_dir"] = cfg.export_dir
+    elif cfg.export_dir:
         model_config.torch_dtype = compute_dtype if cfg.plugin != "ddp" else torch.float32
         model_config.use_cache = True
         ckpt.export_hf(booster, model, cfg.export_dir, model_config, tokenizer, overwrite=cfg.overwrite)
@@ -288,11 +380,17 @@ def _train(cfg, model_path, model_config, tokenizer, data, evals) -> dict:
 
 
 @torch.no_grad()
-def evaluate(cfg, booster, model, evals, plugin, dtype, device, autocast) -> dict:
+def evaluate(cfg, booster, model, evals, plugin, dtype, device, autocast, pruner=None) -> dict:
     """Held-out loss per category: token-weighted over each category's sequences, reduced over all ranks."""
     dp_group, dp_rank, dp_size, loss_rank = _group_info(plugin)
+    return _evaluate(cfg, booster, model, evals, dtype, device, autocast, dp_rank, dp_size, loss_rank, pruner)
+
+
+def _evaluate(cfg, booster, model, evals, dtype, device, autocast, dp_rank, dp_size, loss_rank, pruner=None):
     model.eval()
-    categories = evals.dataset["category"]
+    if pruner is not None:
+        pruner.train(False)  # deterministic masks
+    categories = list(evals.dataset["category"])
     results = {}
     for cat in evals.categories:
         idx = [i for i, c in enumerate(categories) if c == cat]
@@ -306,7 +404,7 @@ def evaluate(cfg, booster, model, evals, plugin, dtype, device, autocast) -> dic
             batch = collate(evals.dataset[chunk])
             inputs = model_inputs(batch, dtype, device)
             n_labels = int((batch["labels"][:, 1:] != -100).sum())
-            if cfg.pp > 1:
+            if booster is not None and cfg.pp > 1:
                 out = booster.execute_pipeline(iter([inputs]), model, lambda o, _: o.loss, None, return_loss=True)
                 loss = out["loss"]
             else:
@@ -318,4 +416,44 @@ def evaluate(cfg, booster, model, evals, plugin, dtype, device, autocast) -> dic
         loss_sum, count = _reduce_sum(total, device)
         results[cat] = loss_sum / count if count else float("nan")
     model.train()
+    if pruner is not None:
+        pruner.train(True)
     return results
+
+
+def make_sampler(cfg, data, evals, dp_rank, dp_size, device, dtype, autocast):
+    """Bucket order by default; with --dynamic_loading, categories drawn by weights that evaluations move."""
+    if not cfg.dynamic_loading:
+        return BucketSampler(data.part_sizes, dp_rank, dp_size, seed=cfg.seed), None
+    from colossal_shear.data.domain_weights import DomainSampler, DomainWeights, parse_reference_losses
+
+    seq_categories = list(data.dataset["category"])
+    counts = [seq_categories.count(c) for c in data.categories]
+    if cfg.reference_loss:
+        reference = parse_reference_losses(cfg.reference_loss)
+    else:
+        reference = reference_losses(cfg, evals, device, dtype, autocast, dp_rank, dp_size)
+    weights = DomainWeights(data.categories, counts, reference)
+    return DomainSampler(seq_categories, weights, dp_rank, dp_size, seed=cfg.seed), weights
+
+
+def reference_losses(cfg, evals, device, dtype, autocast, dp_rank, dp_size) -> dict:
+    """Eval loss per category of --reference_model (plain HF model on every rank, data split across ranks)."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(cfg.reference_model, torch_dtype=dtype, attn_implementation="sdpa",
+                                               trust_remote_code=cfg.trust_remote_code).to(device)
+    losses = _evaluate(cfg, None, ref, evals, dtype, device, autocast, dp_rank, dp_size, True)
+    del ref
+    return losses
+
+
+def load_teacher(cfg, device):
+    """The teacher runs without gradients in the student's precision (replicated on every rank)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if cfg.plugin == "ddp" else DTYPES[cfg.mixed_precision]
+    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, torch_dtype=dtype, attn_implementation="sdpa",
+                                                   trust_remote_code=cfg.trust_remote_code).to(device)
+    teacher.eval().requires_grad_(False)
+    return teacher

@@ -1,0 +1,185 @@
+"""Masked forward of a standard Hugging Face LLaMA-style model through hooks (no forked modelling file).
+
+Semantics (Sheared-LLaMA), for gates z from `PruningMasks` (any subset of the five kinds; a missing kind = all ones):
+  * hidden z multiplies the embedding output and the outputs of every o_proj and down_proj (all residual
+    contributions), so the residual stream is exactly 0 on pruned channels (and scaled on partly kept ones);
+  * every RMSNorm (input_layernorm, post_attention_layernorm, the final norm) computes its mean square over the kept
+    channels only (hidden z > 0), so a binary hidden mask folds exactly into a smaller model;
+  * the effective head gate (head z * its group's z) multiplies each query head's attention context at the input of
+    o_proj;
+  * intermediate z multiplies the input of down_proj (the MLP's act(gate) * up product);
+  * layer z multiplies the outputs of o_proj and down_proj: z = 0 turns the whole block into the identity.
+Gates are cast to the activation dtype. Gradients flow to whatever the gates were computed from (log_alpha).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .masks import effective_heads
+from .shape import PruneShape, head_dim_of
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside common wrappers (DDP `.module`, ColossalAI ModelWrapper `.unwrap()`)."""
+    seen = 0
+    while seen < 8:
+        seen += 1
+        if hasattr(model, "unwrap") and callable(model.unwrap) and not hasattr(model, "config"):
+            model = model.unwrap()
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module) and not hasattr(model, "config"):
+            model = model.module
+        else:
+            break
+    return model
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The decoder stack (`LlamaModel`) of a `LlamaForCausalLM` or of itself."""
+    base = model.model if hasattr(model, "model") and hasattr(model.model, "layers") else model
+    for name in ("embed_tokens", "layers", "norm"):
+        if not hasattr(base, name):
+            raise TypeError(f"{type(model).__name__}: not a LLaMA-style decoder (no .{name})")
+    return base
+
+
+class MaskedModel:
+    """Install the pruning masks on `model` as hooks. `masks_fn()` returns a dict of gates; it is called once per
+    forward of `model` (a forward pre-hook on it) and every other hook reads that result.
+
+    Use `attach()` / `detach()` or `with MaskedModel(model, fn): ...`. `model` must be the unwrapped Hugging Face
+    model (wrappers with `.module` / `.unwrap()` are unwrapped); a Booster-wrapped model still runs the hooks since
+    they sit on its inner modules.
+    """
+
+    def __init__(self, model: nn.Module, masks_fn):
+        self.model = unwrap(model)
+        self.masks_fn = masks_fn
+        self.base = decoder_of(self.model)
+        self.config = self.model.config
+        self.source = PruneShape.from_config(self.config)
+        self.head_dim = head_dim_of(self.config)
+        self.z: dict | None = None  # the gates of the current (last) forward
+        self._handles: list = []
+        self._prepared: dict = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self) -> "MaskedModel":
+        if self._handles:
+            return self
+        h = self._handles
+        h.append(self.model.register_forward_pre_hook(self._begin))
+        h.append(self.base.embed_tokens.register_forward_hook(self._embed_out))
+        for i, layer in enumerate(self.base.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            h.append(attn.o_proj.register_forward_pre_hook(self._head_in(i)))
+            h.append(attn.o_proj.register_forward_hook(self._residual_out(i)))
+            h.append(mlp.down_proj.register_forward_pre_hook(self._neuron_in(i)))
+            h.append(mlp.down_proj.register_forward_hook(self._residual_out(i)))
+            h.append(layer.input_layernorm.register_forward_hook(self._norm))
+            h.append(layer.post_attention_layernorm.register_forward_hook(self._norm))
+        h.append(self.base.norm.register_forward_hook(self._norm))
+        return self
+
+    def detach(self) -> "MaskedModel":
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._prepared = {}
+        return self
+
+    def __enter__(self) -> "MaskedModel":
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    # ------------------------------------------------------------------ per-forward preparation
+    def _begin(self, module, args):
+        z = self.masks_fn()
+        self.z = z
+        self._prepared = self.prepare(z)
+
+    def prepare(self, z: dict) -> dict:
+        """Derived per-forward tensors: effective head gates [L, H], per-layer residual scales [L, d] (layer z x
+        hidden z), the kept-channel ratio d / k for the norms."""
+        s = self.source
+        out: dict = {}
+        hidden, layer = z.get("hidden"), z.get("layer")
+        if hidden is not None:
+            if tuple(hidden.shape) != (s.hidden,):
+                raise ValueError(f"hidden mask shape {tuple(hidden.shape)} != ({s.hidden},)")
+            kept = int((hidden > 0).sum())
+            if kept == 0:
+                raise ValueError("the hidden mask keeps no channel")
+            out["hidden"] = hidden
+            out["norm_ratio"] = s.hidden / kept if kept != s.hidden else None
+        if layer is not None and tuple(layer.shape) != (s.layers,):
+            raise ValueError(f"layer mask shape {tuple(layer.shape)} != ({s.layers},)")
+        if hidden is not None and layer is not None:
+            out["residual"] = layer[:, None] * hidden[None, :]
+        elif hidden is not None:
+            out["residual"] = hidden[None, :].expand(s.layers, -1)
+        elif layer is not None:
+            out["residual"] = layer[:, None]
+        heads = effective_heads(z, s)
+        if heads is not None:
+            if tuple(heads.shape) != (s.layers, s.heads):
+                raise ValueError(f"head/group masks give shape {tuple(heads.shape)} != ({s.layers}, {s.heads})")
+            out["heads"] = heads
+        inter = z.get("intermediate")
+        if inter is not None:
+            if tuple(inter.shape) != (s.layers, s.intermediate):
+                raise ValueError(f"intermediate mask shape {tuple(inter.shape)} != ({s.layers}, {s.intermediate})")
+            out["intermediate"] = inter
+        return out
+
+    # ------------------------------------------------------------------ hooks
+    def _embed_out(self, module, args, output):
+        hidden = self._prepared.get("hidden")
+        if hidden is None:
+            return None
+        return output * hidden.to(device=output.device, dtype=output.dtype)
+
+    def _head_in(self, i: int):
+        def hook(module, args):
+            heads = self._prepared.get("heads")
+            if heads is None:
+                return None
+            x = args[0]
+            g = heads[i].to(device=x.device, dtype=x.dtype)
+            shaped = x.reshape(*x.shape[:-1], self.source.heads, self.head_dim) * g[:, None]
+            return (shaped.reshape(x.shape), *args[1:])
+        return hook
+
+    def _neuron_in(self, i: int):
+        def hook(module, args):
+            inter = self._prepared.get("intermediate")
+            if inter is None:
+                return None
+            x = args[0]
+            return (x * inter[i].to(device=x.device, dtype=x.dtype), *args[1:])
+        return hook
+
+    def _residual_out(self, i: int):
+        def hook(module, args, output):
+            scale = self._prepared.get("residual")
+            if scale is None:
+                return None
+            return output * scale[i].to(device=output.device, dtype=output.dtype)
+        return hook
+
+    def _norm(self, module, args, output):
+        ratio = self._prepared.get("norm_ratio")
+        if ratio is None:  # every channel kept: the module's own output is already right
+            return None
+        x = args[0]
+        h = x.to(torch.float32)
+        variance = h.pow(2).mean(-1, keepdim=True) * ratio  # = sum over kept channels / k (pruned ones are 0)
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
+        return module.weight * (h * torch.rsqrt(variance + eps)).to(x.dtype)

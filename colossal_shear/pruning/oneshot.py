@@ -1,0 +1,379 @@
+"""One-shot structured pruning (no training): choose binary masks of exactly the target shape, then fold them.
+
+* `importance_masks` (Minitron): activation importance on calibration batches. For an activation a[b, t, c]:
+  mean over the sequence of |a| (real tokens only), then the L2 norm over all calibration samples. Hidden channels
+  are scored at the outputs of input_layernorm and post_attention_layernorm (summed over layers); query heads at
+  o_proj's input (the per-token L2 norm of each head's context vector, aggregated the same way); KV groups by the sum
+  of their heads' scores; neurons at down_proj's input; layers by block influence (below).
+* `depth_masks`: block influence BI = 1 - cos(h_in, h_out) per layer (mean over tokens); the lowest-BI layers go.
+  Or an explicit list of layers to keep. Depth pruning removes whole layers only: a target with a smaller width is
+  refused (use importance, which prunes width and depth).
+* `random_masks` (OpenBA-V2's baseline): the same structure chosen at random.
+All return binary mask dicts (the five kinds of `masks.KINDS`) for `fold.fold` / `fold.save_folded`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .apply import decoder_of, unwrap
+from .masks import KINDS, kind_shapes, select
+from .shape import PruneShape, head_dim_of
+
+METHODS = ("importance", "depth", "random")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------- batches
+def _batches(batches, device) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:
+    for b in batches:
+        if isinstance(b, torch.Tensor):
+            ids, mask = b, None
+        elif isinstance(b, dict):
+            ids, mask = b["input_ids"], b.get("attention_mask")
+        else:
+            raise TypeError(f"a calibration batch is a LongTensor [B, T] or a dict with input_ids, got {type(b)}")
+        ids = torch.as_tensor(ids)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if mask is not None:
+            mask = torch.as_tensor(mask).view(ids.shape).to(device)
+        yield ids.to(device), mask
+
+
+class _Stats:
+    """Accumulates sum over samples of (mean over real tokens of x)^2, per channel."""
+
+    def __init__(self):
+        self.sq = None
+
+    def add(self, x: torch.Tensor, token_mask: torch.Tensor) -> None:  # x [B, T, C] (>= 0), token_mask [B, T]
+        m = token_mask.to(torch.float32)[..., None]
+        mean = (x.float() * m).sum(1) / m.sum(1).clamp(min=1)
+        sq = mean.pow(2).sum(0)
+        self.sq = sq if self.sq is None else self.sq + sq
+
+    def l2(self) -> torch.Tensor:
+        return self.sq.sqrt()
+
+
+@torch.no_grad()
+def collect_importance(model: nn.Module, batches, want_width: bool = True, want_depth: bool = True) -> dict:
+    """Run the calibration batches once; return {'hidden' [d], 'head' [L, H], 'intermediate' [L, F],
+    'layer' [L] (block influence)} (fp32, on the model's device)."""
+    model = unwrap(model)
+    base = decoder_of(model)
+    s = PruneShape.from_config(model.config)
+    hd = head_dim_of(model.config)
+    device = base.embed_tokens.weight.device
+    L = s.layers
+    norm_stats = [[_Stats(), _Stats()] for _ in range(L)]
+    head_stats = [_Stats() for _ in range(L)]
+    neuron_stats = [_Stats() for _ in range(L)]
+    cos_sum = torch.zeros(L, dtype=torch.float64, device=device)
+    tokens = torch.zeros((), dtype=torch.float64, device=device)
+    state = {}
+    handles = []
+
+    def norm_hook(i, j):
+        def hook(mod, args, out):
+            norm_stats[i][j].add(out.abs(), state["mask"])
+        return hook
+
+    def head_hook(i):
+        def hook(mod, args):
+            x = args[0]
+            per_head = x.float().reshape(*x.shape[:-1], s.heads, hd).norm(dim=-1)
+            head_stats[i].add(per_head, state["mask"])
+        return hook
+
+    def neuron_hook(i):
+        def hook(mod, args):
+            neuron_stats[i].add(args[0].abs(), state["mask"])
+        return hook
+
+    def layer_hook(i):
+        def hook(mod, args, kwargs, out):
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h_out = out[0] if isinstance(out, (tuple, list)) else out
+            cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)  # [B, T]
+            cos_sum[i] += (cos.double() * state["mask"].double()).sum()
+        return hook
+
+    try:
+        for i, layer in enumerate(base.layers):
+            if want_width:
+                handles.append(layer.input_layernorm.register_forward_hook(norm_hook(i, 0)))
+                handles.append(layer.post_attention_layernorm.register_forward_hook(norm_hook(i, 1)))
+                handles.append(layer.self_attn.o_proj.register_forward_pre_hook(head_hook(i)))
+                handles.append(layer.mlp.down_proj.register_forward_pre_hook(neuron_hook(i)))
+            if want_depth:
+                handles.append(layer.register_forward_hook(layer_hook(i), with_kwargs=True))
+        was_training = model.training
+        model.eval()
+        try:
+            for ids, mask in _batches(batches, device):
+                state["mask"] = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+                tokens += state["mask"].sum()
+                base(input_ids=ids, attention_mask=mask, use_cache=False)
+        finally:
+            model.train(was_training)
+    finally:
+        for h in handles:
+            h.remove()
+    if tokens.item() == 0:
+        raise ValueError("no calibration tokens (empty batches)")
+    out = {}
+    if want_width:
+        out["hidden"] = sum(st.l2() for pair in norm_stats for st in pair)
+        out["head"] = torch.stack([st.l2() for st in head_stats])
+        out["intermediate"] = torch.stack([st.l2() for st in neuron_stats])
+    if want_depth:
+        out["layer"] = (1 - cos_sum / tokens).float()
+    return out
+
+
+def _group_scores(head: torch.Tensor, s: PruneShape) -> torch.Tensor:
+    return head.view(s.layers, s.kv_heads, s.heads // s.kv_heads).sum(-1)
+
+
+def importance_masks(model: nn.Module, batches, target: PruneShape) -> dict:
+    """Minitron activation importance (width) and block influence (depth): binary masks of exactly `target`."""
+    model = unwrap(model)
+    source = PruneShape.from_config(model.config)
+    target.validate_against(source)
+    scores = collect_importance(model, batches, want_width=True, want_depth=target.layers < source.layers)
+    scores["group"] = _group_scores(scores["head"], source)
+    return select(source, target, scores)
+
+
+def depth_masks(model: nn.Module, batches, target: PruneShape | None, layers: list[int] | None = None) -> dict:
+    """Remove whole layers: the lowest block influence on `batches`, or keep exactly `layers` (then `batches` may be
+    None and `target` may be None, meaning the source width with len(layers) layers). Refuses a narrower target."""
+    model = unwrap(model)
+    source = PruneShape.from_config(model.config)
+    if target is None:
+        if layers is None:
+            raise ValueError("depth pruning needs a target shape or a list of layers to keep")
+        target = PruneShape(source.hidden, source.heads, len(set(layers)), source.intermediate, source.kv_heads)
+    target.validate_against(source)
+    narrower = [k for k in ("hidden", "heads", "kv_heads", "intermediate") if getattr(target, k) != getattr(source, k)]
+    if narrower:
+        raise ValueError(f"depth pruning removes whole layers only, but the target also shrinks {', '.join(narrower)} "
+                         f"({target.describe()} vs {source.describe()}): use the importance method for width")
+    device = decoder_of(model).embed_tokens.weight.device
+    if layers is not None:
+        keep = sorted(set(int(i) for i in layers))
+        bad = [i for i in keep if not 0 <= i < source.layers]
+        if bad:
+            raise ValueError(f"layers to keep {bad} are out of range 0..{source.layers - 1}")
+        if len(keep) != len(layers):
+            raise ValueError(f"layers to keep {layers} contain duplicates")
+        if len(keep) != target.layers:
+            raise ValueError(f"{len(keep)} layers to keep, but the target has {target.layers} layers")
+        score = torch.zeros(source.layers, device=device)
+        score[keep] = 1.0
+    else:
+        if batches is None:
+            raise ValueError("depth pruning by block influence needs calibration batches (or a list of layers)")
+        score = collect_importance(model, batches, want_width=False, want_depth=True)["layer"]
+    return select(source, target, {"layer": score}, device=device)
+
+
+def random_masks(config, target: PruneShape, seed: int = 0) -> dict:
+    """OpenBA-V2's random-selection baseline: the target structure with units chosen uniformly at random."""
+    source = PruneShape.from_config(config)
+    g = torch.Generator().manual_seed(int(seed))
+    scores = {k: torch.rand(shape, generator=g) for k, shape in kind_shapes(source).items()}
+    return select(source, target, scores)
+
+
+# ---------------------------------------------------------------------------------------------- calibration data
+def calibration_texts(path) -> Iterable[str]:
+    """Texts of a JSONL file: {"text"} or {"source", "target"} records (the bundled corpus when path is None)."""
+    if path is None:
+        from colossal_shear.bundled import corpus_texts
+
+        yield from corpus_texts()
+        return
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{n}: expected an object with 'text' or 'source'/'target'")
+            if isinstance(rec.get("text"), str):
+                yield rec["text"]
+            elif isinstance(rec.get("target"), str):
+                yield (rec.get("source") or "") + rec["target"]
+            else:
+                raise ValueError(f"{path}:{n}: expected an object with 'text' or 'source'/'target'")
+
+
+def calibration_batches(tokenizer, path=None, num_samples: int = 512, length: int = 512,
+                        batch_size: int = 8) -> list[dict]:
+    """Calibration batches {input_ids, attention_mask} (right-padded): from a JSONL file (tokenised with `tokenizer`,
+    cut to `length` tokens), a prepared dataset directory (its packed sequences, cut to `length`), or the bundled
+    corpus when `path` is None."""
+    if num_samples <= 0 or length <= 1 or batch_size <= 0:
+        raise ValueError("num_calibration_samples, calibration_length (> 1) and batch size must be positive")
+    seqs: list[list[int]] = []
+    p = Path(os.path.expanduser(str(path))) if path is not None else None
+    if p is not None and p.is_dir():
+        from colossal_shear.data.prepared import open_prepared
+
+        data = open_prepared([str(p)], tokenizer).dataset
+        for row in data.select(range(min(num_samples, len(data)))):
+            valid = int(sum(row["doc_lengths"])) if "doc_lengths" in row else len(row["input_ids"])
+            seqs.append(list(row["input_ids"][: min(valid, length)]))
+    else:
+        if p is not None and not p.is_file():
+            raise FileNotFoundError(f"--calibration_dataset {p}: no such file or directory")
+        for text in calibration_texts(p):
+            ids = tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"][:length]
+            if len(ids) > 1:
+                seqs.append(ids)
+            if len(seqs) >= num_samples:
+                break
+    seqs = [s for s in seqs if s]
+    if not seqs:
+        raise ValueError(f"no calibration sequences in {path or 'the bundled corpus'}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    out = []
+    for i in range(0, len(seqs), batch_size):
+        chunk = seqs[i : i + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, s in enumerate(chunk):
+            ids[r, : len(s)] = torch.tensor(s)
+            mask[r, : len(s)] = 1
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the CLI's work
+@dataclass
+class OneShotConfig:
+    method: str
+    pretrained: Path
+    output_dir: Path
+    target_shape: str | None = None
+    calibration_dataset: Path | None = None
+    num_calibration_samples: int = 512
+    calibration_length: int = 512
+    calibration_batch_size: int = 8
+    keep_layers: list[int] | None = None
+    seed: int = 0
+    overwrite: bool = False
+    dtype: str | None = None  # None: the dtype the checkpoint declares
+    device: str | None = None  # None: cuda if available, else cpu
+
+
+@dataclass
+class OneShotReport:
+    method: str
+    output_dir: Path
+    source: PruneShape
+    target: PruneShape
+    params_before: int
+    params_after: int
+    calibration_sequences: int = 0
+    calibration_tokens: int = 0
+    kept_layers: list[int] = field(default_factory=list)
+
+    def format(self) -> str:
+        rows = [("", "before", "after")]
+        for name in ("hidden", "heads", "kv_heads", "layers", "intermediate"):
+            rows.append((name, str(getattr(self.source, name)), str(getattr(self.target, name))))
+        rows.append(("parameters", f"{self.params_before:,}", f"{self.params_after:,}"))
+        rows.append(("", "", f"{self.params_after / self.params_before:.1%}"))
+        w = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = [f"pruned ({self.method}) -> {self.output_dir}"]
+        if self.calibration_sequences:
+            lines.append(f"calibration: {self.calibration_sequences} sequences, {self.calibration_tokens} tokens")
+        lines.append(f"kept layers: {self.kept_layers}")
+        for r in rows:
+            lines.append(f"  {r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}")
+        return "\n".join(lines)
+
+
+def prune_oneshot(cfg: OneShotConfig) -> OneShotReport:
+    """Load `cfg.pretrained`, choose masks with `cfg.method`, fold and write a plain HF model to `cfg.output_dir`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .fold import fold, save_folded
+
+    if cfg.method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
+    src_dir = Path(os.path.expanduser(str(cfg.pretrained)))
+    out = Path(os.path.expanduser(str(cfg.output_dir)))
+    if not (src_dir / "config.json").is_file():
+        raise FileNotFoundError(f"--pretrained {src_dir}: no config.json (a Hugging Face model directory is needed)")
+    if out.resolve() == src_dir.resolve():
+        raise ValueError("--output_dir must differ from --pretrained")
+    if out.exists() and not cfg.overwrite and not (out.is_dir() and not any(out.iterdir())):
+        raise FileExistsError(f"--output_dir {out} exists and is not empty (pass --overwrite)")
+    if cfg.dtype is not None and cfg.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.keep_layers is not None and cfg.method != "depth":
+        raise ValueError("--keep_layers is for --method depth")
+    config = AutoConfig.from_pretrained(src_dir, trust_remote_code=False)
+    for name in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size"):
+        if not hasattr(config, name):
+            raise ValueError(f"{src_dir}: model type {config.model_type!r} is not LLaMA-style (no {name})")
+    source = PruneShape.from_config(config)
+    if cfg.target_shape:
+        target = PruneShape.parse(cfg.target_shape, config)
+    elif cfg.method == "depth" and cfg.keep_layers:
+        target = PruneShape(source.hidden, source.heads, len(cfg.keep_layers), source.intermediate, source.kv_heads)
+    else:
+        raise ValueError("--target_shape is required (except for --method depth with --keep_layers)")
+    target.validate_against(source)
+    if cfg.method == "depth":
+        narrower = [k for k in ("hidden", "heads", "kv_heads", "intermediate")
+                    if getattr(target, k) != getattr(source, k)]
+        if narrower:
+            raise ValueError(f"--method depth removes whole layers only; the target also shrinks "
+                             f"{', '.join(narrower)}: use --method importance")
+
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[cfg.dtype] if cfg.dtype else "auto"
+    model = AutoModelForCausalLM.from_pretrained(src_dir, torch_dtype=dtype, use_safetensors=True,
+                                                 trust_remote_code=False).to(device)
+    try:
+        decoder_of(model)
+    except TypeError as e:
+        raise ValueError(str(e)) from None
+    model.eval()
+    batches, n_seq, n_tok = None, 0, 0
+    needs_data = cfg.method == "importance" or (cfg.method == "depth" and cfg.keep_layers is None)
+    if needs_data:
+        tokenizer = AutoTokenizer.from_pretrained(src_dir, trust_remote_code=False)
+        batches = calibration_batches(tokenizer, cfg.calibration_dataset, cfg.num_calibration_samples,
+                                      cfg.calibration_length, cfg.calibration_batch_size)
+        n_seq = sum(len(b["input_ids"]) for b in batches)
+        n_tok = int(sum(int(b["attention_mask"].sum()) for b in batches))
+    if cfg.method == "importance":
+        z = importance_masks(model, batches, target)
+    elif cfg.method == "depth":
+        z = depth_masks(model, batches, target, cfg.keep_layers)
+    else:
+        z = random_masks(config, target, cfg.seed)
+    small = fold(model, z, target)
+    save_folded(small, None, out, tokenizer_dir=src_dir, overwrite=cfg.overwrite)
+    kept = torch.nonzero(z["layer"] != 0).flatten().tolist()
+    return OneShotReport(cfg.method, out, source, target, model.num_parameters(), small.num_parameters(), n_seq,
+                         n_tok, kept)
