@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from colossal_shear.bundled import corpus_files, train_sentencepiece
+from colossal_shear.bundled import build_tiny_llama, corpus_files, train_sentencepiece
 from colossal_shear.data import PrepareConfig, prepare_dataset
 from colossal_shear.data.collator import block_causal_mask, collate
 from colossal_shear.data.sampler import BucketSampler
@@ -137,6 +137,7 @@ def other_dataset(tmp_path_factory):
     """A dataset tokenised with a different (smaller) tokenizer: must be refused."""
     root = tmp_path_factory.mktemp("other")
     tok = train_sentencepiece(root / "tok", vocab_size=1500)
+    build_tiny_llama(root / "tiny", tok)
     out = root / "prepared"
     prepare_dataset(PrepareConfig(data_input_dirs=[str(corpus_files()[0])], tokenizer_dir=str(tok),
                                   data_output_dirs=str(out), max_length=64, num_spliced_dataset_bins=1, num_proc=1,
@@ -162,6 +163,15 @@ def test_preflight_errors(model_dir, dataset, other_dataset, tmp_path, monkeypat
     blocker.write_text("x")
     check("is not a writable directory", "--save_dir", blocker / "ckpt")
     check("no config.json", "--pretrained", tmp_path)
+    check("--stage prune needs --target_shape", "--stage", "prune", "--export_dir", tmp_path / "x")
+    check("larger than the source", "--stage", "prune", "--target_shape", "128,4,4,192", "--export_dir", tmp_path / "x")
+    check("runs with data parallelism", "--stage", "prune", "--target_shape", "48,2,3,128", "--plugin", "3d",
+          "--tp", 2, "--export_dir", tmp_path / "x", world=2)
+    check("needs --eval_dataset and --eval_interval", "--dynamic_loading", "--reference_loss", "en=1")
+    check("--reference_loss names ['en']", "--dynamic_loading", "--reference_loss", "en=1", "--eval_dataset",
+          dataset, "--eval_interval", 2)
+    check("--teacher", "--teacher", tmp_path)
+    check("--teacher vocab size 1500 differs", "--teacher", other_dataset.parent / "tiny")
 
 
 def test_positions_and_cli_error_exit(model_dir, tokenizer_dir, tmp_path):

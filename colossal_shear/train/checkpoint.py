@@ -1,7 +1,8 @@
 """Resumable checkpoints and plain Hugging Face exports.
 
 A checkpoint is `<save_dir>/step-NNNNNNN/` holding the Booster's sharded model and optimizer, `trainer_state.pt`
-(step, scheduler, sampler position, counters) and `rng-rankR.pt` per rank. It is written into `.tmp-step-NNNNNNN`
+(step, scheduler, counters: the same on every rank) and `rank-R.pt` per rank (its RNG state and data position:
+samplers that draw per rank differ between ranks). It is written into `.tmp-step-NNNNNNN`
 and renamed when every rank has finished; the `latest` pointer is replaced last, so a crash at any moment leaves
 the previous checkpoint usable. Only the newest `keep_last` are kept. `save_dir` must be visible to every node.
 """
@@ -59,7 +60,7 @@ def _replace_file(path: Path, text: str) -> None:
 
 
 def save_checkpoint(booster, model, optimizer, save_dir: str | os.PathLike, step: int, trainer_state: dict,
-                    keep_last: int = 2) -> Path:
+                    rank_state: dict, keep_last: int = 2) -> Path:
     save_dir = Path(save_dir)
     name = f"step-{step:07d}"
     final, tmp = save_dir / name, save_dir / f".tmp-{name}"
@@ -70,7 +71,7 @@ def save_checkpoint(booster, model, optimizer, save_dir: str | os.PathLike, step
     dist.barrier()
     booster.save_model(model, str(tmp / "model"), shard=True, use_safetensors=True)
     booster.save_optimizer(optimizer, str(tmp / "optimizer"), shard=True)
-    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    torch.save({"rng": rng_state(), **rank_state}, tmp / f"rank-{rank}.pt")
     if rank == 0:
         torch.save(trainer_state, tmp / "trainer_state.pt")
     dist.barrier()
@@ -86,14 +87,16 @@ def save_checkpoint(booster, model, optimizer, save_dir: str | os.PathLike, step
     return final
 
 
-def load_checkpoint(booster, model, optimizer, path: Path) -> dict:
-    """Restore model, optimizer and this rank's RNG; return the trainer state (step, scheduler, sampler, ...)."""
+def load_checkpoint(booster, model, optimizer, path: Path) -> tuple[dict, dict]:
+    """Restore model, optimizer and this rank's RNG; return (trainer state, this rank's state)."""
     booster.load_model(model, str(path / "model"))
     booster.load_optimizer(optimizer, str(path / "optimizer"))
-    rank_file = path / f"rng-rank{dist.get_rank()}.pt"
-    if rank_file.is_file():
-        set_rng_state(torch.load(rank_file, weights_only=True))
-    return torch.load(path / "trainer_state.pt", weights_only=True)
+    rank_file = path / f"rank-{dist.get_rank()}.pt"
+    if not rank_file.is_file():
+        raise FileNotFoundError(f"{rank_file} is missing: the checkpoint was written by a run with fewer ranks")
+    rank_state = torch.load(rank_file, weights_only=True)
+    set_rng_state(rank_state.pop("rng"))
+    return torch.load(path / "trainer_state.pt", weights_only=True), rank_state
 
 
 def export_hf(booster, model, out_dir: str | os.PathLike, config, tokenizer, overwrite: bool = False) -> Path:

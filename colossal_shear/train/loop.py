@@ -241,9 +241,9 @@ def _train(cfg, model_path, model_config, tokenizer, data, evals) -> dict:
     step, bad_run, skipped, tokens_seen = 0, 0, 0, 0
     if cfg.load_checkpoint and not ckpt.is_hf_model_dir(cfg.load_checkpoint):
         path = ckpt.resolve_checkpoint(cfg.load_checkpoint)
-        state = ckpt.load_checkpoint(booster, model, optimizer, path)
+        state, rank_state = ckpt.load_checkpoint(booster, model, optimizer, path)
         scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
+        sampler.load_state_dict(rank_state["sampler"])
         if pruner is not None:
             pruner.load_state_dict(state["pruner"])
         step, skipped, tokens_seen = state["step"], state["skipped"], state["tokens"]
@@ -254,16 +254,19 @@ def _train(cfg, model_path, model_config, tokenizer, data, evals) -> dict:
 
     batches = Batches(data, sampler, cfg.batch_size)
     logger = RunLogger(cfg, total_steps, rank == 0, start_step=step)
+    if weights is not None and step == 0:
+        logger.scalars(0, {**{f"domain_reference/{c}": float(v) for c, v in zip(weights.categories, weights.reference)},
+                           **{f"domain_weight/{c}": w for c, w in weights.as_dict().items()}})
     flops_token, peak = flops_per_token(model_config, data.max_length), peak_flops()
     pipeline = cfg.pp > 1
     history, last_eval = [], None
 
     def save(at):
-        state = {"step": at, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
-                 "skipped": skipped, "tokens": tokens_seen}
+        state = {"step": at, "scheduler": scheduler.state_dict(), "skipped": skipped, "tokens": tokens_seen}
         if pruner is not None:
             state["pruner"] = pruner.state_dict()
-        ckpt.save_checkpoint(booster, model, optimizer, cfg.save_dir, at, state, cfg.keep_last)
+        ckpt.save_checkpoint(booster, model, optimizer, cfg.save_dir, at, state, {"sampler": sampler.state_dict()},
+                             cfg.keep_last)
 
     model.train()
     end = min(total_steps, cfg.stop_at_step) if cfg.stop_at_step else total_steps

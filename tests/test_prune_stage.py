@@ -1,0 +1,88 @@
+"""The prune stage, dynamic loading and distillation inside the real trainer, on 2 CPU processes."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from colossal_shear.bundled import corpus_files
+from colossal_shear.data import PrepareConfig, prepare_dataset
+from colossal_shear.pruning.shape import PruneShape
+from conftest import ROOT, run_distributed
+from test_train import tb_scalars
+
+TRAIN = ROOT / "train.py"
+TARGET = "48,2,3,128"
+
+
+@pytest.fixture(scope="module")
+def dataset(tokenizer_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prune-data") / "prepared"
+    prepare_dataset(PrepareConfig(data_input_dirs=[str(p) for p in corpus_files()], tokenizer_dir=str(tokenizer_dir),
+                                  data_output_dirs=str(out), max_length=64, num_spliced_dataset_bins=2, num_proc=1,
+                                  progress=False))
+    return out
+
+
+def _prune_args(model_dir, dataset, tmp, plugin, *extra):
+    return ["--stage", "prune", "--pretrained", model_dir, "--dataset", dataset, "--eval_dataset", dataset,
+            "--eval_interval", 2, "--dynamic_loading", "--reference_loss", "code=7,en=7,zh=7.2",
+            "--plugin", plugin, "--mixed_precision", "fp32", "--batch_size", 2, "--max_steps", 6, "--lr", 1e-3,
+            "--warmup_steps", 1, "--target_shape", TARGET, "--lagrangian_warmup_steps", 2, "--save_interval", 3,
+            "--save_dir", tmp / "ckpt", "--tensorboard_dir", tmp / "tb", "--export_dir", tmp / "export", *extra]
+
+
+@pytest.mark.parametrize("plugin", ["ddp", "zero2"])
+def test_prune_stage_resumes_exactly_and_exports_the_target_shape(plugin, model_dir, dataset, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_distributed(TRAIN, *_prune_args(model_dir, dataset, full, plugin))
+    run_distributed(TRAIN, *_prune_args(model_dir, dataset, part, plugin, "--stop_at_step", 3))
+    assert not (part / "export").exists()
+    run_distributed(TRAIN, *_prune_args(model_dir, dataset, part, plugin, "--load_checkpoint", part / "ckpt"))
+    for tag in ("train/loss", "prune/expected_params", "prune/lambda_1/layers", "domain_weight/zh"):
+        expected, got = tb_scalars(full / "tb", tag), tb_scalars(part / "tb", tag)
+        for step in range(3, 7):
+            if step in expected:
+                assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), (tag, step)
+    sparsity = tb_scalars(full / "tb", "prune/expected_sparsity/layers")
+    assert sparsity[6] > sparsity[1], "the Lagrangian did not move the masks towards the target"
+
+    config = AutoConfig.from_pretrained(full / "export")
+    shape = PruneShape.from_config(config)
+    assert shape == PruneShape.parse(TARGET, AutoConfig.from_pretrained(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(full / "export")  # plain HF, no custom code
+    assert sum(p.numel() for p in model.parameters()) == shape.num_params(config.vocab_size, config.head_dim, False)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 5, 9, 200]])).logits).all()
+
+
+def test_dynamic_loading_follows_the_update_rule(model_dir, dataset, tmp_path):
+    """Reference losses from --reference_model; after each eval, w = (1-c) softmax(ln w + L - L_ref) + c/k."""
+    run_distributed(TRAIN, "--pretrained", model_dir, "--dataset", dataset, "--eval_dataset", dataset,
+                    "--eval_interval", 2, "--dynamic_loading", "--reference_model", model_dir, "--plugin", "ddp",
+                    "--mixed_precision", "fp32", "--batch_size", 2, "--max_steps", 4, "--lr", 3e-3,
+                    "--tensorboard_dir", tmp_path / "tb")
+    cats = ["code", "en", "zh"]
+    ref = {c: tb_scalars(tmp_path / "tb", f"domain_reference/{c}")[0] for c in cats}
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    counts = {c: sum(p["categories"].get(c, {}).get("sequences", 0) for p in manifest["parts"]) for c in cats}
+    w = {c: counts[c] / sum(counts.values()) for c in cats}
+    assert {c: tb_scalars(tmp_path / "tb", f"domain_weight/{c}")[0] for c in cats} == pytest.approx(w, rel=1e-6)
+    for step in (2, 4):
+        losses = {c: tb_scalars(tmp_path / "tb", f"eval/loss/{c}")[step] for c in cats}
+        logits = {c: math.log(w[c]) + losses[c] - ref[c] for c in cats}
+        z = sum(math.exp(v) for v in logits.values())
+        w = {c: (1 - 1e-4) * math.exp(logits[c]) / z + 1e-4 / 3 for c in cats}
+        got = {c: tb_scalars(tmp_path / "tb", f"domain_weight/{c}")[step] for c in cats}
+        assert got == pytest.approx(w, rel=1e-4)
+
+
+def test_distillation_from_an_identical_teacher_starts_at_zero(model_dir, dataset, tmp_path):
+    run_distributed(TRAIN, "--pretrained", model_dir, "--dataset", dataset, "--teacher", model_dir,
+                    "--kd_weight", 0.5, "--kd_temperature", 2.0, "--plugin", "zero2", "--mixed_precision", "fp32",
+                    "--batch_size", 2, "--max_steps", 3, "--lr", 1e-2, "--tensorboard_dir", tmp_path / "tb")
+    kd = tb_scalars(tmp_path / "tb", "train/kd_loss")
+    assert abs(kd[1]) < 1e-5, "teacher == student must give KL 0"
+    assert kd[3] > 1e-4, "the student moved away from the teacher, KL must grow"
