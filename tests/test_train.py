@@ -165,7 +165,7 @@ def test_preflight_errors(model_dir, dataset, other_dataset, tmp_path, monkeypat
     check("no config.json", "--pretrained", tmp_path)
     check("--stage prune needs --target_shape", "--stage", "prune", "--export_dir", tmp_path / "x")
     check("larger than the source", "--stage", "prune", "--target_shape", "128,4,4,192", "--export_dir", tmp_path / "x")
-    check("runs with data parallelism", "--stage", "prune", "--target_shape", "48,2,3,128", "--plugin", "3d",
+    check("--stage prune runs under ddp, zero2", "--stage", "prune", "--target_shape", "48,2,3,128", "--plugin", "3d",
           "--tp", 2, "--export_dir", tmp_path / "x", world=2)
     check("needs --eval_dataset and --eval_interval", "--dynamic_loading", "--reference_loss", "en=1")
     check("--reference_loss names ['en']", "--dynamic_loading", "--reference_loss", "en=1", "--eval_dataset",

@@ -85,9 +85,9 @@ def _check_stage_options(cfg, model_config, train, evals) -> None:
             PruneShape.parse(cfg.target_shape, model_config).validate_against(PruneShape.from_config(model_config))
         except (ValueError, FileNotFoundError) as e:
             raise TrainingError(f"--target_shape: {e}") from None
-        if cfg.tp > 1 or cfg.pp > 1:
-            raise TrainingError("--stage prune runs with data parallelism (ddp, zero2, zero2_cpu, gemini, 3d with "
-                                "tp=1 pp=1): the masks act on whole heads and layers, which tp/pp split across ranks")
+        if cfg.plugin == "3d":
+            raise TrainingError("--stage prune runs under ddp, zero2, zero2_cpu or gemini: the 3d plugin's shardformer "
+                                "replaces the modules the masks hook into, and tp/pp split heads and layers across ranks")
         if cfg.mixed_precision == "fp16":
             raise TrainingError("--stage prune needs bf16 or fp32: fp16 loss scaling would scale the masks' gradients")
         if not cfg.export_dir:
