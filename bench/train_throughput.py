@@ -2,6 +2,7 @@
 
     python bench/train_throughput.py                          # 1.1B TinyLlama shape, seq 2048, zero2, on a GPU
     python bench/train_throughput.py --shape tiny --seq 128 --batch 4 --plugin ddp --precision fp32   # CPU smoke
+    python bench/train_throughput.py --stage prune ...   # also the prune stage (masks on) against plain training
     torchrun --nproc_per_node 8 bench/train_throughput.py ... # several GPUs (the plain baselines run on rank 0 alone)
 
 Prints one table: tokens/s, MFU (GPU) and the ratio to plain PyTorch eager for each row. Random weights and random
@@ -69,7 +70,7 @@ def plain_step_fn(args, device, compiled: bool):
     return step
 
 
-def booster_step_fn(args, device):
+def booster_step_fn(args, device, prune: bool = False):
     from colossalai.booster import Booster
 
     from colossal_shear.train.plugins import ParallelConfig, make_optimizer, make_plugin
@@ -82,6 +83,20 @@ def booster_step_fn(args, device):
         model.to(device)
     opt = make_optimizer(model.parameters(), lr=1e-4)
     booster = Booster(plugin=plugin)
+    masks = lagrangian = mask_opt = None
+    if prune:  # what train.py --stage prune adds to a step: sampled masks via hooks, the penalty, the mask update
+        from colossal_shear.pruning.apply import MaskedModel
+        from colossal_shear.pruning.lagrangian import Lagrangian
+        from colossal_shear.pruning.masks import PruningMasks
+        from colossal_shear.pruning.shape import PruneShape
+
+        source = PruneShape.from_config(model.config)
+        target = PruneShape(source.hidden * 3 // 4, source.heads // 2, source.layers * 3 // 4,
+                            source.intermediate * 2 // 3, source.kv_heads)
+        masks = PruningMasks(model.config, target).to(device)
+        lagrangian = Lagrangian(source, target, warmup_steps=10).to(device)
+        mask_opt = torch.optim.AdamW(list(masks.parameters()) + list(lagrangian.parameters()), lr=1e-2)
+        MaskedModel(model, lambda: masks.sample()).attach()
     model, opt, *_ = booster.boost(model, opt)
     data = torch.randint(0, SHAPES[args.shape]["vocab_size"], (args.batch, args.seq), device=device)
     amp = args.plugin == "ddp" and args.precision == "bf16"
@@ -89,9 +104,20 @@ def booster_step_fn(args, device):
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = model(input_ids=data, labels=data).loss
+            if masks is not None:
+                loss = loss + lagrangian.penalty(masks.expected_shape(), 5)
         booster.backward(loss, opt)
         opt.step()
         opt.zero_grad()
+        if masks is not None:
+            grads = [p.grad for p in mask_opt.param_groups[0]["params"] if p.grad is not None]
+            flat = torch.cat([g.flatten() for g in grads])
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            for g, v in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(v.view_as(g))
+            mask_opt.step()
+            mask_opt.zero_grad()
 
     return step
 
@@ -107,6 +133,8 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no_compile", action="store_true", help="skip the plain torch.compile baseline")
+    ap.add_argument("--stage", default="continue", choices=("continue", "prune"),
+                    help="prune: also time the Booster step with pruning masks on, against the plain Booster step")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
 
@@ -125,12 +153,15 @@ def main():
     rows = []
     booster_s = timed(booster_step_fn(args, device), args.steps, args.warmup)
     rows.append((f"Booster {args.plugin} ({world} proc)", booster_s, tokens * world))
+    if args.stage == "prune":
+        prune_s = timed(booster_step_fn(args, device, prune=True), args.steps, args.warmup)
+        rows.append((f"Booster {args.plugin} ({world} proc), prune stage", prune_s, tokens * world))
     if rank == 0:
         rows.append(("plain PyTorch eager", timed(plain_step_fn(args, device, False), args.steps, args.warmup), tokens))
         if not args.no_compile:
             rows.append(("plain PyTorch torch.compile",
                          timed(plain_step_fn(args, device, True), args.steps, args.warmup), tokens))
-        base = tokens / rows[1][1]
+        base = tokens / next(secs for name, secs, _ in rows if name == "plain PyTorch eager")
         print(f"\nshape {args.shape}, seq {args.seq}, batch {args.batch}/device, {args.precision}, "
               f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
         print(f"| run | step time (s) | tokens/s per device | MFU | × plain eager |\n|---|---|---|---|---|")
@@ -138,6 +169,8 @@ def main():
             per_device = n / secs / (world if name.startswith("Booster") else 1)
             mfu = f"{per_device * fpt / peak:.1%}" if peak else "n/a (CPU)"
             print(f"| {name} | {secs:.4f} | {per_device:,.0f} | {mfu} | {per_device / base:.2f} |")
+        if args.stage == "prune":
+            print(f"\nprune-stage step time / plain Booster step time: {prune_s / booster_s:.3f}x")
     dist.barrier()
     dist.destroy_process_group()
 
