@@ -34,8 +34,10 @@ def _prune_args(model_dir, dataset, tmp, plugin, *extra):
             "--save_dir", tmp / "ckpt", "--tensorboard_dir", tmp / "tb", "--export_dir", tmp / "export", *extra]
 
 
-@pytest.mark.parametrize("plugin", ["ddp", "zero2"])
-def test_prune_stage_resumes_exactly_and_exports_the_target_shape(plugin, model_dir, dataset, tmp_path):
+@pytest.mark.parametrize("plugin,tied", [("ddp", False), ("zero2", True)])
+def test_prune_stage_resumes_exactly_and_exports_the_target_shape(plugin, tied, model_dir, tied_model_dir, dataset,
+                                                                  tmp_path):
+    model_dir = tied_model_dir if tied else model_dir
     full, part = tmp_path / "full", tmp_path / "part"
     run_distributed(TRAIN, *_prune_args(model_dir, dataset, full, plugin))
     run_distributed(TRAIN, *_prune_args(model_dir, dataset, part, plugin, "--stop_at_step", 3))
@@ -53,7 +55,8 @@ def test_prune_stage_resumes_exactly_and_exports_the_target_shape(plugin, model_
     shape = PruneShape.from_config(config)
     assert shape == PruneShape.parse(TARGET, AutoConfig.from_pretrained(model_dir))
     model = AutoModelForCausalLM.from_pretrained(full / "export")  # plain HF, no custom code
-    assert sum(p.numel() for p in model.parameters()) == shape.num_params(config.vocab_size, config.head_dim, False)
+    assert config.tie_word_embeddings == tied
+    assert sum(p.numel() for p in model.parameters()) == shape.num_params(config.vocab_size, config.head_dim, tied)
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 5, 9, 200]])).logits).all()
 

@@ -194,3 +194,16 @@ def test_yaml_config_and_flag_precedence(tmp_path):
     cfg_file.write_text("learning_rate: 1\n")
     with pytest.raises(SystemExit, match="unknown option"):
         parse_config(["--config", str(cfg_file)])
+
+
+def test_tied_embeddings_checkpoint_resume_and_export(tied_model_dir, dataset, tmp_path):
+    """Tied embeddings share memory, which safetensors refuses: checkpoints and exports must still work."""
+    args = _args(tied_model_dir, dataset, tmp_path, "--plugin", "zero2", "--export_dir", tmp_path / "export", steps=4)
+    run_distributed(TRAIN, *args, "--stop_at_step", 2)
+    run_distributed(TRAIN, *args, "--load_checkpoint", tmp_path / "ckpt")
+    assert sorted(tb_scalars(tmp_path / "tb")) == [1, 2, 3, 4]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    src = AutoModelForCausalLM.from_pretrained(tied_model_dir)
+    assert not torch.equal(src.model.embed_tokens.weight, model.model.embed_tokens.weight)  # trained

@@ -69,7 +69,8 @@ def save_checkpoint(booster, model, optimizer, save_dir: str | os.PathLike, step
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    booster.save_model(model, str(tmp / "model"), shard=True, use_safetensors=True)
+    tied = bool(getattr(_config_of(model), "tie_word_embeddings", False))
+    booster.save_model(model, str(tmp / "model"), shard=True, use_safetensors=not tied)  # tied weights share memory
     booster.save_optimizer(optimizer, str(tmp / "optimizer"), shard=True)
     torch.save({"rng": rng_state(), **rank_state}, tmp / f"rank-{rank}.pt")
     if rank == 0:
@@ -87,6 +88,11 @@ def save_checkpoint(booster, model, optimizer, save_dir: str | os.PathLike, step
     return final
 
 
+def _config_of(model):
+    inner = model.unwrap() if hasattr(model, "unwrap") else model
+    return getattr(inner, "config", None)
+
+
 def load_checkpoint(booster, model, optimizer, path: Path) -> tuple[dict, dict]:
     """Restore model, optimizer and this rank's RNG; return (trainer state, this rank's state)."""
     booster.load_model(model, str(path / "model"))
@@ -99,21 +105,38 @@ def load_checkpoint(booster, model, optimizer, path: Path) -> tuple[dict, dict]:
     return torch.load(path / "trainer_state.pt", weights_only=True), rank_state
 
 
-def export_hf(booster, model, out_dir: str | os.PathLike, config, tokenizer, overwrite: bool = False) -> Path:
+def export_hf(booster, model, out_dir: str | os.PathLike, config, tokenizer, dtype: torch.dtype,
+              overwrite: bool = False, transform=None) -> Path:
     """Write a plain Hugging Face directory (safetensors, config.json, tokenizer) that
-    `AutoModelForCausalLM.from_pretrained` loads with no custom code; atomically (temporary dir, then rename)."""
+    `AutoModelForCausalLM.from_pretrained` loads with no custom code, atomically (temporary dir, then rename).
+
+    Every plugin can write full weights through the Booster, but not as safetensors when embeddings are tied (they
+    share memory): so the Booster writes torch shards to a scratch directory, and rank 0 loads them into a plain HF
+    model, applies `transform` (e.g. folding pruning masks), and saves it with `save_pretrained`.
+    """
+    from transformers import AutoModelForCausalLM
+
     out = Path(out_dir)
-    tmp = out.with_name(f".tmp-{out.name}")
+    scratch, tmp = out.with_name(f".tmp-full-{out.name}"), out.with_name(f".tmp-{out.name}")
     rank = dist.get_rank()
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        for p in (scratch, tmp):
+            shutil.rmtree(p, ignore_errors=True)
+        scratch.mkdir(parents=True)
     dist.barrier()
-    booster.save_model(model, str(tmp), shard=True, use_safetensors=True, size_per_shard=2048)
+    booster.save_model(model, str(scratch), shard=True, use_safetensors=False, size_per_shard=4096)
     dist.barrier()
     if rank == 0:
-        config.save_pretrained(tmp)
+        config.save_pretrained(scratch)
+        hf = AutoModelForCausalLM.from_pretrained(scratch, torch_dtype=torch.float32 if transform else dtype)
+        if transform is not None:
+            hf = transform(hf)
+        hf = hf.to(dtype)
+        hf.config.torch_dtype = dtype
+        hf.config.use_cache = True
+        hf.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        shutil.rmtree(scratch)
         if out.exists():
             if not overwrite and any(out.iterdir()):
                 raise FileExistsError(f"export_dir {out} exists and is not empty (pass --overwrite)")

@@ -272,7 +272,7 @@ def _train(cfg, model_path, model_config, tokenizer, data, evals) -> dict:
     end = min(total_steps, cfg.stop_at_step) if cfg.stop_at_step else total_steps
     while step < end:
         started = time.perf_counter()
-        loss_sum, label_tokens, step_tokens, finite, kd_sum = 0.0, 0, 0, True, 0.0
+        loss_sum, n_losses, step_tokens, finite, kd_sum = 0.0, 0, 0, True, 0.0
         for micro in range(cfg.accumulation_steps):
             batch = batches.next()
             inputs = model_inputs(batch, compute_dtype, device)
@@ -288,31 +288,21 @@ def _train(cfg, model_path, model_config, tokenizer, data, evals) -> dict:
                 if pruner is not None:
                     pruner.before_forward(step, micro)
                 with autocast:
-                    out = model(**inputs)
-                    loss = out.loss
-                    objective = loss
-                    if teacher is not None:
-                        with torch.no_grad():
-                            teacher_logits = teacher(**{k: v for k, v in inputs.items() if k != "labels"}).logits
-                        kd = kd_loss(out.logits, teacher_logits, inputs["labels"], cfg.kd_temperature)
-                        kd_sum += float(kd.detach())
-                        objective = objective + cfg.kd_weight * kd
-                    if pruner is not None:
-                        objective = objective + pruner.penalty(step)
-                del out
+                    loss, objective, kd = _objective(cfg, model, inputs, teacher, pruner, step)
+                kd_sum += kd
                 flag = torch.tensor([1.0 if torch.isfinite(objective).item() else 0.0], device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MIN)
                 if flag.item() == 0:
                     finite = False
+                    loss_sum, n_losses = loss_sum + float("nan"), n_losses + 1
                     continue  # every rank skips this backward together
                 with sync:
                     booster.backward(objective / cfg.accumulation_steps, optimizer)
             if loss is not None and loss_rank:
                 loss_sum += float(loss.detach())
-                label_tokens += 1
-        loss_sum, label_tokens, step_tokens = _reduce_sum(
-            [loss_sum, label_tokens, step_tokens if loss_rank else 0], device)
-        mean_loss = loss_sum / max(label_tokens, 1)
+                n_losses += 1
+        loss_sum, n_losses, step_tokens = _reduce_sum([loss_sum, n_losses, step_tokens if loss_rank else 0], device)
+        mean_loss = loss_sum / max(n_losses, 1)  # the mean of the micro-batch losses
         if pipeline and not math.isfinite(mean_loss):
             finite = False  # the pipeline schedule has already run backward: count it, cannot skip it
         grad_norm = None
@@ -369,17 +359,28 @@ def _train(cfg, model_path, model_config, tokenizer, data, evals) -> dict:
         logger.eval(step, last_eval)
     if evals is not None:
         result["eval"] = last_eval
-    if cfg.export_dir and pruner is not None:
-        pruner.export(booster, model, cfg.export_dir, model_path, cfg.overwrite,
-                      compute_dtype if cfg.plugin != "ddp" else torch.float32)
-        result["export_dir"] = cfg.export_dir
-    elif cfg.export_dir:
-        model_config.torch_dtype = compute_dtype if cfg.plugin != "ddp" else torch.float32
-        model_config.use_cache = True
-        ckpt.export_hf(booster, model, cfg.export_dir, model_config, tokenizer, overwrite=cfg.overwrite)
+    if cfg.export_dir:
+        export_dtype = compute_dtype if cfg.plugin != "ddp" else torch.float32
+        transform = pruner.folder() if pruner is not None else None  # the pruned model: masks folded in
+        ckpt.export_hf(booster, model, cfg.export_dir, model_config, tokenizer, export_dtype, cfg.overwrite, transform)
         result["export_dir"] = cfg.export_dir
     logger.close(result)
     return result
+
+
+def _objective(cfg, model, inputs, teacher, pruner, step):
+    """LM loss, and what is minimised: + kd_weight * distillation term, + the pruning Lagrangian."""
+    out = model(**inputs)
+    objective, kd = out.loss, 0.0
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_logits = teacher(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        kd_term = kd_loss(out.logits, teacher_logits, inputs["labels"], cfg.kd_temperature)
+        kd = float(kd_term.detach())
+        objective = objective + cfg.kd_weight * kd_term
+    if pruner is not None:
+        objective = objective + pruner.penalty(step)
+    return out.loss, objective, kd
 
 
 @torch.no_grad()

@@ -8,14 +8,11 @@ descent, multipliers by ascent: a min-max game). Their state travels in the trai
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
 
 from colossal_shear.pruning.apply import MaskedModel
-from colossal_shear.pruning.fold import fold, save_folded
+from colossal_shear.pruning.fold import fold
 from colossal_shear.pruning.lagrangian import Lagrangian
 from colossal_shear.pruning.masks import PruningMasks
 from colossal_shear.pruning.shape import PruneShape
@@ -99,29 +96,9 @@ class PruneStage:
         self.lagrangian.load_state_dict(state["lagrangian"])
         self.optimizer.load_state_dict(state["optimizer"])
 
-    def export(self, booster, model, out_dir, tokenizer_dir, overwrite: bool, dtype) -> Path:
-        """Binary masks with exactly the target counts, folded into a smaller plain HF model (works for every
-        plugin: the Booster first writes the full weights, rank 0 folds them)."""
-        from transformers import AutoModelForCausalLM
-
-        out = Path(out_dir)
-        full = out.with_name(f".tmp-full-{out.name}")
+    def folder(self):
+        """Binary masks with exactly the target counts, and the function that folds them into a dense HF model
+        (the export then holds the smaller plain model)."""
         z = {k: v.detach().cpu() for k, v in self.masks.binarize().items()}
         self.masked.detach()
-        rank = dist.get_rank()
-        if rank == 0:
-            shutil.rmtree(full, ignore_errors=True)
-            full.mkdir(parents=True)
-        dist.barrier()
-        booster.save_model(model, str(full), shard=True, use_safetensors=True, size_per_shard=2048)
-        dist.barrier()
-        if rank == 0:
-            from transformers import AutoConfig
-
-            AutoConfig.from_pretrained(self.cfg.pretrained).save_pretrained(full)
-            dense = AutoModelForCausalLM.from_pretrained(full, torch_dtype=torch.float32)
-            small = fold(dense, z, self.target).to(dtype)
-            save_folded(small, None, out, tokenizer_dir=tokenizer_dir, overwrite=overwrite)
-            shutil.rmtree(full, ignore_errors=True)
-        dist.barrier()
-        return out
+        return lambda dense: fold(dense, z, self.target)
