@@ -23,6 +23,8 @@ SHAPES = {
                            num_key_value_heads=4, vocab_size=32000),
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32, vocab_size=32000),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
     "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=2048),
 }
@@ -91,7 +93,8 @@ def booster_step_fn(args, device, prune: bool = False):
         from colossal_shear.pruning.shape import PruneShape
 
         source = PruneShape.from_config(model.config)
-        target = PruneShape(source.hidden * 3 // 4, source.heads // 2, source.layers * 3 // 4,
+        group = source.heads // source.kv_heads
+        target = PruneShape(source.hidden * 3 // 4, source.kv_heads * max(1, group // 2), source.layers * 3 // 4,
                             source.intermediate * 2 // 3, source.kv_heads)
         masks = PruningMasks(model.config, target).to(device)
         lagrangian = Lagrangian(source, target, warmup_steps=10).to(device)
