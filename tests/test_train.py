@@ -207,3 +207,16 @@ def test_tied_embeddings_checkpoint_resume_and_export(tied_model_dir, dataset, t
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     src = AutoModelForCausalLM.from_pretrained(tied_model_dir)
     assert not torch.equal(src.model.embed_tokens.weight, model.model.embed_tokens.weight)  # trained
+
+
+def test_load_checkpoint_from_a_hf_directory_loads_weights_only(model_dir, tied_model_dir, dataset, tmp_path):
+    """--load_checkpoint HF_DIR starts from those weights (fresh optimizer, step 0) instead of --pretrained's."""
+    run_distributed(TRAIN, "--pretrained", model_dir, "--load_checkpoint", tied_model_dir, "--dataset", dataset,
+                    "--plugin", "ddp", "--mixed_precision", "fp32", "--batch_size", 2, "--max_steps", 1, "--lr", 0.0,
+                    "--export_dir", tmp_path / "export", "--tensorboard_dir", tmp_path / "tb")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    assert exported.config.tie_word_embeddings
+    src = AutoModelForCausalLM.from_pretrained(tied_model_dir).state_dict()
+    for name, value in exported.state_dict().items():
+        assert torch.equal(value, src[name]), name  # lr 0: the loaded weights, unchanged
+    assert list(tb_scalars(tmp_path / "tb")) == [1]
