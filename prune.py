@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
 
 from colossal_shear.pruning.oneshot import DTYPES, METHODS, OneShotConfig, prune_oneshot  # noqa: E402
+from colossal_shear import cli  # noqa: E402
 
 
 def _layers(text: str) -> list[int]:
@@ -68,14 +69,8 @@ def parse_args(argv=None) -> OneShotConfig:
 
 
 def main(argv=None) -> int:
-    cfg = parse_args(argv)
-    try:
-        report = prune_oneshot(cfg)
-    except (ValueError, OSError) as e:  # user errors (bad shape, missing / existing paths, bad data)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(report.format())
-    return 0
+    # user errors: bad shape, missing / existing paths, bad data
+    return cli.run(prune_oneshot, parse_args(argv), (ValueError, OSError), lambda report: print(report.format()))
 
 
 if __name__ == "__main__":

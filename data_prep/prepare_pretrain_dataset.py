@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from colossal_shear.data import DataPrepError, PrepareConfig, default_num_proc, prepare_dataset  # noqa: E402
+from colossal_shear import cli  # noqa: E402
 from colossal_shear.data.config import split_paths  # noqa: E402
 
 
@@ -73,13 +74,8 @@ def print_summary(manifest: dict, output_dir: str) -> None:
 
 def main(argv=None) -> int:
     config = parse_args(argv)
-    try:
-        manifest = prepare_dataset(config)
-    except DataPrepError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print_summary(manifest, config.data_output_dirs)
-    return 0
+    return cli.run(prepare_dataset, config, DataPrepError,
+                   lambda manifest: print_summary(manifest, config.data_output_dirs))
 
 
 if __name__ == "__main__":

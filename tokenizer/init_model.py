@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from colossal_shear.embeddings import DTYPES, INITS, ResizeConfig, resize_model  # noqa: E402
+from colossal_shear import cli  # noqa: E402
 from colossal_shear.vocab import VocabError  # noqa: E402
 
 
@@ -52,14 +53,7 @@ def parse_args(argv=None) -> ResizeConfig:
 
 
 def main(argv=None) -> int:
-    cfg = parse_args(argv)
-    try:
-        report = resize_model(cfg)
-    except VocabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(report.format())
-    return 0
+    return cli.run(resize_model, parse_args(argv), VocabError, lambda report: print(report.format()))
 
 
 if __name__ == "__main__":

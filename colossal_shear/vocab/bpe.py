@@ -19,29 +19,37 @@ from __future__ import annotations
 from typing import Callable
 
 
+def _greedy_merges(text: str, rank: Callable[[str, str], float | None], trace: list[str] | None) -> list[str]:
+    """BPE as both SentencePiece and Hugging Face apply it: repeatedly merge the adjacent pair of best (lowest) rank,
+    the leftmost on ties, until no pair has a rank."""
+    syms = list(text)
+    while len(syms) > 1:
+        best, at = None, -1
+        for i in range(len(syms) - 1):
+            r = rank(syms[i], syms[i + 1])
+            if r is not None and (best is None or r < best):
+                best, at = r, i
+        if best is None:
+            break
+        merged = syms[at] + syms[at + 1]
+        syms[at : at + 2] = [merged]
+        if trace is not None:
+            trace.append(merged)
+    return syms
+
+
 class ScoreBPE:
-    """SentencePiece BPE over a {piece: score} map (NORMAL pieces)."""
+    """SentencePiece BPE over a {piece: score} map (NORMAL pieces): the highest-scoring merge first."""
 
     def __init__(self, scores: dict[str, float]):
         self.scores = scores
 
     def segment(self, text: str, trace: list[str] | None = None) -> list[str]:
-        syms = list(text)
-        scores = self.scores
-        while len(syms) > 1:
-            best = None
-            at = -1
-            for i in range(len(syms) - 1):
-                s = scores.get(syms[i] + syms[i + 1])
-                if s is not None and (best is None or s > best):
-                    best, at = s, i
-            if best is None:
-                break
-            merged = syms[at] + syms[at + 1]
-            syms[at : at + 2] = [merged]
-            if trace is not None:
-                trace.append(merged)
-        return syms
+        def rank(left, right):
+            score = self.scores.get(left + right)
+            return None if score is None else -score
+
+        return _greedy_merges(text, rank, trace)
 
 
 class RankBPE:
@@ -51,22 +59,7 @@ class RankBPE:
         self.ranks = ranks
 
     def segment(self, text: str, trace: list[str] | None = None) -> list[str]:
-        syms = list(text)
-        ranks = self.ranks
-        while len(syms) > 1:
-            best = None
-            at = -1
-            for i in range(len(syms) - 1):
-                r = ranks.get((syms[i], syms[i + 1]))
-                if r is not None and (best is None or r < best):
-                    best, at = r, i
-            if best is None:
-                break
-            merged = syms[at] + syms[at + 1]
-            syms[at : at + 2] = [merged]
-            if trace is not None:
-                trace.append(merged)
-        return syms
+        return _greedy_merges(text, lambda left, right: self.ranks.get((left, right)), trace)
 
 
 def make_reachable(
