@@ -1,16 +1,77 @@
-"""What every thin command-line script shares: run one library call; a user error prints one line and exits 2."""
+"""What every thin command-line script shares: its options come from one config dataclass (colossal_shear.config),
+it runs one library call, and a user error prints one line and exits 2 (once per job, not once per rank).
+Internal bugs keep their traceback."""
 
 from __future__ import annotations
 
+import importlib
+import os
 import sys
 from typing import Callable
 
+from . import config as configuration
+from .errors import UserError
 
-def run(work: Callable, config, errors: type | tuple, show: Callable) -> int:
+# script (relative to the repository root) -> its config dataclass; docs/cli.md is generated from these
+CLIS = {
+    "tokenizer/init_tokenizer.py": "colossal_shear.vocab.api:TokenizerConfig",
+    "tokenizer/init_model.py": "colossal_shear.embeddings:ResizeConfig",
+    "data_prep/prepare_pretrain_dataset.py": "colossal_shear.data.config:PrepareConfig",
+    "prune.py": "colossal_shear.pruning.oneshot:OneShotConfig",
+    "train.py": "colossal_shear.train.config:TrainConfig",
+}
+
+# OS errors about a path the user gave (its name is in the message) are user errors too
+PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def config_class(script: str):
+    module, name = CLIS[script].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def parse(script: str, argv=None, description: str | None = None):
+    """The script's config from YAML and flags; a bad value exits 2 with one line, like argparse's own errors."""
+    prog = os.path.basename(script)
     try:
-        result = work(config)
-    except errors as e:
-        print(f"error: {e}", file=sys.stderr)
+        return configuration.parse(config_class(script), argv, prog=prog, description=description)
+    except UserError as e:
+        report(prog, e)
+        sys.exit(2)
+
+
+def run(script: str, work: Callable, show: Callable, argv=None, description: str | None = None) -> int:
+    """Parse the script's options, run `work(config)`, `show` the result; 2 on a user error."""
+    cfg = parse(script, argv, description)
+    try:
+        result = work(cfg)
+    except (UserError, *PATH_ERRORS) as e:
+        report(os.path.basename(script), e)
         return 2
     show(result)
     return 0
+
+
+def report(prog: str, error: BaseException) -> None:
+    """One line on stderr. In a multi-process job every rank meets the same user error (the checks run before
+    ranks diverge), so only rank 0 prints it; an error marked `rank_local` is printed by the rank that met it."""
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank != 0 and not getattr(error, "rank_local", False):
+        return
+    where = f"[rank {rank}] " if getattr(error, "rank_local", False) else ""
+    message = " ".join(str(error).split("\n")) if str(error) else type(error).__name__
+    print(f"{prog}: error: {where}{message}", file=sys.stderr, flush=True)
+
+
+def cli_docs() -> str:
+    """docs/cli.md: every CLI's flags, generated from the config dataclasses (a test fails when it drifts)."""
+    parts = ["# Command-line flags\n",
+             "Generated from the config dataclasses by `python -m colossal_shear.config > docs/cli.md`; "
+             "`tests/test_config.py` fails when this file and the code disagree. Every CLI also takes "
+             "`--config FILE.yaml` (any of its options; flags given on the command line win) and `--help`. "
+             "A bool option `--x` is switched off by the `--no_x` flag shown beside it.\n"]
+    for script in CLIS:
+        cls = config_class(script)
+        doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+        parts.append(f"## `{script}`\n\n{doc}\n\n{configuration.flag_table(cls)}\n")
+    return "\n".join(parts)

@@ -10,6 +10,7 @@ Run `python -m colossal_shear.compat --report` to see the versions and what was 
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from typing import Callable
 
@@ -145,6 +146,23 @@ def zero_on_cpu() -> bool:
     _sanity_checks._colossal_shear = True
     LowLevelZeroOptimizer._sanity_checks = _sanity_checks
     return True
+
+
+class _DropMessage(logging.Filter):
+    """Drops one known, harmless log line of a dependency (and nothing else)."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+# colossalai imports peft, which imports bitsandbytes, whose CPU backend asks a model hub for an optional 4-bit kernel
+# that training never uses and logs a warning per process when it cannot: drop exactly that line.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    _DropMessage("Failed to load CPU gemm_4bit_forward from kernels-community"))
 
 
 def install() -> list[str]:

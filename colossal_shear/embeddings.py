@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .config import option
 from .vocab.errors import VocabError
 from .vocab.fsutil import atomic_output_dir, check_target
 from .vocab.id_map import ID_MAP_FILE, read_id_map
@@ -53,18 +54,24 @@ class ResizeError(VocabError):
 
 @dataclass
 class ResizeConfig:
-    """What `tokenizer/init_model.py` does; field names follow its flags."""
+    """Resize a model's input embeddings and LM head to a new tokenizer (expanded and/or pruned by
+    init_tokenizer.py). Flag names of Colossal-LLaMA-2's script are kept."""
 
-    source_model_and_tokenizer_path: Path
-    target_tokenizer_path: Path
-    target_model_path: Path
-    init: str = "subtoken_mean"
-    pad_to_multiple_of: int = 64
-    dtype: str | None = None  # None: the source's
-    allow_downcast: bool = False
-    seed: int = 0
-    overwrite: bool = False
-    max_shard_size: str = "5GB"
+    source_model_and_tokenizer_path: Path = option(help="Hugging Face model directory (config.json, weights, "
+                                                        "tokenizer files)")
+    target_tokenizer_path: Path = option(help="the new tokenizer (its id_map.json, if any, selects the rows)")
+    target_model_path: Path = option(help="output directory (must not exist unless --overwrite)")
+    init: str = option("subtoken_mean", "new rows: mean of the source rows of the pieces the old tokenizer splits "
+                       "the new piece into, mean of all rows, or normal with the rows' per-dimension mean/std",
+                       choices=INITS)
+    pad_to_multiple_of: int = option(64, "pad the vocabulary dimension to a multiple of this (0 or 1: no padding)")
+    dtype: str | None = option(None, "dtype of the saved model", choices=sorted(DTYPES),
+                               default_text="the dtype the source weights are stored in")
+    allow_downcast: bool = option(False, "allow --dtype to lose precision (e.g. float32 -> bfloat16); refused "
+                                         "otherwise")
+    seed: int = option(0, "seed for --init normal")
+    overwrite: bool = option(False, "replace an existing target directory")
+    max_shard_size: str = option("5GB", "safetensors shard size")
 
     def validate(self) -> None:
         if self.init not in INITS:

@@ -1,59 +1,22 @@
 #!/usr/bin/env python3
 """Resize a model's input embeddings and LM head to a new tokenizer (expanded and/or pruned by init_tokenizer.py).
 
-Flags of Colossal-LLaMA-2's script are kept (--source_model_and_tokenizer_path, --target_tokenizer_path,
---target_model_path); the rest is documented in docs/vocab.md. The work is `colossal_shear.embeddings.resize_model`.
+Options: `--help` or docs/cli.md; details in docs/vocab.md. The work is `colossal_shear.embeddings.resize_model`.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from colossal_shear.embeddings import DTYPES, INITS, ResizeConfig, resize_model  # noqa: E402
 from colossal_shear import cli  # noqa: E402
-from colossal_shear.vocab import VocabError  # noqa: E402
-
-
-def parse_args(argv=None) -> ResizeConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source_model_and_tokenizer_path", type=Path, required=True,
-                   help="Hugging Face model directory (config.json, weights, tokenizer files)")
-    p.add_argument("--target_tokenizer_path", type=Path, required=True,
-                   help="the new tokenizer (its id_map.json, if any, selects the rows)")
-    p.add_argument("--target_model_path", type=Path, required=True, help="output directory (must not exist)")
-    p.add_argument("--init", choices=INITS, default="subtoken_mean",
-                   help="new rows: mean of the source rows of the pieces the old tokenizer splits the new piece "
-                        "into (default), mean of all rows, or normal with the rows' per-dimension mean/std")
-    p.add_argument("--pad_to_multiple_of", type=int, default=64,
-                   help="pad the vocabulary dimension to a multiple of this (0 or 1: no padding; default 64)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="dtype of the saved model (default: the dtype the source weights are stored in)")
-    p.add_argument("--allow_downcast", action="store_true",
-                   help="allow --dtype to lose precision (e.g. float32 -> bfloat16); refused otherwise")
-    p.add_argument("--seed", type=int, default=0, help="seed for --init normal")
-    p.add_argument("--max_shard_size", default="5GB", help="safetensors shard size (default 5GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing target directory")
-    a = p.parse_args(argv)
-    return ResizeConfig(
-        source_model_and_tokenizer_path=a.source_model_and_tokenizer_path,
-        target_tokenizer_path=a.target_tokenizer_path,
-        target_model_path=a.target_model_path,
-        init=a.init,
-        pad_to_multiple_of=a.pad_to_multiple_of,
-        dtype=a.dtype,
-        allow_downcast=a.allow_downcast,
-        seed=a.seed,
-        overwrite=a.overwrite,
-        max_shard_size=a.max_shard_size,
-    )
+from colossal_shear.embeddings import resize_model  # noqa: E402
 
 
 def main(argv=None) -> int:
-    return cli.run(resize_model, parse_args(argv), VocabError, lambda report: print(report.format()))
+    return cli.run("tokenizer/init_model.py", resize_model, lambda report: print(report.format()), argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shlex
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
+
+from colossal_shear.config import option
 
 
 def default_num_proc() -> int:
@@ -13,22 +15,26 @@ def default_num_proc() -> int:
 
 @dataclass
 class PrepareConfig:
-    """Field names are the flag names of data_prep/prepare_pretrain_dataset.py (Colossal-LLaMA-2's where they exist)."""
+    """JSONL records (source, target, category) -> packed, loss-masked, bucketed Arrow parts + manifest.json.
+    Flag names of Colossal-LLaMA-2's script are kept where they exist."""
 
-    data_input_dirs: list[str]  # directories of .jsonl / .jsonl.gz files, or single files
-    tokenizer_dir: str  # a Hugging Face tokenizer directory (or hub id); must have an EOS token
-    data_output_dirs: str  # the one output directory (arrow/, manifest.json, jsonl/)
-    max_length: int = 4096  # tokens per packed sequence
-    num_spliced_dataset_bins: int = 10  # bins per category = parts (buckets), at most
-    num_proc: int = field(default_factory=default_num_proc)  # tokenisation processes (1: in this process)
-    seed: int = 42  # bin assignment and shuffling inside each part
-    write_jsonl: bool = False  # also write <out>/jsonl/part-XXXXX.jsonl
-    skip_invalid: bool = False  # skip bad lines and count them per reason, instead of stopping at the first
-    overwrite: bool = False  # replace an existing, non-empty output directory
-    buffer_size: int = 1024  # packed sequences held in memory before they are spilled to disk
-    batch_lines: int = 256  # input lines per tokenisation task
-    progress: bool = True  # progress bars on stderr
-    command: str | None = None  # recorded in the manifest; defaults to the equivalent CLI command
+    data_input_dirs: list[str] = option(help="directories of .jsonl/.jsonl.gz files (not recursive) and/or single "
+                                             "files, comma-separated or space-separated", sep=",")
+    tokenizer_dir: str = option(help="Hugging Face tokenizer directory (must define EOS)")
+    data_output_dirs: str = option(help="the one output directory (arrow/part-XXXXX, manifest.json)")
+    max_length: int = option(4096, "tokens per packed sequence")
+    num_spliced_dataset_bins: int = option(10, "bins per category; part k holds bin k of every category")
+    num_proc: int = option(help="tokenisation processes (1: in this process)", default_factory=default_num_proc,
+                           default_text="the machine's cores, at most 4")
+    seed: int = option(42, "seed of the bin assignment and shuffles")
+    write_jsonl: bool = option(False, "also write jsonl/part-XXXXX.jsonl")
+    skip_invalid: bool = option(False, "skip bad lines and count them per reason in the manifest instead of stopping")
+    overwrite: bool = option(False, "replace an existing non-empty output directory")
+    buffer_size: int = option(1024, "packed sequences held in memory before spilling to disk")
+    batch_lines: int = option(256, "input lines per tokenisation task")
+    progress: bool = option(True, "progress bars on stderr")
+    command: str | None = option(None, "the command recorded in the manifest (default: the equivalent CLI command)",
+                                 cli=False)
 
     def __post_init__(self):
         if isinstance(self.data_input_dirs, (str, os.PathLike)):

@@ -7,10 +7,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from colossal_shear.errors import UserError
+
 from .manifest import MANIFEST_NAME, read_manifest, tokenizer_fingerprint
 
 
-class DatasetMismatch(ValueError):
+class DatasetMismatch(UserError, ValueError):
     pass
 
 

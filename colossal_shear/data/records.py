@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
 
+from colossal_shear.errors import UserError
+
 INPUT_SUFFIXES = (".jsonl", ".jsonl.gz")
 UNKNOWN_CATEGORY = "unknown"
 
@@ -28,7 +30,7 @@ UNENCODABLE_TEXT = "unencodable_text"
 REASONS = (INVALID_UTF8, INVALID_JSON, NOT_AN_OBJECT, MISSING_FIELD, WRONG_TYPE, UNENCODABLE_TEXT)
 
 
-class DataPrepError(ValueError):
+class DataPrepError(UserError, ValueError):
     """A problem with the inputs, the tokenizer or the output directory, worded for the user."""
 
 

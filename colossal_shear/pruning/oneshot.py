@@ -24,12 +24,14 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from colossal_shear.config import option
+from colossal_shear.constants import DTYPES
+
 from .apply import decoder_of, unwrap
 from .masks import KINDS, kind_shapes, select
-from .shape import PruneShape, head_dim_of
+from .shape import PruneError, PruneShape, head_dim_of
 
 METHODS = ("importance", "depth", "random")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ---------------------------------------------------------------------------------------------- batches
@@ -130,7 +132,7 @@ def collect_importance(model: nn.Module, batches, want_width: bool = True, want_
         for h in handles:
             h.remove()
     if tokens.item() == 0:
-        raise ValueError("no calibration tokens (empty batches)")
+        raise PruneError("no calibration tokens (empty batches)")
     out = {}
     if want_width:
         out["hidden"] = sum(st.l2() for pair in norm_stats for st in pair)
@@ -162,28 +164,28 @@ def depth_masks(model: nn.Module, batches, target: PruneShape | None, layers: li
     source = PruneShape.from_config(model.config)
     if target is None:
         if layers is None:
-            raise ValueError("depth pruning needs a target shape or a list of layers to keep")
+            raise PruneError("depth pruning needs a target shape or a list of layers to keep")
         target = PruneShape(source.hidden, source.heads, len(set(layers)), source.intermediate, source.kv_heads)
     target.validate_against(source)
     narrower = [k for k in ("hidden", "heads", "kv_heads", "intermediate") if getattr(target, k) != getattr(source, k)]
     if narrower:
-        raise ValueError(f"depth pruning removes whole layers only, but the target also shrinks {', '.join(narrower)} "
+        raise PruneError(f"depth pruning removes whole layers only, but the target also shrinks {', '.join(narrower)} "
                          f"({target.describe()} vs {source.describe()}): use the importance method for width")
     device = decoder_of(model).embed_tokens.weight.device
     if layers is not None:
         keep = sorted(set(int(i) for i in layers))
         bad = [i for i in keep if not 0 <= i < source.layers]
         if bad:
-            raise ValueError(f"layers to keep {bad} are out of range 0..{source.layers - 1}")
+            raise PruneError(f"layers to keep {bad} are out of range 0..{source.layers - 1}")
         if len(keep) != len(layers):
-            raise ValueError(f"layers to keep {layers} contain duplicates")
+            raise PruneError(f"layers to keep {layers} contain duplicates")
         if len(keep) != target.layers:
-            raise ValueError(f"{len(keep)} layers to keep, but the target has {target.layers} layers")
+            raise PruneError(f"{len(keep)} layers to keep, but the target has {target.layers} layers")
         score = torch.zeros(source.layers, device=device)
         score[keep] = 1.0
     else:
         if batches is None:
-            raise ValueError("depth pruning by block influence needs calibration batches (or a list of layers)")
+            raise PruneError("depth pruning by block influence needs calibration batches (or a list of layers)")
         score = collect_importance(model, batches, want_width=False, want_depth=True)["layer"]
     return select(source, target, {"layer": score}, device=device)
 
@@ -211,15 +213,15 @@ def calibration_texts(path) -> Iterable[str]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+                raise PruneError(f"{path}:{n}: not JSON ({e.msg})") from None
             if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{n}: expected an object with 'text' or 'source'/'target'")
+                raise PruneError(f"{path}:{n}: expected an object with 'text' or 'source'/'target'")
             if isinstance(rec.get("text"), str):
                 yield rec["text"]
             elif isinstance(rec.get("target"), str):
                 yield (rec.get("source") or "") + rec["target"]
             else:
-                raise ValueError(f"{path}:{n}: expected an object with 'text' or 'source'/'target'")
+                raise PruneError(f"{path}:{n}: expected an object with 'text' or 'source'/'target'")
 
 
 def calibration_batches(tokenizer, path=None, num_samples: int = 512, length: int = 512,
@@ -228,7 +230,7 @@ def calibration_batches(tokenizer, path=None, num_samples: int = 512, length: in
     cut to `length` tokens), a prepared dataset directory (its packed sequences, cut to `length`), or the bundled
     corpus when `path` is None."""
     if num_samples <= 0 or length <= 1 or batch_size <= 0:
-        raise ValueError("num_calibration_samples, calibration_length (> 1) and batch size must be positive")
+        raise PruneError("num_calibration_samples, calibration_length (> 1) and batch size must be positive")
     seqs: list[list[int]] = []
     p = Path(os.path.expanduser(str(path))) if path is not None else None
     if p is not None and p.is_dir():
@@ -249,7 +251,7 @@ def calibration_batches(tokenizer, path=None, num_samples: int = 512, length: in
                 break
     seqs = [s for s in seqs if s]
     if not seqs:
-        raise ValueError(f"no calibration sequences in {path or 'the bundled corpus'}")
+        raise PruneError(f"no calibration sequences in {path or 'the bundled corpus'}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     out = []
     for i in range(0, len(seqs), batch_size):
@@ -267,19 +269,27 @@ def calibration_batches(tokenizer, path=None, num_samples: int = 512, length: in
 # ---------------------------------------------------------------------------------------------- the CLI's work
 @dataclass
 class OneShotConfig:
-    method: str
-    pretrained: Path
-    output_dir: Path
-    target_shape: str | None = None
-    calibration_dataset: Path | None = None
-    num_calibration_samples: int = 512
-    calibration_length: int = 512
-    calibration_batch_size: int = 8
-    keep_layers: list[int] | None = None
-    seed: int = 0
-    overwrite: bool = False
-    dtype: str | None = None  # None: the dtype the checkpoint declares
-    device: str | None = None  # None: cuda if available, else cpu
+    """One-shot structured pruning of a LLaMA-style Hugging Face model to a target shape (no training): importance
+    (Minitron activations for width, block influence for depth), depth (whole layers) or random."""
+
+    method: str = option(help="how to choose what to keep", choices=METHODS)
+    pretrained: Path = option(help="source Hugging Face model directory")
+    output_dir: Path = option(help="where to write the pruned model")
+    target_shape: str | None = option(None, "'hidden,heads,layers,intermediate[,kv_heads]' or a config.json / model "
+                                            "directory with the target's sizes (optional for --method depth with "
+                                            "--keep_layers)")
+    calibration_dataset: Path | None = option(None, "JSONL records (see docs/data_prep.md) or a data_prep output "
+                                                    "directory", default_text="the bundled corpus")
+    num_calibration_samples: int = option(512, "calibration sequences")
+    calibration_length: int = option(512, "tokens per calibration sequence")
+    calibration_batch_size: int = option(8, "sequences per forward")
+    keep_layers: list[int] | None = option(None, "--method depth: indices of the layers to keep (e.g. 0,1,5)",
+                                           sep=",")
+    seed: int = option(0, "seed of --method random")
+    overwrite: bool = option(False, "replace an existing output directory")
+    dtype: str | None = option(None, "load, score and save in this dtype", choices=sorted(DTYPES),
+                               default_text="the checkpoint's")
+    device: str | None = option(None, "torch device for calibration", default_text="cuda if available, else cpu")
 
 
 @dataclass
@@ -317,36 +327,36 @@ def prune_oneshot(cfg: OneShotConfig) -> OneShotReport:
     from .fold import fold, save_folded
 
     if cfg.method not in METHODS:
-        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
+        raise PruneError(f"--method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
     src_dir = Path(os.path.expanduser(str(cfg.pretrained)))
     out = Path(os.path.expanduser(str(cfg.output_dir)))
     if not (src_dir / "config.json").is_file():
         raise FileNotFoundError(f"--pretrained {src_dir}: no config.json (a Hugging Face model directory is needed)")
     if out.resolve() == src_dir.resolve():
-        raise ValueError("--output_dir must differ from --pretrained")
+        raise PruneError("--output_dir must differ from --pretrained")
     if out.exists() and not cfg.overwrite and not (out.is_dir() and not any(out.iterdir())):
         raise FileExistsError(f"--output_dir {out} exists and is not empty (pass --overwrite)")
     if cfg.dtype is not None and cfg.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+        raise PruneError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     if cfg.keep_layers is not None and cfg.method != "depth":
-        raise ValueError("--keep_layers is for --method depth")
+        raise PruneError("--keep_layers is for --method depth")
     config = AutoConfig.from_pretrained(src_dir, trust_remote_code=False)
     for name in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size"):
         if not hasattr(config, name):
-            raise ValueError(f"{src_dir}: model type {config.model_type!r} is not LLaMA-style (no {name})")
+            raise PruneError(f"{src_dir}: model type {config.model_type!r} is not LLaMA-style (no {name})")
     source = PruneShape.from_config(config)
     if cfg.target_shape:
         target = PruneShape.parse(cfg.target_shape, config)
     elif cfg.method == "depth" and cfg.keep_layers:
         target = PruneShape(source.hidden, source.heads, len(cfg.keep_layers), source.intermediate, source.kv_heads)
     else:
-        raise ValueError("--target_shape is required (except for --method depth with --keep_layers)")
+        raise PruneError("--target_shape is required (except for --method depth with --keep_layers)")
     target.validate_against(source)
     if cfg.method == "depth":
         narrower = [k for k in ("hidden", "heads", "kv_heads", "intermediate")
                     if getattr(target, k) != getattr(source, k)]
         if narrower:
-            raise ValueError(f"--method depth removes whole layers only; the target also shrinks "
+            raise PruneError(f"--method depth removes whole layers only; the target also shrinks "
                              f"{', '.join(narrower)}: use --method importance")
 
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -356,7 +366,7 @@ def prune_oneshot(cfg: OneShotConfig) -> OneShotReport:
     try:
         decoder_of(model)
     except TypeError as e:
-        raise ValueError(str(e)) from None
+        raise PruneError(str(e)) from None
     model.eval()
     batches, n_seq, n_tok = None, 0, 0
     needs_data = cfg.method == "importance" or (cfg.method == "depth" and cfg.keep_layers is None)

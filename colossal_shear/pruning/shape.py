@@ -12,6 +12,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from colossal_shear.errors import UserError
+
 FIELDS = ("hidden", "heads", "layers", "intermediate", "kv_heads")
 
 
@@ -19,6 +21,11 @@ def head_dim_of(config) -> int:
     """The head dimension of an HF config (explicit `head_dim`, else hidden_size // num_attention_heads)."""
     hd = getattr(config, "head_dim", None)
     return int(hd) if hd else config.hidden_size // config.num_attention_heads
+
+
+
+class PruneError(UserError, ValueError):
+    """A target shape, calibration input or pruning option that cannot be used."""
 
 
 @dataclass(frozen=True)
@@ -73,10 +80,10 @@ class PruneShape:
             missing = [k for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size")
                        if k not in cfg]
             if missing:
-                raise ValueError(f"{path}: not a LLaMA-style config (missing {', '.join(missing)})")
+                raise PruneError(f"{path}: not a LLaMA-style config (missing {', '.join(missing)})")
             src_hd = None if isinstance(source_config, (dict, PruneShape)) else head_dim_of(source_config)
             if cfg.get("head_dim") and src_hd is not None and int(cfg["head_dim"]) != src_hd:
-                raise ValueError(f"{path}: head_dim {cfg['head_dim']} differs from the source's {src_hd} (pruning "
+                raise PruneError(f"{path}: head_dim {cfg['head_dim']} differs from the source's {src_hd} (pruning "
                                  "keeps the head dimension)")
             hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
             layers, inter = int(cfg["num_hidden_layers"]), int(cfg["intermediate_size"])
@@ -85,7 +92,7 @@ class PruneShape:
         else:
             parts = [p.strip() for p in text.split(",")]
             if len(parts) not in (4, 5) or not all(p.lstrip("-").isdigit() for p in parts):
-                raise ValueError(f"target shape {text!r}: expected 'hidden,heads,layers,intermediate[,kv_heads]' "
+                raise PruneError(f"target shape {text!r}: expected 'hidden,heads,layers,intermediate[,kv_heads]' "
                                  "(4 or 5 integers) or a path to a config.json")
             nums = [int(p) for p in parts]
             hidden, heads, layers, inter = nums[:4]
@@ -97,7 +104,7 @@ class PruneShape:
     @staticmethod
     def default_kv_heads(source: "PruneShape", heads: int) -> int:
         if heads <= 0:
-            raise ValueError(f"target heads must be positive, got {heads}")
+            raise PruneError(f"target heads must be positive, got {heads}")
         if source.kv_heads == source.heads:  # multi-head attention stays multi-head
             return heads
         if heads % source.kv_heads == 0:  # keep every KV group, prune query heads inside them
@@ -105,7 +112,7 @@ class PruneShape:
         group = source.heads // source.kv_heads
         if heads % group == 0:  # keep the group size, prune whole groups
             return heads // group
-        raise ValueError(f"target heads {heads}: cannot choose kv_heads for a source with {source.heads} query heads "
+        raise PruneError(f"target heads {heads}: cannot choose kv_heads for a source with {source.heads} query heads "
                          f"in {source.kv_heads} KV groups (neither {source.kv_heads} nor the group size {group} "
                          "divides it): give it explicitly as the fifth number")
 
@@ -127,7 +134,7 @@ class PruneShape:
                 problems.append(f"{self.heads // self.kv_heads} query heads per KV head is more than the source's "
                                 f"{source.heads // source.kv_heads} (a KV group cannot gain query heads)")
         if problems:
-            raise ValueError(f"target shape {self.describe()} vs source {source.describe()}: " + "; ".join(problems))
+            raise PruneError(f"target shape {self.describe()} vs source {source.describe()}: " + "; ".join(problems))
 
     # ------------------------------------------------------------------ sizes
     def num_params(self, vocab_size: int, head_dim: int, tied: bool, attention_bias: bool = False,

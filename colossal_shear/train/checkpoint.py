@@ -1,8 +1,8 @@
 """Resumable checkpoints and plain Hugging Face exports.
 
 A checkpoint is `<save_dir>/step-NNNNNNN/` holding the Booster's sharded model and optimizer, `trainer_state.pt`
-(step, scheduler, counters: the same on every rank) and `rank-R.pt` per rank (its RNG state and data position:
-samplers that draw per rank differ between ranks). It is written into `.tmp-step-NNNNNNN`
+(counters, schedule, stage hooks: the same on every rank) and `rank-R.pt` per rank (its RNG state and data
+position: samplers that draw per rank differ between ranks). It is written into `.tmp-step-NNNNNNN`
 and renamed when every rank has finished; the `latest` pointer is replaced last, so a crash at any moment leaves
 the previous checkpoint usable. Only the newest `keep_last` are kept. `save_dir` must be visible to every node.
 """
@@ -17,92 +17,124 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from colossal_shear.errors import UserError
+from colossal_shear.fsutil import atomic_write_text
+
 LATEST = "latest"
+TRAINER_STATE, RANK_STATE = "trainer_state.pt", "rank-{rank}.pt"
 
 
 def is_hf_model_dir(path: str | os.PathLike) -> bool:
     p = Path(path)
-    return (p / "config.json").is_file() and not (p / "trainer_state.pt").exists() and not (p / LATEST).exists()
+    return (p / "config.json").is_file() and not (p / TRAINER_STATE).exists() and not (p / LATEST).exists()
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint directory, or a save_dir (then its `latest`)."""
     p = Path(path)
-    if (p / "trainer_state.pt").is_file():
+    if (p / TRAINER_STATE).is_file():
         return p
     if (p / LATEST).is_file():
         name = (p / LATEST).read_text().strip()
-        if (p / name / "trainer_state.pt").is_file():
+        if (p / name / TRAINER_STATE).is_file():
             return p / name
-        raise FileNotFoundError(f"{p / LATEST} names {name!r}, which is not a complete checkpoint")
-    raise FileNotFoundError(f"--load_checkpoint {p}: neither a checkpoint (trainer_state.pt), a save_dir with a "
-                            f"'{LATEST}' pointer, nor a Hugging Face model directory (config.json)")
+        raise CheckpointError(f"{p / LATEST} names {name!r}, which is not a complete checkpoint")
+    raise CheckpointError(f"--load_checkpoint {p}: neither a checkpoint ({TRAINER_STATE}), a save_dir with a "
+                          f"'{LATEST}' pointer, nor a Hugging Face model directory (config.json)")
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+class CheckpointError(UserError):
+    pass
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+class RNGState:
+    """This rank's random generators, as a stateful component."""
+
+    def state_dict(self) -> dict:
+        state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
 
 
-def _replace_file(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+class CheckpointManager:
+    """The checkpoint policy (every `interval` steps and at the end, the newest `keep_last` kept, `latest` replaced
+    last) and its contents: the Booster's sharded model and optimizer, plus every registered stateful component
+    (`state_dict`/`load_state_dict`): shared ones in `trainer_state.pt` (the same on every rank, written by rank 0)
+    and per-rank ones in `rank-R.pt` (RNG, data position)."""
 
+    def __init__(self, booster, model, optimizer, save_dir: str | None, interval: int, keep_last: int):
+        self.booster, self.model, self.optimizer = booster, model, optimizer
+        self.save_dir = Path(save_dir) if save_dir else None
+        self.interval, self.keep_last = interval, keep_last
+        self.shared: dict = {}
+        self.per_rank: dict = {}
+        self.last_saved: int | None = None
 
-def save_checkpoint(booster, model, optimizer, save_dir: str | os.PathLike, step: int, trainer_state: dict,
-                    rank_state: dict, keep_last: int = 2) -> Path:
-    save_dir = Path(save_dir)
-    name = f"step-{step:07d}"
-    final, tmp = save_dir / name, save_dir / f".tmp-{name}"
-    rank = dist.get_rank()
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    tied = bool(getattr(_config_of(model), "tie_word_embeddings", False))
-    booster.save_model(model, str(tmp / "model"), shard=True, use_safetensors=not tied)  # tied weights share memory
-    booster.save_optimizer(optimizer, str(tmp / "optimizer"), shard=True)
-    torch.save({"rng": rng_state(), **rank_state}, tmp / f"rank-{rank}.pt")
-    if rank == 0:
-        torch.save(trainer_state, tmp / "trainer_state.pt")
-    dist.barrier()
-    if rank == 0:
-        if final.exists():  # the same step saved again (e.g. at the end after an interval save)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _replace_file(save_dir / LATEST, name)
-        old = sorted(p for p in save_dir.glob("step-*") if p.is_dir())[:-keep_last] if keep_last > 0 else []
-        for p in old:
-            shutil.rmtree(p, ignore_errors=True)
-    dist.barrier()
-    return final
+    def register(self, name: str, component, per_rank: bool = False) -> None:
+        (self.per_rank if per_rank else self.shared)[name] = component
+
+    def due(self, step: int) -> bool:
+        return bool(self.save_dir and self.interval and step % self.interval == 0)
+
+    def save_final(self, step: int) -> None:
+        if self.save_dir and self.last_saved != step:
+            self.save(step)
+
+    def save(self, step: int) -> Path:
+        name = f"step-{step:07d}"
+        final, tmp = self.save_dir / name, self.save_dir / f".tmp-{name}"
+        rank = dist.get_rank()
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        tied = bool(getattr(_config_of(self.model), "tie_word_embeddings", False))
+        # tied weights share memory, which safetensors refuses: torch shards then
+        self.booster.save_model(self.model, str(tmp / "model"), shard=True, use_safetensors=not tied)
+        self.booster.save_optimizer(self.optimizer, str(tmp / "optimizer"), shard=True)
+        torch.save({k: c.state_dict() for k, c in self.per_rank.items()}, tmp / RANK_STATE.format(rank=rank))
+        if rank == 0:
+            torch.save({k: c.state_dict() for k, c in self.shared.items()}, tmp / TRAINER_STATE)
+        dist.barrier()
+        if rank == 0:
+            if final.exists():  # the same step saved again
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            atomic_write_text(self.save_dir / LATEST, name)
+            old = sorted(p for p in self.save_dir.glob("step-*") if p.is_dir())
+            for p in old[:-self.keep_last] if self.keep_last > 0 else []:
+                shutil.rmtree(p, ignore_errors=True)
+        dist.barrier()
+        self.last_saved = step
+        return final
+
+    def resume(self, path: str | os.PathLike) -> Path:
+        """Restore the model, the optimizer and every registered component from a checkpoint (or a save_dir's
+        latest)."""
+        path = resolve_checkpoint(path)
+        rank_file = path / RANK_STATE.format(rank=dist.get_rank())
+        if not rank_file.is_file():
+            raise CheckpointError(f"{rank_file} is missing: the checkpoint was written by a run with fewer ranks")
+        self.booster.load_model(self.model, str(path / "model"))
+        self.booster.load_optimizer(self.optimizer, str(path / "optimizer"))
+        for states, components in ((torch.load(path / TRAINER_STATE, weights_only=True), self.shared),
+                                   (torch.load(rank_file, weights_only=True), self.per_rank)):
+            for name, component in components.items():
+                component.load_state_dict(states[name])
+        self.last_saved = None
+        return path
 
 
 def _config_of(model):
     inner = model.unwrap() if hasattr(model, "unwrap") else model
     return getattr(inner, "config", None)
-
-
-def load_checkpoint(booster, model, optimizer, path: Path) -> tuple[dict, dict]:
-    """Restore model, optimizer and this rank's RNG; return (trainer state, this rank's state)."""
-    booster.load_model(model, str(path / "model"))
-    booster.load_optimizer(optimizer, str(path / "optimizer"))
-    rank_file = path / f"rank-{dist.get_rank()}.pt"
-    if not rank_file.is_file():
-        raise FileNotFoundError(f"{rank_file} is missing: the checkpoint was written by a run with fewer ranks")
-    rank_state = torch.load(rank_file, weights_only=True)
-    set_rng_state(rank_state.pop("rng"))
-    return torch.load(path / "trainer_state.pt", weights_only=True), rank_state
 
 
 def export_hf(booster, model, out_dir: str | os.PathLike, config, tokenizer, dtype: torch.dtype,

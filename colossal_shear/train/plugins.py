@@ -11,6 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
+from colossal_shear.config import option
+from colossal_shear.constants import DTYPES
+from colossal_shear.errors import UserError
+
 PLUGINS = ("gemini", "gemini_auto", "zero2", "zero2_cpu", "3d", "ddp")
 PRECISIONS = ("fp16", "bf16", "fp32")
 CUDA_ONLY = {
@@ -19,21 +23,26 @@ CUDA_ONLY = {
 }
 
 
-class PluginError(ValueError):
+class PluginError(UserError, ValueError):
     """A plugin/parallel configuration that cannot run here; raised before any training work."""
 
 
 @dataclass
 class ParallelConfig:
-    plugin: str = "zero2"
-    mixed_precision: str = "bf16"
-    tp: int = 1
-    pp: int = 1
-    sp: int = 1
-    zero_stage: int = 0
-    microbatch_size: int = 1
-    zero_cpu_offload: bool = False
-    grad_clip: float = 1.0
+    """How the model is spread over the processes (train.py's parallel section)."""
+
+    plugin: str = option("zero2", "Booster plugin", choices=PLUGINS)
+    mixed_precision: str = option("bf16", "training precision", choices=PRECISIONS)
+    tp: int = option(1, "tensor-parallel size (plugin 3d)")
+    pp: int = option(1, "pipeline-parallel size (plugin 3d)")
+    sp: int = option(1, "sequence-parallel size (plugin 3d, all-to-all)")
+    zero_stage: int = option(0, "ZeRO stage inside the 3d plugin (0, 1 or 2)", choices=(0, 1, 2))
+    microbatch_size: int = option(1, "pipeline micro-batch size (plugin 3d with pp > 1)")
+    zero_cpu_offload: bool = option(False, "offload optimizer states to CPU (zero2, gemini, 3d)")
+
+    @property
+    def pipeline(self) -> bool:
+        return self.pp > 1
 
 
 def device_type() -> str:
@@ -76,7 +85,7 @@ def check_parallel_config(cfg: ParallelConfig, world_size: int | None = None, mo
             raise PluginError(f"--pp {cfg.pp} is larger than the model's {model_config.num_hidden_layers} layers")
 
 
-def make_plugin(cfg: ParallelConfig):
+def make_plugin(cfg: ParallelConfig, max_norm: float = 1.0):
     """Build the plugin. Call after `colossalai.launch_from_torch` (plugins read the process group)."""
     from colossalai.booster.plugin import GeminiPlugin, HybridParallelPlugin, LowLevelZeroPlugin, TorchDDPPlugin
 
@@ -92,7 +101,7 @@ def make_plugin(cfg: ParallelConfig):
         return LowLevelZeroPlugin(
             stage=2,
             precision=precision,
-            max_norm=cfg.grad_clip,
+            max_norm=max_norm,
             initial_scale=2**16,
             cpu_offload=cfg.plugin == "zero2_cpu" or cfg.zero_cpu_offload,
             overlap_communication=not on_cpu,  # record_stream needs real streams
@@ -101,7 +110,7 @@ def make_plugin(cfg: ParallelConfig):
         return GeminiPlugin(
             placement_policy="auto" if cfg.plugin == "gemini_auto" else "static",
             precision=precision,
-            max_norm=cfg.grad_clip,
+            max_norm=max_norm,
             initial_scale=2**16,
             offload_optim_frac=1.0 if cfg.zero_cpu_offload else 0.0,
         )
@@ -114,7 +123,7 @@ def make_plugin(cfg: ParallelConfig):
         sequence_parallelism_mode="all_to_all" if cfg.sp > 1 else None,
         zero_stage=cfg.zero_stage,
         precision=precision,
-        max_norm=cfg.grad_clip,
+        max_norm=max_norm,
         initial_scale=2**16,
         cpu_offload=cfg.zero_cpu_offload,
         enable_fused_normalization=not on_cpu,
@@ -122,6 +131,17 @@ def make_plugin(cfg: ParallelConfig):
         overlap_p2p=not on_cpu,
         **extra,
     )
+
+
+def model_dtype(cfg: ParallelConfig) -> torch.dtype:
+    """The dtype the model's weights are held in: ddp keeps fp32 master weights (bf16 runs under autocast); the
+    other plugins cast to their precision themselves."""
+    return torch.float32 if cfg.plugin == "ddp" else DTYPES[cfg.mixed_precision]
+
+
+def booster_kwargs(cfg: ParallelConfig) -> dict:
+    """ddp's fp16 needs the Booster's loss scaling; the other plugins handle precision inside."""
+    return {"mixed_precision": "fp16"} if cfg.plugin == "ddp" and cfg.mixed_precision == "fp16" else {}
 
 
 def make_optimizer(params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95)):

@@ -17,8 +17,12 @@ from colossal_shear.pruning.lagrangian import Lagrangian
 from colossal_shear.pruning.masks import PruningMasks
 from colossal_shear.pruning.shape import PruneShape
 
+from .hooks import StageHooks
 
-class PruneStage:
+
+class PruneStage(StageHooks):
+    name = "prune"
+
     def __init__(self, cfg, model, model_config, total_steps: int, device, dp_rank: int):
         self.cfg, self.device, self.dp_rank = cfg, device, dp_rank
         self.source = PruneShape.from_config(model_config)
@@ -47,12 +51,18 @@ class PruneStage:
         """Masks are resampled for every micro-batch from a seed of (seed, step, micro, rank): exact on resume."""
         self._seed = (self.cfg.seed, step, micro, self.dp_rank)
 
-    def penalty(self, step: int) -> torch.Tensor:
+    def extra_loss(self, step, inputs, outputs) -> torch.Tensor:
         loss = self.lagrangian.penalty(self.masks.expected_shape(), step)
         self.last_penalty = float(loss.detach())
         return loss
 
-    def step(self) -> None:
+    def after_optimizer_step(self, step: int, applied: bool) -> None:
+        if applied:
+            self._step()
+        else:
+            self.optimizer.zero_grad()
+
+    def _step(self) -> None:
         grads = [p.grad for group in self.optimizer.param_groups for p in group["params"]]
         flat = torch.cat([torch.zeros_like(p).flatten() if g is None else g.flatten() for g, p in
                           zip(grads, (p for group in self.optimizer.param_groups for p in group["params"]))])
@@ -96,7 +106,7 @@ class PruneStage:
         self.lagrangian.load_state_dict(state["lagrangian"])
         self.optimizer.load_state_dict(state["optimizer"])
 
-    def folder(self):
+    def export_transform(self):
         """Binary masks with exactly the target counts, and the function that folds them into a dense HF model
         (the export then holds the smaller plain model)."""
         z = {k: v.detach().cpu() for k, v in self.masks.binarize().items()}

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from colossal_shear.config import option
+
 from .common import write_json
 from .corpus import check_readable
 from .errors import VocabError
@@ -43,21 +45,30 @@ PROBES = (
 
 @dataclass
 class TokenizerConfig:
-    """What `tokenizer/init_tokenizer.py` does; field names follow its flags."""
+    """Expand and/or prune a tokenizer (SentencePiece tokenizer.model or Hugging Face byte-level tokenizer.json).
+    Flag names of Colossal-LLaMA-2's script are kept."""
 
-    source_tokenizer_dir: Path
-    target_tokenizer_dir: Path
-    expand_tokens_file: Path | None = None
-    learn_from_corpus: list[Path] = field(default_factory=list)
-    num_new_pieces: int | None = None
-    prune_corpus: list[Path] = field(default_factory=list)
-    keep_top_k: int | None = None
-    min_count: int | None = None
-    eval_file: list[Path] = field(default_factory=list)
-    num_workers: int = field(default_factory=default_workers)
-    add_intermediates: bool = True
-    overwrite: bool = False
-    progress: bool = True
+    source_tokenizer_dir: Path = option(help="directory with tokenizer.model (SentencePiece) or tokenizer.json (HF "
+                                             "fast, byte-level BPE)")
+    target_tokenizer_dir: Path = option(help="output directory (must not exist unless --overwrite)")
+    expand_tokens_file: Path | None = option(None, 'pieces to add: JSONL, one {"piece": "..."} per line, or plain '
+                                                   "text, one piece per line")
+    learn_from_corpus: list[Path] = option(help="train a BPE on these files and add its best pieces the source lacks",
+                                           default_factory=list, metavar="FILE")
+    num_new_pieces: int | None = option(None, "how many learned pieces to add (with --learn_from_corpus)")
+    prune_corpus: list[Path] = option(help="keep only the pieces this corpus uses (JSONL records or plain text)",
+                                      default_factory=list, metavar="FILE")
+    keep_top_k: int | None = option(None, "keep the K most frequent used pieces (with --prune_corpus)")
+    min_count: int | None = option(None, "keep pieces used at least C times (with --prune_corpus)")
+    eval_file: list[Path] = option(help="report tokens per character before/after on these files (per category if "
+                                        "present)", default_factory=list, metavar="FILE")
+    num_workers: int = option(help="processes for counting tokens", default_factory=default_workers,
+                              default_text="the machine's cores, at most 8")
+    add_intermediates: bool = option(True, "add the intermediate pieces BPE needs to build a new piece (without them "
+                                           "it may never be produced; the report counts such pieces)",
+                                     negative="--no_intermediate_pieces")
+    overwrite: bool = option(False, "replace an existing target directory")
+    progress: bool = option(True, "progress bars on stderr")
 
     def validate(self) -> None:
         if not (self.expand_tokens_file or self.learn_from_corpus or self.prune_corpus):

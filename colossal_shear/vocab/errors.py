@@ -1,9 +1,7 @@
-"""One exception type for everything a user can get wrong (paths, flags, file contents).
+"""Vocabulary adaptation's user errors (a colossal_shear.errors.UserError: one line, exit 2)."""
 
-The CLIs print these as a single `error: ...` line and exit with status 2; anything else is a bug and keeps its
-traceback.
-"""
+from colossal_shear.errors import UserError
 
 
-class VocabError(ValueError):
+class VocabError(UserError, ValueError):
     """A user-facing error: the message names the file (and line) or the flag at fault."""

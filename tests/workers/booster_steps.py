@@ -48,7 +48,7 @@ def main():
     from colossal_shear.train.plugins import ParallelConfig, check_parallel_config, launch, make_optimizer, make_plugin
 
     cfg = ParallelConfig(plugin=args.plugin, mixed_precision=args.precision, tp=args.tp, pp=args.pp,
-                         zero_stage=args.zero_stage, microbatch_size=1, grad_clip=1.0)
+                         zero_stage=args.zero_stage, microbatch_size=1)
     check_parallel_config(cfg)  # before any distributed work: gemini on a CPU-only run stops here
     launch(seed=1234)
     plugin = make_plugin(cfg)
@@ -74,7 +74,7 @@ def main():
                             for k, v in data.items()}).loss
             booster.backward(loss, optimizer)
         if args.plugin == "ddp":
-            optimizer.clip_grad_by_norm(cfg.grad_clip)
+            optimizer.clip_grad_by_norm(1.0)
         optimizer.step()
         optimizer.zero_grad()
         losses.append(None if loss is None else float(loss))

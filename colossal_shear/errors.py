@@ -1,0 +1,12 @@
+"""The one user-error base class: every CLI prints such an error as one line and exits 2; anything else is a bug
+and keeps its traceback."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input from the user (a flag, a file, a directory): fixable without reading our code."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value or key that cannot be used (one line naming the key and the source)."""

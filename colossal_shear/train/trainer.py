@@ -1,0 +1,287 @@
+"""The Trainer: one stage of training under a Booster plugin. Its parts are attributes, built once in `setup()`:
+
+    plugin, booster, engine   the parallel layout, and what differs between plugins inside a step (engine.py)
+    model, optimizer, scheduler
+    sampler, batches          this rank's data in bucket (or dynamic-loading) order
+    hooks                     the stage's extras: pruning, distillation, dynamic loading (hooks.py)
+    checkpointer              when to save, what to save, how to resume (checkpoint.py)
+    logger                    tensorboard, log lines, progress
+
+`train()` is the whole loop; a new stage is a StageHooks subclass added in `_stage_hooks()`, not a branch here.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt
+from .config import TrainConfig, save_config
+from .data import Batches, make_sampler, model_inputs, real_tokens
+from .engine import make_engine
+from .evaluate import evaluate_losses, reduce_sum
+from .hooks import HookList, StageHooks
+from .log import RunLogger
+from .metrics import flops_per_token, peak_flops
+from .model import build_model, load_frozen_model
+from .plugins import booster_kwargs, device_type, launch, make_optimizer, make_plugin, model_dtype
+from .preflight import Inputs, TrainingError, preflight
+from .schedule import warmup_cosine
+
+
+class TrainState:
+    """The counters a checkpoint carries."""
+
+    def __init__(self):
+        self.step, self.skipped, self.tokens = 0, 0, 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "skipped": self.skipped, "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.skipped, self.tokens = state["step"], state["skipped"], state["tokens"]
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean LM loss of the step's micro-batches over all data-parallel ranks
+    grad_norm: float | None  # None when the step was skipped
+    tokens: int
+    seconds: float
+
+
+@dataclass
+class Ranks:
+    """Where this process sits: its data-parallel rank and size, and whether it reports the loss (one tensor-parallel
+    rank of the last pipeline stage)."""
+
+    dp_rank: int
+    dp_size: int
+    loss_rank: bool
+
+    @classmethod
+    def of(cls, plugin) -> "Ranks":
+        dp_group = getattr(plugin, "dp_group", None)
+        stage_manager = getattr(plugin, "stage_manager", None)
+        tp_group = getattr(plugin, "tp_group", None)
+        return cls(dp_rank=dist.get_rank(dp_group), dp_size=dist.get_world_size(dp_group),
+                   loss_rank=(stage_manager is None or stage_manager.is_last_stage())
+                   and (tp_group is None or dist.get_rank(tp_group) == 0))
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, inputs: Inputs):
+        self.cfg, self.inputs = cfg, inputs
+        self.data, self.evals = inputs.data, inputs.evals
+        self.state = TrainState()
+        self.bad_run, self.history, self.last_eval, self.last_eval_step = 0, [], None, None
+
+    # --- set-up --------------------------------------------------------------------------------------------------
+
+    def setup(self) -> "Trainer":
+        from colossalai.booster import Booster
+
+        cfg, par = self.cfg, self.cfg.parallel
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if device_type() == "cuda" \
+            else torch.device("cpu")
+        self.plugin = make_plugin(par, max_norm=cfg.grad_clip)
+        self.ranks = Ranks.of(self.plugin)
+        self.booster = Booster(plugin=self.plugin, **booster_kwargs(par))
+        self.engine = make_engine(self.booster, par, cfg.grad_clip, self.device, self.ranks.loss_rank)
+        torch.manual_seed(cfg.seed)
+
+        per_step = cfg.batch_size * cfg.accumulation_steps
+        steps_per_epoch = max(1, -(-sum(self.data.part_sizes) // self.ranks.dp_size) // per_step)
+        self.total_steps = cfg.max_steps or steps_per_epoch * cfg.num_epochs
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(0.025 * self.total_steps)
+
+        model = build_model(cfg, self.inputs.model_path)
+        self.sampler, weights = make_sampler(cfg, self.data, self.ranks.dp_rank, self.ranks.dp_size,
+                                             self._reference_losses() if cfg.dynamic_loading else None)
+        self.hooks = HookList(self._stage_hooks(model, weights))
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                   weight_decay=cfg.weight_decay)
+        scheduler = warmup_cosine(optimizer, warmup, self.total_steps)
+        self.model, self.optimizer, _, _, self.scheduler = self.booster.boost(model, optimizer,
+                                                                              lr_scheduler=scheduler)
+        self.batches = Batches(self.data, self.sampler, cfg.batch_size)
+
+        self.checkpointer = ckpt.CheckpointManager(self.booster, self.model, self.optimizer, cfg.save_dir,
+                                                   cfg.save_interval, cfg.keep_last)
+        self.checkpointer.register("train", self.state)
+        self.checkpointer.register("scheduler", self.scheduler)
+        self.checkpointer.register("hooks", self.hooks)
+        self.checkpointer.register("sampler", self.sampler, per_rank=True)
+        self.checkpointer.register("rng", ckpt.RNGState(), per_rank=True)
+
+        self.flops_per_token, self.peak_flops = flops_per_token(self.inputs.model_config, self.data.max_length), \
+            peak_flops()
+        return self
+
+    def _stage_hooks(self, model, weights) -> list[StageHooks]:
+        """The stage's extras, in the order they run."""
+        cfg, hooks = self.cfg, []
+        if cfg.stage == "prune":
+            from .prune_stage import PruneStage
+
+            hooks.append(PruneStage(cfg, model, self.inputs.model_config, self.total_steps, self.device,
+                                    self.ranks.dp_rank))
+        if cfg.teacher:
+            from .distill import Distillation
+
+            teacher = load_frozen_model(cfg, cfg.teacher, self.device)
+            hooks.append(Distillation(teacher, cfg.kd_weight, cfg.kd_temperature, cfg.accumulation_steps))
+        if weights is not None:
+            from .dynamic_loading import DynamicLoading
+
+            hooks.append(DynamicLoading(weights))
+        return hooks
+
+    def _reference_losses(self) -> dict:
+        """Per-category reference losses for dynamic loading: given, or the eval loss of --reference_model."""
+        from colossal_shear.data.domain_weights import parse_reference_losses
+
+        if self.cfg.reference_loss:
+            return parse_reference_losses(self.cfg.reference_loss)
+        ref = load_frozen_model(self.cfg, self.cfg.reference_model, self.device)
+
+        def loss_fn(inputs):
+            with self.engine.autocast():
+                return ref(**inputs).loss
+
+        losses = evaluate_losses(self.evals, self.cfg.batch_size, loss_fn, self.engine.compute_dtype, self.device,
+                                 self.ranks.dp_rank, self.ranks.dp_size, True)
+        del ref
+        return losses
+
+    def resume(self) -> None:
+        cfg = self.cfg
+        if cfg.load_checkpoint and not ckpt.is_hf_model_dir(cfg.load_checkpoint):
+            self.checkpointer.resume(cfg.load_checkpoint)
+        if cfg.save_dir and self.rank == 0:
+            save_config(cfg, Path(cfg.save_dir) / "config.yaml")
+        self.logger = RunLogger(cfg, self.total_steps, self.rank == 0, start_step=self.state.step)
+        if self.state.step == 0:
+            start = self.hooks.start_scalars()
+            if start:
+                self.logger.scalars(0, start)
+
+    # --- the loop ------------------------------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        self.resume()
+        end = min(self.total_steps, self.cfg.stop_at_step or self.total_steps)
+        self.model.train()
+        while self.state.step < end:
+            result = self.train_step()
+            self.log_step(result)
+            if self.bad_run >= self.cfg.max_bad_steps:
+                raise TrainingError(f"{self.bad_run} consecutive steps had a NaN/inf loss (step {self.state.step}): "
+                                    "lower --lr, use bf16 or fp32, or check the data; the last good checkpoint is in "
+                                    "--save_dir")
+            if self.evals is not None and self.cfg.eval_interval and self.state.step % self.cfg.eval_interval == 0:
+                self.evaluate()
+            if self.checkpointer.due(self.state.step):
+                self.checkpointer.save(self.state.step)
+        self.checkpointer.save_final(self.state.step)
+        if self.state.step < self.total_steps:  # stopped early on request: the run continues from the checkpoint
+            return self.finish()
+        if self.evals is not None and self.last_eval_step != self.state.step:
+            self.evaluate()
+        self.export()
+        return self.finish()
+
+    def train_step(self) -> StepResult:
+        """Forward/backward over the accumulation micro-batches, then one optimizer step (skipped on every rank
+        together when any rank's loss is not finite)."""
+        started = time.perf_counter()
+        step, n = self.state.step, self.cfg.accumulation_steps
+        losses, tokens, finite = [], 0, True
+        for micro in range(n):
+            batch = self.batches.next()
+            tokens += real_tokens(batch)
+            self.hooks.before_forward(step, micro)
+            loss, ok = self.engine.forward_backward(self.model, self.optimizer,
+                                                    model_inputs(batch, self.engine.compute_dtype, self.device),
+                                                    1.0 / n, self.hooks, step, micro == n - 1)
+            self.hooks.after_backward(step)
+            finite &= ok
+            if loss is not None and self.ranks.loss_rank:
+                losses.append(float(loss) if ok else math.nan)
+        loss_sum, count, tokens = reduce_sum([sum(losses), len(losses), tokens if self.ranks.loss_rank else 0],
+                                             self.device)
+        mean_loss = loss_sum / max(count, 1)
+        finite &= math.isfinite(mean_loss)  # a pipeline schedule knows only now (its backward has already run)
+        grad_norm = self.engine.optimizer_step(self.model, self.optimizer) if finite else None
+        self.hooks.after_optimizer_step(step, finite)
+        self.optimizer.zero_grad()
+        self.scheduler.step()
+        self.bad_run = 0 if finite else self.bad_run + 1
+        self.state.skipped += 0 if finite else 1
+        self.state.step += 1
+        self.state.tokens += int(tokens)
+        return StepResult(mean_loss, grad_norm, int(tokens), time.perf_counter() - started)
+
+    def log_step(self, r: StepResult) -> None:
+        self.history.append(r.loss)
+        tps = r.tokens / r.seconds
+        self.logger.step(self.state.step, {
+            "loss": r.loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": r.grad_norm, "tokens_per_s": tps,
+            "mfu": tps * self.flops_per_token / (self.peak_flops * self.world) if self.peak_flops else None,
+            "skipped_steps": self.state.skipped, "tokens": self.state.tokens, **self.hooks.scalars(self.state.step)})
+
+    def evaluate(self) -> dict:
+        self.model.eval()
+        self.hooks.train(False)
+        losses = evaluate_losses(self.evals, self.cfg.batch_size, lambda inputs: self.engine.eval_loss(self.model, inputs),
+                                 self.engine.compute_dtype, self.device, self.ranks.dp_rank, self.ranks.dp_size,
+                                 self.ranks.loss_rank)
+        self.model.train()
+        self.hooks.train(True)
+        self.logger.eval(self.state.step, losses)
+        extra = self.hooks.after_evaluate(self.state.step, losses)
+        if extra:
+            self.logger.scalars(self.state.step, extra)
+        self.last_eval, self.last_eval_step = losses, self.state.step
+        return losses
+
+    def export(self) -> None:
+        if self.cfg.export_dir:
+            ckpt.export_hf(self.booster, self.model, self.cfg.export_dir, self.inputs.model_config,
+                           self.inputs.tokenizer, model_dtype(self.cfg.parallel), self.cfg.overwrite,
+                           self.hooks.export_transform())
+
+    def finish(self) -> dict:
+        result = {"steps": self.state.step, "losses": self.history, "skipped": self.state.skipped}
+        if self.last_eval is not None and self.state.step >= self.total_steps:
+            result["eval"] = self.last_eval
+        if self.cfg.export_dir and self.state.step >= self.total_steps:
+            result["export_dir"] = self.cfg.export_dir
+        self.logger.close(result)
+        return result
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Check every input, join the process group, train, and leave the process group cleanly."""
+    inputs = preflight(cfg)
+    launch(seed=cfg.seed)
+    try:
+        return Trainer(cfg, inputs).setup().train()
+    finally:
+        _shutdown()
+
+
+def _shutdown():
+    """Release Booster objects and the process group before interpreter exit, where colossalai's leftovers would
+    otherwise be collected after the modules they need are gone."""
+    gc.collect()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
