@@ -11,9 +11,11 @@ Stages are the sub-directories of --tensorboard_dir, in the order of --stages (d
 from __future__ import annotations
 
 import argparse
-import json
+import io
 import os
 from pathlib import Path
+
+from .fsutil import atomic_write_bytes, atomic_write_text
 
 STAGE_ORDER = ("align", "prune", "continue", "replay")
 
@@ -49,16 +51,6 @@ def tokens_per_char(tokenizer_dir, texts: list[str]) -> float:
     return tokens / max(1, sum(len(t) for t in texts))
 
 
-def _texts(path) -> list[str]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                r = json.loads(line)
-                out.append(r.get("text") or (r.get("source") or "") + (r.get("target") or ""))
-    return out
-
-
 def _plot(series: dict[str, list[tuple[int, float]]], title: str, ylabel: str, path: Path) -> Path | None:
     import matplotlib
 
@@ -78,9 +70,10 @@ def _plot(series: dict[str, list[tuple[int, float]]], title: str, ylabel: str, p
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    return path
+    return atomic_write_bytes(path, png.getvalue())
 
 
 def make_report(tensorboard_dir, out_dir, stages=STAGE_ORDER, models: dict | None = None,
@@ -118,7 +111,9 @@ def make_report(tensorboard_dir, out_dir, stages=STAGE_ORDER, models: dict | Non
     lines = ["# Run report", ""]
     summary = []
     if tokenizers and eval_texts:
-        texts = _texts(eval_texts)
+        from .data.records import texts as read_texts
+
+        texts = list(read_texts([eval_texts]))
         for name, path in tokenizers.items():
             summary.append((f"tokens per character ({name})", f"{tokens_per_char(path, texts):.4f}"))
     for name, path in (models or {}).items():
@@ -140,10 +135,7 @@ def make_report(tensorboard_dir, out_dir, stages=STAGE_ORDER, models: dict | Non
     for p in plots:
         if p is not None:
             lines += [f"![{p.stem}]({p.name})", ""]
-    report = out / "report.md"
-    tmp = report.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, report)
+    report = atomic_write_text(out / "report.md", "\n".join(lines))
     return report, summary
 
 
