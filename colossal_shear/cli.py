@@ -19,6 +19,7 @@ CLIS = {
     "data_prep/prepare_pretrain_dataset.py": "colossal_shear.data.config:PrepareConfig",
     "prune.py": "colossal_shear.pruning.oneshot:OneShotConfig",
     "train.py": "colossal_shear.train.config:TrainConfig",
+    "colossal_shear/report.py": "colossal_shear.report:ReportConfig",  # python -m colossal_shear.report
 }
 
 # OS errors about a path the user gave (its name is in the message) are user errors too

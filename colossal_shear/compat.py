@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import warnings
 from typing import Callable
 
 import torch
@@ -163,6 +164,17 @@ class _DropMessage(logging.Filter):
 # that training never uses and logs a warning per process when it cannot: drop exactly that line.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     _DropMessage("Failed to load CPU gemm_4bit_forward from kernels-community"))
+
+
+# Known, harmless warnings colossalai prints in every process of every run, each dropped by its exact message (and
+# nothing else): optional CUDA-only extras it cannot use here, and collectives torch renamed after 0.5.0's release.
+KNOWN_NOISE = (
+    (UserWarning, r"Please install the latest tensornvme"),
+    (UserWarning, r"Please install apex from source"),
+    (FutureWarning, r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated"),
+)
+for _category, _message in KNOWN_NOISE:
+    warnings.filterwarnings("ignore", message=_message, category=_category)
 
 
 def install() -> list[str]:

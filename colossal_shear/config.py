@@ -233,7 +233,9 @@ def build_parser(cls, prog: str | None = None, description: str | None = None) -
             except ConfigError as e:
                 raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
 
-        parser.add_argument(*flags, dest=f.name, type=parse_one, nargs="+" if is_list else None,
+        # items of a list that may be joined by `sep` are converted after splitting (in from_dict)
+        parser.add_argument(*flags, dest=f.name, type=str if f.meta.get("sep") else parse_one,
+                            nargs="+" if is_list else None,
                             metavar=f.meta.get("metavar") or (
                                 "{" + ",".join(map(str, choices)) + "}" if choices else _type_name(item).upper()),
                             help=help_)

@@ -20,31 +20,21 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .config import option
+from .constants import DTYPES, ID_MAP_FILE
+from .fsutil import atomic_dir, check_target, copy_tokenizer_files
 from .vocab.errors import VocabError
-from .vocab.fsutil import atomic_output_dir, check_target
-from .vocab.id_map import ID_MAP_FILE, read_id_map
+from .vocab.id_map import read_id_map
 
 log = logging.getLogger(__name__)
 
 INITS = ("subtoken_mean", "mean", "normal")
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "float64": torch.float64,
-}
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-TOKENIZER_FILES = (
-    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "merges.txt", "chat_template.jinja", ID_MAP_FILE, "vocab_report.json",
-)
 CHUNK_ROWS = 8192
 
 
@@ -408,16 +398,13 @@ def resize_model(cfg: ResizeConfig) -> ResizeReport:
         model = model.to(out_dtype)
     model.config.torch_dtype = out_dtype
 
-    with atomic_output_dir(target, cfg.overwrite, error=ResizeError) as tmp:
+    with atomic_dir(target, cfg.overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=cfg.max_shard_size)
-        for name in TOKENIZER_FILES:
-            if (tgt_tok_dir / name).is_file():
-                shutil.copy2(tgt_tok_dir / name, tmp / name)
+        copy_tokenizer_files(tgt_tok_dir, tmp)
         report = ResizeReport(
             source_rows=source_rows, target_rows=plan.padded_size, tokenizer_size=len(tgt_tok),
             copied=len(plan.copy_dst), initialised=len(plan.new_ids), padding=plan.padding, init=cfg.init,
             dtype=str(out_dtype).replace("torch.", ""), tied=tied, notes=notes,
         )
-        with open(tmp / "resize_report.json", "w", encoding="utf-8") as f:
-            json.dump({k: v for k, v in report.__dict__.items()}, f, indent=2)
+        (tmp / "resize_report.json").write_text(json.dumps(dict(report.__dict__), indent=2), encoding="utf-8")
     return report

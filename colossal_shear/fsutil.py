@@ -1,35 +1,165 @@
-"""Atomic publishing: outputs appear whole or not at all (temporary path in the same directory, then rename), with
-the permissions the user's umask gives ordinary files and directories."""
+"""Atomic publication: the one way this package writes an output directory or a single file.
+
+A directory is built in a hidden sibling `.NAME.tmp-XXXXXXXX` of its target and renamed into place only when
+complete; a file is written to a hidden sibling and renamed over its target. A crash, a bad input found late or
+Ctrl-C therefore leaves the target as it was (absent, or the previous version) and removes the temporary, so nothing
+is ever half-written. Both renames stay on one file system (siblings), where rename is atomic.
+
+Permissions: what is published looks like anything else the user creates, whatever `tempfile` does (it makes
+0700 directories and 0600 files): directories get 0o777 & ~umask, files 0o666 & ~umask (0755 / 0644 under umask
+022, 0750 / 0640 under umask 027). Files that the caller writes inside a temporary directory get the same with
+plain `open()`; `copy_tokenizer_files` copies contents, not the source's mode.
+
+    with atomic_dir(out, overwrite=cfg.overwrite) as tmp:   # build everything in tmp
+        model.save_pretrained(tmp)
+    atomic_write_text(path / "latest", "step-0000100")
+
+For a temporary directory whose name other processes must know in advance (several ranks writing one checkpoint),
+create it yourself (`Path.mkdir` respects the umask) and call `publish_dir(tmp, target, overwrite)` at the end.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator, Sequence
+
+from .constants import TOKENIZER_FILES
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux), else by setting and restoring it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def make_temp_dir(target: str | os.PathLike, kind: str = "tmp") -> Path:
+    """A fresh, empty `.NAME.<kind>-XXXXXXXX` directory beside `target` (its parents created), with the mode a new
+    directory gets under the umask."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}-", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
+def publish_dir(tmp: str | os.PathLike, target: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Rename the finished directory `tmp` to `target` (a sibling: same file system) and return `target`.
+
+    - `target` absent, or an empty directory: `tmp` takes its place.
+    - `target` exists otherwise: FileExistsError, unless `overwrite`; then the old target is moved aside, `tmp` is
+      renamed into place and only then is the old one deleted. If that rename fails the old target is moved back,
+      so at every moment `target` is either the complete old or the complete new output.
+    `tmp` is left for the caller to remove when this raises (`atomic_dir` does).
+    """
+    tmp, target = Path(tmp), Path(target)
+    if _is_empty_dir(target):
+        target.rmdir()
+    if not os.path.lexists(target):
+        try:
+            os.rename(tmp, target)
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY):  # created meanwhile by someone else
+                raise FileExistsError(f"{target} exists and is not empty (pass overwrite)") from e
+            raise
+        return target
+    if not overwrite:
+        raise FileExistsError(f"{target} exists and is not empty (pass overwrite)")
+    aside = make_temp_dir(target, "old")
+    os.rename(target, aside / target.name)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(aside / target.name, target)
+        aside.rmdir()
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+    return target
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike, overwrite: bool = False, keep_existing: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside `target`; when the block succeeds, publish it as `target`
+    (`publish_dir`). Whatever happens, the temporary directory is gone afterwards.
+
+    keep_existing: a `target` that exists (non-empty) at publication was built meanwhile by another process (a
+    shared cache): keep that one and discard this one instead of raising FileExistsError.
+    """
+    target = Path(target)
+    tmp = make_temp_dir(target)
+    try:
+        yield tmp
+        try:
+            publish_dir(tmp, target, overwrite)
+        except FileExistsError:
+            if not keep_existing:
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # after publication there is nothing left here
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` through a hidden sibling renamed over it (flushed to disk first), so a reader sees
+    the old content or the new, never a part; the file gets the umask's mode. Parents are created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        os.chmod(name, 0o666 & ~current_umask())
+        os.replace(name, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.unlink(name)
         raise
+    return path
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """`atomic_write_bytes` for text."""
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def check_target(target: str | os.PathLike, overwrite: bool, sources: Sequence[str | os.PathLike | None] = (),
+                 error: type[Exception] = FileExistsError) -> None:
+    """Refuse, before any work, a target directory that exists (even empty) unless `overwrite`, a target that is
+    not a directory, and a target that is one of the `sources`; `error` is the exception type raised."""
+    target = Path(target)
+    for src in sources:
+        if src is not None and Path(src).resolve() == target.resolve():
+            raise error(f"the target directory {target} is the source directory; choose another target")
+    if target.exists() or target.is_symlink():
+        if not target.is_dir():
+            raise error(f"the target {target} exists and is not a directory")
+        if not overwrite:
+            raise error(f"the target directory {target} already exists; pass --overwrite to replace it")
+
+
+def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:
+    """Copy the `TOKENIZER_FILES` that `src_dir` has into `dst_dir` (contents only: the copies get the umask's
+    mode); return their names."""
+    src, dst, copied = Path(src_dir), Path(dst_dir), []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    return copied

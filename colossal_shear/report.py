@@ -10,10 +10,15 @@ Stages are the sub-directories of --tensorboard_dir, in the order of --stages (d
 
 from __future__ import annotations
 
-import argparse
-import json
+import io
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+from .config import option
+from .errors import ConfigError
+from .fsutil import atomic_write_bytes, atomic_write_text
 
 STAGE_ORDER = ("align", "prune", "continue", "replay")
 
@@ -49,16 +54,6 @@ def tokens_per_char(tokenizer_dir, texts: list[str]) -> float:
     return tokens / max(1, sum(len(t) for t in texts))
 
 
-def _texts(path) -> list[str]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                r = json.loads(line)
-                out.append(r.get("text") or (r.get("source") or "") + (r.get("target") or ""))
-    return out
-
-
 def _plot(series: dict[str, list[tuple[int, float]]], title: str, ylabel: str, path: Path) -> Path | None:
     import matplotlib
 
@@ -78,9 +73,10 @@ def _plot(series: dict[str, list[tuple[int, float]]], title: str, ylabel: str, p
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    return path
+    return atomic_write_bytes(path, png.getvalue())
 
 
 def make_report(tensorboard_dir, out_dir, stages=STAGE_ORDER, models: dict | None = None,
@@ -118,7 +114,9 @@ def make_report(tensorboard_dir, out_dir, stages=STAGE_ORDER, models: dict | Non
     lines = ["# Run report", ""]
     summary = []
     if tokenizers and eval_texts:
-        texts = _texts(eval_texts)
+        from .data.records import texts as read_texts
+
+        texts = list(read_texts([eval_texts]))
         for name, path in tokenizers.items():
             summary.append((f"tokens per character ({name})", f"{tokens_per_char(path, texts):.4f}"))
     for name, path in (models or {}).items():
@@ -140,34 +138,40 @@ def make_report(tensorboard_dir, out_dir, stages=STAGE_ORDER, models: dict | Non
     for p in plots:
         if p is not None:
             lines += [f"![{p.stem}]({p.name})", ""]
-    report = out / "report.md"
-    tmp = report.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, report)
+    report = atomic_write_text(out / "report.md", "\n".join(lines))
     return report, summary
 
 
-def _pairs(items) -> dict:
+def _pairs(items, flag: str) -> dict:
     out = {}
     for item in items or []:
         name, sep, path = item.partition("=")
         if not sep:
-            raise SystemExit(f"expected name=path, got {item!r}")
+            raise ConfigError(f"--{flag}: expected name=path, got {item!r}")
         out[name] = path
     return out
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tensorboard_dir", required=True, help="directory holding one tensorboard dir per stage")
-    ap.add_argument("--out", required=True, help="where report.md and the PNG plots are written")
-    ap.add_argument("--stages", default=",".join(STAGE_ORDER), help="stage order (comma-separated)")
-    ap.add_argument("--models", nargs="*", help="name=HF_model_dir: parameter counts in the summary")
-    ap.add_argument("--tokenizers", nargs="*", help="name=tokenizer_dir: tokens per character on --eval_texts")
-    ap.add_argument("--eval_texts", help="JSONL ({text} or {source,target}) for tokens per character")
-    args = ap.parse_args(argv)
-    report, summary = make_report(args.tensorboard_dir, args.out, args.stages.split(","), _pairs(args.models),
-                         _pairs(args.tokenizers), args.eval_texts)
+@dataclass
+class ReportConfig:
+    """The run report (report.md + PNG plots) from a staged run's tensorboard logs."""
+
+    tensorboard_dir: str = option(help="directory holding one tensorboard dir per stage")
+    out: str = option(help="where report.md and the PNG plots are written")
+    stages: list[str] = option(help="stage order", default_factory=lambda: list(STAGE_ORDER), sep=",")
+    models: list[str] = option(help="name=HF_model_dir: parameter counts in the summary", default_factory=list)
+    tokenizers: list[str] = option(help="name=tokenizer_dir: tokens per character on --eval_texts",
+                                   default_factory=list)
+    eval_texts: str | None = option(None, "JSONL records (docs/data_prep.md) or plain text for tokens per character")
+
+
+def run(cfg: ReportConfig):
+    return make_report(cfg.tensorboard_dir, cfg.out, cfg.stages, _pairs(cfg.models, "models"),
+                       _pairs(cfg.tokenizers, "tokenizers"), cfg.eval_texts)
+
+
+def show(result) -> None:
+    report, summary = result
     width = max((len(k) for k, _ in summary), default=10)
     print(f"report: {report}")
     for k, v in summary:
@@ -175,4 +179,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from colossal_shear import cli
+
+    sys.exit(cli.run("colossal_shear/report.py", run, show, description=__doc__))

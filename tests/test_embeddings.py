@@ -319,4 +319,4 @@ def test_cli(model_dir, tokenizers, tmp_path):
     assert "copied 2,048 rows" in proc.stdout
     assert json.loads((tmp_path / "m" / "config.json").read_text())["vocab_size"] == 2176
     proc = subprocess.run(cmd + ["--dtype", "float16"], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith("init_model.py: error: ") and "Traceback" not in proc.stderr

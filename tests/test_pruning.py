@@ -561,7 +561,7 @@ def test_cli_in_process_and_errors(model_dir, tmp_path, capsys):
             args = args + ["--output_dir", str(tmp_path / "never")]
         assert main(args + ["--pretrained", str(model_dir)]) == 2, args
         err = capsys.readouterr().err
-        assert err.startswith("error:") and message in err, (args, err)
+        assert err.startswith("prune.py: error:") and message in err and err.count("\n") == 1, (args, err)
     assert not (tmp_path / "never").exists()
     assert main(["--method", "random", "--pretrained", str(model_dir), "--target_shape", "48,2,3,128,1",
                  "--output_dir", str(out), "--overwrite"]) == 0

@@ -239,3 +239,36 @@ def test_natural_yaml_trains_and_the_saved_config_reproduces_the_run(model_dir, 
     for run in (natural, again):
         got = tb_scalars(run / "tb")
         assert got == pytest.approx(expected, abs=1e-6, rel=0), run.name
+
+
+def test_a_new_stage_plugs_in_as_a_hook(model_dir, dataset, tmp_path):
+    """A StageHooks subclass added to the Trainer gets every call in order, its state is checkpointed and resumed,
+    and its export transform shapes the export, with no change to the loop."""
+    worker = ROOT / "tests" / "workers" / "hooked_train.py"
+    args = _args(model_dir, dataset, tmp_path, "--plugin", "zero2", "--accumulation_steps", 2, "--export_dir",
+                 tmp_path / "export", steps=4)
+    log = tmp_path / "hooks"
+    run_distributed(worker, *args, "--stop_at_step", 2, env={"HOOK_LOG": str(log)})
+    first = json.loads((tmp_path / "hooks.rank-1.json").read_text())
+    assert first["calls"][:6] == ["start", "before_forward 0 0", "extra_loss 0", "after_backward 0",
+                                  "before_forward 0 1", "extra_loss 0"]
+    assert first["calls"][6:8] == ["after_backward 0", "after_optimizer_step 0 True"]
+    assert first["counter"] == 2
+    run_distributed(worker, *args, "--load_checkpoint", tmp_path / "ckpt", env={"HOOK_LOG": str(log)})
+    second = json.loads((tmp_path / "hooks.rank-0.json").read_text())
+    assert second["calls"][0] == "loaded 2" and "start" not in second["calls"]
+    assert second["calls"][1] == "before_forward 2 0"
+    assert second["counter"] == 4
+    assert tb_scalars(tmp_path / "tb", "recorder/counter") == {1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0}
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["recorded_steps"] == 4
+
+
+def test_the_loop_does_not_branch_on_plugin_or_stage():
+    import inspect
+
+    from colossal_shear.train.trainer import Trainer
+
+    for method in (Trainer.train, Trainer.train_step, Trainer.log_step, Trainer.evaluate):
+        source = inspect.getsource(method)
+        for word in ("plugin", "pruner", "teacher", "stage", "pipeline", "ddp"):
+            assert word not in source, f"Trainer.{method.__name__} mentions {word!r}"

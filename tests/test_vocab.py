@@ -429,7 +429,7 @@ def test_without_intermediate_pieces_unreachable_pieces_are_counted(tokenizer_di
 @pytest.mark.parametrize(
     "content, message",
     [
-        ('{"piece": "a"}\n{"piece": "b"\n', "p.jsonl:2: malformed JSON line"),
+        ('{"piece": "a"}\n{"piece": "b"\n', "p.jsonl:2: invalid JSON"),
         ('{"piece": "a"}\n\n{"word": "b"}\n', "p.jsonl:3: missing the 'piece' field"),
         ('{"piece": 7}\n', "p.jsonl:1: 'piece' must be a string"),
         ('["a"]\n', "p.jsonl:1: expected a JSON object"),
@@ -446,15 +446,15 @@ def test_malformed_piece_file_names_file_and_line(tokenizer_dir, tmp_path, conte
 def test_bad_corpus_line_and_encoding(tokenizer_dir, tmp_path):
     bad = tmp_path / "c.jsonl"
     bad.write_text('{"text": "ok"}\n{"source": "a", "target": 3}\n', encoding="utf-8")
-    with pytest.raises(VocabError, match=r"c.jsonl:2: field 'target' must be a string"):
+    with pytest.raises(VocabError, match=r"c.jsonl:2: expected a string, got number \(field 'target'\)"):
         init_tokenizer(cfg(tokenizer_dir, tmp_path / "out", prune_corpus=[bad]))
     nope = tmp_path / "n.jsonl"
     nope.write_text('{"text": "ok"}\n{"category": "en"}\n', encoding="utf-8")
-    with pytest.raises(VocabError, match=r"n.jsonl:2: record has neither"):
+    with pytest.raises(VocabError, match=r"n.jsonl:2: missing field \(field 'target'"):
         init_tokenizer(cfg(tokenizer_dir, tmp_path / "out", prune_corpus=[nope]))
     latin = tmp_path / "latin.txt"
     latin.write_bytes("line one\ncaf\xe9\n".encode("latin-1"))
-    with pytest.raises(VocabError, match=r"latin.txt:2: not valid UTF-8"):
+    with pytest.raises(VocabError, match=r"latin.txt:2: invalid UTF-8"):
         init_tokenizer(cfg(tokenizer_dir, tmp_path / "out", expand_tokens_file=latin))
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path, "out")
 
@@ -524,5 +524,5 @@ def test_cli(tokenizer_dir, tmp_path):
     assert "zh" in proc.stdout and (out / "id_map.json").exists()
     assert AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("深度学习") == 2049
     proc = _cli("--source_tokenizer_dir", tokenizer_dir, "--target_tokenizer_dir", out, "--expand_tokens_file", f)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "--overwrite" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith("init_tokenizer.py: error: ") and "--overwrite" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -12,12 +12,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
+from ..fsutil import atomic_dir
 from .arrow_io import OUTPUT_COLUMNS, PartStats, SpillStore, part_chunks, write_part
 from .buckets import assign_bins, num_parts, part_rows
 from .config import PrepareConfig
@@ -44,23 +43,6 @@ def _check_output(out: Path, overwrite: bool, inputs: list[Path]) -> None:
             if resolved in f.resolve().parents:
                 raise DataPrepError(f"{f}: input file is inside the output directory {out}, which --overwrite "
                                     "would delete")
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished temporary directory into place; an existing output is swapped out only now."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _line_batches(files: list[Path], batch_lines: int) -> Iterator[tuple[tuple, tuple]]:
@@ -104,17 +86,8 @@ def prepare_dataset(config: PrepareConfig) -> dict:
     fingerprint = tokenizer_fingerprint(tokenizer)
     pad_id = padding_id(tokenizer)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the published directory should look like any other
-    try:
+    with atomic_dir(out, config.overwrite) as tmp:
         manifest = _run(config, files, tokenizer, doc_tokenizer, fingerprint, pad_id, tmp)
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("wrote %d sequences in %d parts to %s", manifest["totals"]["sequences"], len(manifest["parts"]), out)
     return manifest
 

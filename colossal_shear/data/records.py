@@ -1,9 +1,26 @@
-"""Finding the input files, reading them lazily (plain or gzip) and validating each JSONL line.
+"""Input records: the one JSONL record reader of the package, and the files it reads (plain or gzip), lazily.
 
-Reading happens in the main process (cheap: raw bytes only); decoding, JSON parsing and validation happen in the
-tokenisation workers (`parse_record`), so a corpus larger than RAM streams through a bounded window of line batches.
-Every problem is reported as `<file>:<line>: <what is wrong> (field 'x')` with a machine-readable `reason`, which
-`--skip_invalid` counts in the manifest instead of stopping.
+Every consumer reads records through this module: data preparation (`parse_record`, in the tokenisation workers),
+vocabulary counting and learning (`colossal_shear.vocab.corpus`), calibration (`pruning.oneshot`), the run report
+and the bundled corpus (`iter_texts`). So one record gives the same text everywhere.
+
+The rule for a record (one JSON object per line; docs/data_prep.md, "Input"):
+- `target` (string): the text the model learns. `text` is another name for it, for target-only corpora: a record
+  gives one of the two; one that gives both is ambiguous and an error (reason `ambiguous_text`), never a guess;
+- `source` (string, optional; missing, null or "" is none): a prefix the model reads but is not trained on;
+- `category` (string, optional; missing, null or "" is none, which data preparation files under "unknown");
+- other keys are ignored; blank lines are skipped; a UTF-8 byte-order mark at the start of a file is ignored.
+Where a record is read as text (vocabulary counting and learning, calibration, tokens per character in the report)
+its text is `Record.text` = source + target: what the model reads.
+
+Files: data preparation reads every file it is given as JSONL. The other consumers read a corpus file with
+`iter_texts`: JSONL when its name ends in `.jsonl`, `.json` or `.ndjson` (optionally followed by `.gz`) or its first
+non-blank line is a JSON object with one of the record keys; otherwise plain UTF-8 text, in blocks of lines. A name
+ending in `.gz` is read through gzip.
+
+Every problem is reported as `<file>:<line>: <what is wrong> (field 'x')`, as a `RecordError` with a
+machine-readable `reason` (one of REASONS), which data preparation's `--skip_invalid` counts in the manifest instead of
+stopping.
 """
 
 from __future__ import annotations
@@ -13,21 +30,27 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO, Iterable, Iterator, Sequence
 
 from colossal_shear.errors import UserError
 
-INPUT_SUFFIXES = (".jsonl", ".jsonl.gz")
+INPUT_SUFFIXES = (".jsonl", ".jsonl.gz")  # what data preparation takes from an input directory
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")  # what `is_jsonl` takes as JSONL without looking inside
+RECORD_KEYS = ("target", "text", "source")
 UNKNOWN_CATEGORY = "unknown"
+# Plain text is read in blocks of this many lines, newlines kept, so that newline and indentation tokens are seen
+# (counting line by line would never see them, and vocabulary pruning would then drop them).
+PLAIN_BLOCK_LINES = 32
 
 # reasons a record is rejected (the keys of the manifest's "skipped")
 INVALID_UTF8 = "invalid_utf8"
 INVALID_JSON = "invalid_json"
 NOT_AN_OBJECT = "not_an_object"
 MISSING_FIELD = "missing_field"
+AMBIGUOUS_TEXT = "ambiguous_text"
 WRONG_TYPE = "wrong_type"
 UNENCODABLE_TEXT = "unencodable_text"
-REASONS = (INVALID_UTF8, INVALID_JSON, NOT_AN_OBJECT, MISSING_FIELD, WRONG_TYPE, UNENCODABLE_TEXT)
+REASONS = (INVALID_UTF8, INVALID_JSON, NOT_AN_OBJECT, MISSING_FIELD, AMBIGUOUS_TEXT, WRONG_TYPE, UNENCODABLE_TEXT)
 
 
 class DataPrepError(UserError, ValueError):
@@ -49,7 +72,23 @@ class RecordError(DataPrepError):
 class Record:
     source: str
     target: str
-    category: str
+    category: str | None  # None: the record has none
+
+    @property
+    def text(self) -> str:
+        """What the model reads of this record: source + target."""
+        return self.source + self.target
+
+
+@dataclass(frozen=True)
+class CorpusText:
+    """One text of a corpus file: a record's `Record.text`, or a block of plain-text lines (category None)."""
+
+    text: str
+    category: str | None
+    file: str
+    line: int  # of the record, or the first line of the block
+    nbytes: int  # bytes of the file on disk read for it (for progress bars over the file size)
 
 
 def discover_inputs(specs: Sequence[str | os.PathLike]) -> list[Path]:
@@ -78,13 +117,17 @@ def discover_inputs(specs: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 class LineReader:
-    """Raw lines of one input file with their 1-based numbers; `.position` is the offset in the file on disk (the
-    compressed offset for .gz), for a progress bar over bytes."""
+    """Raw lines of one input file (gzip when its name ends in `.gz`) with their 1-based numbers; `.position` is the
+    offset in the file on disk (the compressed offset for .gz), for a progress bar over bytes."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self._raw: BinaryIO = open(path, "rb")
-        self._stream: BinaryIO = gzip.GzipFile(fileobj=self._raw, mode="rb") if path.name.endswith(".gz") else self._raw
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self._raw: BinaryIO = open(self.path, "rb")
+        except OSError as e:
+            raise DataPrepError(f"{self.path}: cannot read: {e.strerror or e}") from None
+        self._stream: BinaryIO = (gzip.GzipFile(fileobj=self._raw, mode="rb") if self.path.name.endswith(".gz")
+                                  else self._raw)
 
     @property
     def position(self) -> int:
@@ -94,7 +137,7 @@ class LineReader:
         try:
             for number, line in enumerate(self._stream, start=1):
                 yield number, line
-        except (OSError, EOFError, gzip.BadGzipFile) as e:  # truncated or corrupt gzip
+        except (OSError, EOFError, gzip.BadGzipFile) as e:  # truncated or corrupt gzip, an I/O error
             raise DataPrepError(f"{self.path}: cannot read: {e}") from e
 
     def close(self) -> None:
@@ -114,44 +157,129 @@ def _type_name(v) -> str:
         type(v), "number" if isinstance(v, (int, float)) else type(v).__name__)
 
 
-def parse_record(raw: bytes, file: str, line: int) -> Record | None:
-    """Decode and validate one line. Returns None for a blank line; raises RecordError for anything wrong.
-
-    Accepted: {"source"?: str, "target": str, "category"?: str} and {"text": str, "category"?: str} (target only).
-    `source`/`category` may be missing, null or empty (category then "unknown"); `text` is read only when `target`
-    is absent. Other keys are ignored.
-    """
-    where = f"{file}:{line}"
+def decode_line(raw: bytes, file: str, line: int) -> str:
+    """One raw line as text (newline kept; a byte-order mark at the start of the file dropped)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise RecordError(f"{where}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})",
+        raise RecordError(f"{file}:{line}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})",
                           INVALID_UTF8, file, line) from None
-    if line == 1 and text.startswith("\ufeff"):
-        text = text[1:]  # a UTF-8 byte-order mark at the start of the file
+    return text[1:] if line == 1 and text.startswith("\ufeff") else text
+
+
+def parse_json_object(text: str, file: str, line: int) -> dict | None:
+    """The JSON object on one decoded line; None for a blank line."""
     if not text.strip():
         return None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise RecordError(f"{where}: invalid JSON: {e.msg} (column {e.colno})", INVALID_JSON, file, line) from None
+        raise RecordError(f"{file}:{line}: invalid JSON: {e.msg} (column {e.colno})", INVALID_JSON, file,
+                          line) from None
     if not isinstance(obj, dict):
-        raise RecordError(f"{where}: expected a JSON object, got {_type_name(obj)}", NOT_AN_OBJECT, file, line)
-    key = "target" if "target" in obj or "text" not in obj else "text"
+        raise RecordError(f"{file}:{line}: expected a JSON object, got {_type_name(obj)}", NOT_AN_OBJECT, file, line)
+    return obj
+
+
+def _optional_string(obj: dict, key: str, file: str, line: int) -> str | None:
+    value = obj.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise RecordError(f"{file}:{line}: expected a string, got {_type_name(value)} (field '{key}')", WRONG_TYPE,
+                          file, line)
+    return value
+
+
+def record_from_object(obj: dict, file: str, line: int) -> Record:
+    """Apply the record rule (module docstring) to one parsed JSON object."""
+    if "text" in obj and "target" in obj:
+        raise RecordError(f"{file}:{line}: ambiguous record: both 'text' and 'target' are given (field 'text'); "
+                          "'text' is another name for 'target': give one of them", AMBIGUOUS_TEXT, file, line)
+    key = "text" if "text" in obj else "target"
     if key not in obj:
-        raise RecordError(f"{where}: missing field (field 'target'; or give 'text')", MISSING_FIELD, file, line)
+        raise RecordError(f"{file}:{line}: missing field (field 'target'; or give 'text')", MISSING_FIELD, file, line)
     target = obj[key]
     if not isinstance(target, str):
-        raise RecordError(f"{where}: expected a string, got {_type_name(target)} (field '{key}')", WRONG_TYPE, file, line)
-    source = obj.get("source")
-    if source is None:
-        source = ""
-    elif not isinstance(source, str):
-        raise RecordError(f"{where}: expected a string, got {_type_name(source)} (field 'source')", WRONG_TYPE, file, line)
-    category = obj.get("category")
-    if category is None or category == "":
-        category = UNKNOWN_CATEGORY
-    elif not isinstance(category, str):
-        raise RecordError(f"{where}: expected a string, got {_type_name(category)} (field 'category')",
-                          WRONG_TYPE, file, line)
-    return Record(source, target, category)
+        raise RecordError(f"{file}:{line}: expected a string, got {_type_name(target)} (field '{key}')", WRONG_TYPE,
+                          file, line)
+    source = _optional_string(obj, "source", file, line) or ""
+    return Record(source, target, _optional_string(obj, "category", file, line))
+
+
+def parse_record(raw: bytes, file: str, line: int) -> Record | None:
+    """Decode and validate one raw line. Returns None for a blank line; raises RecordError for anything wrong."""
+    obj = parse_json_object(decode_line(raw, file, line), file, line)
+    return None if obj is None else record_from_object(obj, file, line)
+
+
+def _sized_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes, int]]:
+    """(line number, raw line, bytes of the file on disk read since the previous line: for progress bars over the
+    file size, also of a gzip file)."""
+    with LineReader(path) as reader:
+        seen = 0
+        for number, raw in reader:
+            position = reader.position
+            yield number, raw, position - seen
+            seen = position
+
+
+def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str, int]]:
+    """(line number, decoded line with its newline, bytes read from disk) of a text file (gzip when named `.gz`)."""
+    file = str(path)
+    for number, raw, nbytes in _sized_lines(path):
+        yield number, decode_line(raw, file, number), nbytes
+
+
+def is_jsonl(path: str | os.PathLike, keys: Sequence[str] = RECORD_KEYS) -> bool:
+    """JSONL by its name (`.jsonl`, `.json`, `.ndjson`, optionally `.gz`), else when its first non-blank line is a
+    JSON object with one of `keys`."""
+    name = Path(path).name.lower()
+    if name.removesuffix(".gz").endswith(JSONL_SUFFIXES):
+        return True
+    for _, line, _ in iter_lines(path):
+        if line.strip():
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                return False
+            return isinstance(obj, dict) and any(k in obj for k in keys)
+    return False
+
+
+def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, int, Record]]:
+    """(line number, bytes read from disk, record) of every record of a JSONL file (gzip when named `.gz`)."""
+    file = str(path)
+    for number, raw, nbytes in _sized_lines(path):
+        record = parse_record(raw, file, number)
+        if record is not None:
+            yield number, nbytes, record
+
+
+def iter_texts(path: str | os.PathLike, block_lines: int = PLAIN_BLOCK_LINES) -> Iterator[CorpusText]:
+    """The texts of one corpus file: `Record.text` of each record of a JSONL file (`is_jsonl`), or blocks of
+    `block_lines` lines (newlines kept) of a plain-text file."""
+    file = str(path)
+    if is_jsonl(path):
+        for number, nbytes, record in iter_records(path):
+            yield CorpusText(record.text, record.category, file, number, nbytes)
+        return
+    block: list[str] = []
+    start = size = 0
+    for number, line, nbytes in iter_lines(path):
+        if not block:
+            start = number
+        block.append(line)
+        size += nbytes
+        if len(block) >= block_lines:
+            yield CorpusText("".join(block), None, file, start, size)
+            block, size = [], 0
+    if block:
+        yield CorpusText("".join(block), None, file, start, size)
+
+
+def texts(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
+    """Just the texts of `iter_texts`, file after file."""
+    for path in paths:
+        for item in iter_texts(path):
+            yield item.text

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .records import UNENCODABLE_TEXT, DataPrepError, Record, RecordError, parse_record
+from .records import UNENCODABLE_TEXT, UNKNOWN_CATEGORY, DataPrepError, Record, RecordError, parse_record
 
 IGNORE_INDEX = -100
 
@@ -144,7 +144,8 @@ def tokenize_lines(task: tuple[str, list[tuple[int, bytes]]]) -> TokenizedBatch:
         errors.sort(key=lambda e: e.line)
         records = keep
         ids, labels, lengths = _WORKER.documents(records)
-    return TokenizedBatch(ids, labels, lengths, [r.category for r in records], errors, len(lines))
+    return TokenizedBatch(ids, labels, lengths, [r.category or UNKNOWN_CATEGORY for r in records], errors,
+                          len(lines))
 
 
 class OrderedPool:

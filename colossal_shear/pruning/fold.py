@@ -14,19 +14,15 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..fsutil import atomic_dir, copy_tokenizer_files
 from .apply import decoder_of, unwrap
 from .masks import effective_heads
 from .shape import PruneShape, head_dim_of
-
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.tiktoken", "chat_template.jinja")
 
 
 def _kept(v: torch.Tensor) -> torch.Tensor:
@@ -206,28 +202,6 @@ def _build(cls, config, state: dict, device) -> nn.Module:
     return new
 
 
-def _publish_dir(tmp: Path, out: Path, overwrite: bool) -> None:
-    old = None
-    if out.exists():
-        if overwrite or (out.is_dir() and not any(out.iterdir())):
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.rename(out, old)
-        else:
-            raise FileExistsError(f"{out} exists and is not empty (pass overwrite)")
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-
-
-def copy_tokenizer_files(tokenizer_dir, out_dir) -> list[str]:
-    src, copied = Path(tokenizer_dir), []
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, Path(out_dir) / name)
-            copied.append(name)
-    return copied
-
-
 def save_folded(model: nn.Module, z: dict | None, out_dir, tokenizer_dir=None, overwrite: bool = False,
                 max_shard_size: str = "5GB") -> Path:
     """Fold `z` into `model` (z=None: `model` is already the folded model) and write a plain HF directory
@@ -237,14 +211,8 @@ def save_folded(model: nn.Module, z: dict | None, out_dir, tokenizer_dir=None, o
     if out.exists() and not overwrite and not (out.is_dir() and not any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite)")
     small = fold(model, z) if z is not None else unwrap(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out, overwrite) as tmp:
         small.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
-        _publish_dir(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

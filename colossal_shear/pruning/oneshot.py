@@ -14,7 +14,6 @@ All return binary mask dicts (the five kinds of `masks.KINDS`) for `fold.fold` /
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -200,28 +199,12 @@ def random_masks(config, target: PruneShape, seed: int = 0) -> dict:
 
 # ---------------------------------------------------------------------------------------------- calibration data
 def calibration_texts(path) -> Iterable[str]:
-    """Texts of a JSONL file: {"text"} or {"source", "target"} records (the bundled corpus when path is None)."""
-    if path is None:
-        from colossal_shear.bundled import corpus_texts
+    """Texts of a calibration file, read like every corpus (`colossal_shear.data.records.iter_texts`: a JSONL
+    record's source + target, or blocks of plain-text lines); the bundled corpus when path is None."""
+    from colossal_shear.bundled import corpus_files
+    from colossal_shear.data.records import texts
 
-        yield from corpus_texts()
-        return
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PruneError(f"{path}:{n}: not JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise PruneError(f"{path}:{n}: expected an object with 'text' or 'source'/'target'")
-            if isinstance(rec.get("text"), str):
-                yield rec["text"]
-            elif isinstance(rec.get("target"), str):
-                yield (rec.get("source") or "") + rec["target"]
-            else:
-                raise PruneError(f"{path}:{n}: expected an object with 'text' or 'source'/'target'")
+    return texts(corpus_files() if path is None else [path])
 
 
 def calibration_batches(tokenizer, path=None, num_samples: int = 512, length: int = 512,

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from colossal_shear.errors import UserError
-from colossal_shear.fsutil import atomic_write_text
+from colossal_shear.fsutil import atomic_write_text, publish_dir
 
 LATEST = "latest"
 TRAINER_STATE, RANK_STATE = "trainer_state.pt", "rank-{rank}.pt"
@@ -104,9 +104,7 @@ class CheckpointManager:
             torch.save({k: c.state_dict() for k, c in self.shared.items()}, tmp / TRAINER_STATE)
         dist.barrier()
         if rank == 0:
-            if final.exists():  # the same step saved again
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+            publish_dir(tmp, final, overwrite=True)  # the same step may be saved again
             atomic_write_text(self.save_dir / LATEST, name)
             old = sorted(p for p in self.save_dir.glob("step-*") if p.is_dir())
             for p in old[:-self.keep_last] if self.keep_last > 0 else []:
@@ -169,14 +167,6 @@ def export_hf(booster, model, out_dir: str | os.PathLike, config, tokenizer, dty
         hf.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(scratch)
-        if out.exists():
-            if not overwrite and any(out.iterdir()):
-                raise FileExistsError(f"export_dir {out} exists and is not empty (pass --overwrite)")
-            old = out.with_name(f".old-{out.name}")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
+        publish_dir(tmp, out, overwrite=overwrite)
     dist.barrier()
     return out

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from colossal_shear.config import option
-from colossal_shear.constants import DTYPES
+from colossal_shear.constants import DTYPES, PRECISIONS
 from colossal_shear.errors import UserError
 
 PLUGINS = ("gemini", "gemini_auto", "zero2", "zero2_cpu", "3d", "ddp")
-PRECISIONS = ("fp16", "bf16", "fp32")
 CUDA_ONLY = {
     "gemini": "Gemini's chunk manager keeps parameters in CUDA/NPU memory chunks and asserts a cuda or npu device",
     "gemini_auto": "Gemini's chunk manager keeps parameters in CUDA/NPU memory chunks and asserts a cuda or npu device",

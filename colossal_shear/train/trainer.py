@@ -218,7 +218,7 @@ class Trainer:
         loss_sum, count, tokens = reduce_sum([sum(losses), len(losses), tokens if self.ranks.loss_rank else 0],
                                              self.device)
         mean_loss = loss_sum / max(count, 1)
-        finite &= math.isfinite(mean_loss)  # a pipeline schedule knows only now (its backward has already run)
+        finite &= math.isfinite(mean_loss)  # an engine whose schedule runs backward itself knows only now
         grad_norm = self.engine.optimizer_step(self.model, self.optimizer) if finite else None
         self.hooks.after_optimizer_step(step, finite)
         self.optimizer.zero_grad()

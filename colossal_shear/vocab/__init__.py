@@ -2,7 +2,7 @@
 
 Entry point: `init_tokenizer(TokenizerConfig(...))` (the library side of `tokenizer/init_tokenizer.py`).
 Modules, by responsibility:
-  corpus             reading corpora / eval files (JSONL or plain text) with file:line errors
+  corpus             corpora / eval files through data.records (the one record reader), errors as VocabError
   pieces             reading piece files; sorting candidates into added / duplicate / present / rejected
   bpe                reference BPE on single pieces: reachability of new pieces, derivations of kept ones
   sentencepiece_edit ModelProto editing (tokenizer.model) and regeneration of the Hugging Face files

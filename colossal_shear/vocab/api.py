@@ -17,11 +17,12 @@ import numpy as np
 
 from colossal_shear.config import option
 
+from ..constants import VOCAB_REPORT_FILE
+from ..fsutil import atomic_dir, check_target
 from .common import write_json
 from .corpus import check_readable
 from .errors import VocabError
 from .frequencies import CorpusCounts, count_tokens, default_workers
-from .fsutil import atomic_output_dir, check_target
 from .hf_fast_edit import HFFastVocab
 from .id_map import write_id_map
 from .learn import train_pieces
@@ -31,7 +32,6 @@ from .sentencepiece_edit import SentencePieceVocab
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "vocab_report.json"
 # Texts every produced tokenizer must round-trip (and, for SentencePiece, encode exactly like `sentencepiece`).
 PROBES = (
     "The quick brown fox jumps over the lazy dog. It's 3:45 p.m., isn't it?",
@@ -225,7 +225,7 @@ def init_tokenizer(cfg: TokenizerConfig) -> TokenizerReport:
     cfg.validate()
     source = Path(cfg.source_tokenizer_dir)
     target = Path(cfg.target_tokenizer_dir)
-    check_target(target, cfg.overwrite, sources=(source,))
+    check_target(target, cfg.overwrite, sources=(source,), error=VocabError)
     if cfg.expand_tokens_file:
         check_readable([cfg.expand_tokens_file], "--expand_tokens_file")
     check_readable(cfg.learn_from_corpus, "--learn_from_corpus file")
@@ -281,7 +281,7 @@ def init_tokenizer(cfg: TokenizerConfig) -> TokenizerReport:
         added_texts = [_piece_text(vocab, p) for p in pieces[res.first_new_id:res.first_new_id + 200]]
 
     report.vocab_after = len(vocab)
-    with atomic_output_dir(target, cfg.overwrite) as tmp:
+    with atomic_dir(target, cfg.overwrite) as tmp:
         vocab.save(tmp, id_map if pruned else None)
         write_id_map(tmp, id_map)
         probes = [" ".join(added_texts)] if added_texts else []
@@ -291,7 +291,7 @@ def init_tokenizer(cfg: TokenizerConfig) -> TokenizerReport:
         if cfg.eval_file:
             report.eval_files = [str(p) for p in cfg.eval_file]
             report.eval = _eval_rows(cfg.eval_file, source_spec, vocab.encoder_spec(tmp), source_size, len(vocab), cfg)
-        write_json(tmp / REPORT_FILE, report.to_json())
+        write_json(tmp / VOCAB_REPORT_FILE, report.to_json())
     return report
 
 

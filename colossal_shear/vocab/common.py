@@ -6,10 +6,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..constants import TOKENIZER_CONFIG_FILES
 from .errors import VocabError
-
-# Files that describe a tokenizer apart from its model file; copied (with ids remapped) into the target.
-CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
 @dataclass
@@ -58,7 +56,7 @@ def source_added_tokens(source_dir: Path) -> dict[int, dict]:
 
 def copy_configs(source_dir: Path, tmp: Path, id_map: dict[int, int] | None) -> None:
     """Copy the tokenizer config files, renumbering the ids they mention (pruning); settings are kept verbatim."""
-    for name in CONFIG_FILES:
+    for name in TOKENIZER_CONFIG_FILES:
         src = source_dir / name
         if not src.exists():
             continue

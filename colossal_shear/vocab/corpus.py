@@ -1,26 +1,20 @@
 """Reading the text inputs (corpora, piece lists, evaluation files) with errors that name the file and line.
 
-Two formats, told apart by the file name and, failing that, by the first non-empty line:
-- JSONL (`.jsonl`, `.json`, `.ndjson`, or a first line that is a JSON object carrying one of the expected keys);
-- plain UTF-8 text.
-Lines are decoded one by one from bytes so that a bad byte is reported at its real line number.
+The reading itself is the package's one record reader, `colossal_shear.data.records` (its docstring has the rule
+for `text` vs `source`/`target` and how JSONL and plain-text files are told apart; gzip is read when the name ends
+in `.gz`); this module turns its errors into `VocabError`, which the CLIs print as one line.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from ..data import records
+from ..data.records import CorpusText, DataPrepError
 from .errors import VocabError
-
-JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
-TEXT_KEYS = ("text", "source", "target")
-# Plain text is read in blocks of this many lines, newlines kept, so that newline and indentation tokens are seen
-# (counting line by line would never see them, and pruning would then drop them).
-PLAIN_BLOCK_LINES = 32
 
 
 def check_readable(paths: Iterable[os.PathLike | str], what: str) -> list[Path]:
@@ -41,101 +35,34 @@ def check_readable(paths: Iterable[os.PathLike | str], what: str) -> list[Path]:
     return out
 
 
-def _decode(raw: bytes, path: Path, lineno: int) -> str:
+@contextlib.contextmanager
+def _as_vocab_error() -> Iterator[None]:
     try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise VocabError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        yield
+    except DataPrepError as e:
+        raise VocabError(str(e)) from None
 
 
 def iter_lines(path: Path) -> Iterator[tuple[int, str, int]]:
     """(line number, decoded line with its newline, size in bytes)."""
-    try:
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                yield lineno, _decode(raw, path, lineno), len(raw)
-    except OSError as e:
-        raise VocabError(f"cannot read {path}: {e.strerror or e}") from None
+    with _as_vocab_error():
+        yield from records.iter_lines(path)
 
 
 def is_jsonl(path: Path, keys: tuple[str, ...]) -> bool:
-    if path.suffix.lower() in JSONL_SUFFIXES:
-        return True
-    for _, line, _ in iter_lines(path):
-        if line.strip():
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                return False
-            return isinstance(obj, dict) and any(k in obj for k in keys)
-    return False
+    with _as_vocab_error():
+        return records.is_jsonl(path, keys)
 
 
 def parse_json_line(line: str, path: Path, lineno: int) -> dict:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise VocabError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise VocabError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-    return obj
+    """The JSON object on one non-blank line."""
+    with _as_vocab_error():
+        return records.parse_json_object(line, str(path), lineno)
 
 
-@dataclass
-class Record:
-    """One text of a corpus: a JSONL record or a block of plain-text lines."""
-
-    text: str
-    category: str | None
-    path: Path
-    line: int
-    nbytes: int
-
-
-def _record_text(obj: dict, path: Path, lineno: int) -> str:
-    if "text" in obj:
-        text = obj["text"]
-        if not isinstance(text, str):
-            raise VocabError(f"{path}:{lineno}: field 'text' must be a string, got {type(text).__name__}")
-        return text
-    if "source" not in obj and "target" not in obj:
-        raise VocabError(f"{path}:{lineno}: record has neither 'text' nor 'source'/'target' fields")
-    parts = []
-    for key in ("source", "target"):
-        value = obj.get(key, "")
-        if value is None:
-            value = ""
-        if not isinstance(value, str):
-            raise VocabError(f"{path}:{lineno}: field '{key}' must be a string, got {type(value).__name__}")
-        parts.append(value)
-    return "".join(parts)
-
-
-def iter_corpus(paths: Iterable[os.PathLike | str]) -> Iterator[Record]:
-    """Stream the texts of corpus files: JSONL records (`text`, or `source` + `target`; optional `category`) or
-    plain text in blocks of lines."""
+def iter_corpus(paths: Iterable[os.PathLike | str]) -> Iterator[CorpusText]:
+    """Stream the texts of corpus files (`records.iter_texts`: a JSONL record's source + target, or a block of
+    plain-text lines)."""
     for p in paths:
-        path = Path(p)
-        if is_jsonl(path, TEXT_KEYS):
-            for lineno, line, nbytes in iter_lines(path):
-                if not line.strip():
-                    continue
-                obj = parse_json_line(line, path, lineno)
-                text = _record_text(obj, path, lineno)
-                category = obj.get("category")
-                if category is not None and not isinstance(category, str):
-                    category = str(category)
-                yield Record(text, category, path, lineno, nbytes)
-        else:
-            block: list[str] = []
-            start, size = 1, 0
-            for lineno, line, nbytes in iter_lines(path):
-                if not block:
-                    start = lineno
-                block.append(line)
-                size += nbytes
-                if len(block) >= PLAIN_BLOCK_LINES:
-                    yield Record("".join(block), None, path, start, size)
-                    block, size = [], 0
-            if block:
-                yield Record("".join(block), None, path, start, size)
+        with _as_vocab_error():
+            yield from records.iter_texts(p)

@@ -8,9 +8,9 @@ so that the Hugging Face fast editing path is exercised offline by the tests and
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from ..fsutil import atomic_dir
 
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
@@ -45,19 +45,8 @@ def build_byte_level_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 102
         processors.TemplateProcessing(single=f"{SPECIALS[0]} $A", pair=f"{SPECIALS[0]} $A {SPECIALS[0]} $B",
                                       special_tokens=[(SPECIALS[0], bos)]),
     ])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=SPECIALS[0], eos_token=SPECIALS[1],
-                                       clean_up_tokenization_spaces=False, model_max_length=8192)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=SPECIALS[0], eos_token=SPECIALS[1],
+                                   clean_up_tokenization_spaces=False, model_max_length=8192)
+    with atomic_dir(out, keep_existing=True) as tmp:  # another process that built it first wins
         fast.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)
-        os.rename(tmp, out)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (out / "tokenizer.json").exists():
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
