@@ -40,7 +40,7 @@ def test_readme_names_only_flags_that_exist():
             if f.hint is bool:
                 known.add(f.meta.get("negative") or f"--no_{f.name}")
     known |= {"--config", "--help", "--nproc_per_node", "--hostfile", "--master_addr", "--master_port", "--standalone",
-              "--report", "--index-url", "--no-deps", "--dry_run", "--steps", "--include", "--exclude"}
+              "--report", "--ssh-port", "--index-url", "--no-deps", "--dry_run", "--steps", "--include", "--exclude"}
     readme = (ROOT / "README.md").read_text()
     named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", readme))
     assert named <= known, f"README names flags no CLI has: {sorted(named - known)}"
