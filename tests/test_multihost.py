@@ -263,13 +263,14 @@ def test_prune_stage_on_two_hosts_writes_each_file_once(cluster, model_dir, data
                                                                      "step-0000004"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directories left behind"
     canonical = {}
-    for path, hosts in writes.items():  # written under .tmp-NAME, then renamed
-        canonical.setdefault(re.sub(r"(^|/)\.tmp-(step-\d+|export/)", r"\1\2", path), []).extend(hosts)
+    for path, hosts in writes.items():  # directories written as .tmp-NAME, files as .NAME.tmp-XXXX, then renamed
+        path = re.sub(r"(^|/)\.tmp-(step-\d+|export/)", r"\1\2", path)
+        canonical.setdefault(re.sub(r"(^|/)\.([^/]+)\.tmp-[^/]+$", r"\1\2", path), []).extend(hosts)
     shared = {p: hosts for p, hosts in canonical.items() if len(set(hosts)) > 1}
     assert not shared, f"written by both hosts: {shared}"
     by_host2 = sorted(p for p, hosts in canonical.items() if "cs-node-2" in hosts)
     assert by_host2 == ["ckpt/step-0000002/rank-1.pt", "ckpt/step-0000004/rank-1.pt"], writes
-    assert canonical.pop("ckpt/latest", []) + canonical.pop("ckpt/latest.tmp", []) == ["cs-node-1"] * 2, writes
+    assert canonical.pop("ckpt/latest", []) == ["cs-node-1"] * 2, writes
     outputs = {p: hosts for p, hosts in canonical.items() if p.startswith(("ckpt/", "export/"))}
     twice = {p: hosts for p, hosts in outputs.items() if len(hosts) > 1}
     assert not twice, f"written more than once: {twice}"
