@@ -33,6 +33,7 @@ from .vocab.id_map import ID_MAP_FILE, read_id_map
 log = logging.getLogger(__name__)
 
 INITS = ("subtoken_mean", "mean", "normal")
+MODEL_INITS = INITS + ("calibrated",)  # calibrated: colossal_shear.calibrated_init (after subtoken_mean)
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -65,14 +66,31 @@ class ResizeConfig:
     seed: int = 0
     overwrite: bool = False
     max_shard_size: str = "5GB"
+    # --init calibrated (colossal_shear.calibrated_init) and --untie_embeddings
+    calibration_file: list[Path] = field(default_factory=list)
+    calibration_tokens: int = 4096
+    calibration_refine_steps: int = 0
+    untie_embeddings: bool = False
+    progress: bool = True
 
     def validate(self) -> None:
-        if self.init not in INITS:
-            raise ResizeError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.init not in MODEL_INITS:
+            raise ResizeError(f"--init must be one of {', '.join(MODEL_INITS)}, got {self.init!r}")
+        if self.calibration_file and self.init != "calibrated":
+            raise ResizeError("--calibration_file is only used by --init calibrated")
+        if self.init == "calibrated":
+            self.calibration().validate()
         if self.pad_to_multiple_of < 0:
             raise ResizeError("--pad_to_multiple_of must be >= 0 (0 or 1: no padding)")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ResizeError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+    def calibration(self):
+        from .calibrated_init import CalibrationConfig, stderr_progress
+
+        return CalibrationConfig(files=[Path(f) for f in self.calibration_file], tokens=self.calibration_tokens,
+                                 refine_steps=self.calibration_refine_steps,
+                                 progress=stderr_progress if self.progress else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -315,6 +333,7 @@ class ResizeReport:
     dtype: str
     tied: bool
     notes: list[str] = field(default_factory=list)
+    calibration: dict | None = None  # CalibrationReport fields (--init calibrated)
 
     def format(self) -> str:
         lines = [
@@ -323,6 +342,10 @@ class ResizeReport:
             f"  copied {self.copied:,} rows, initialised {self.initialised:,} ({self.init}), "
             f"dtype {self.dtype}, {'tied' if self.tied else 'untied'} LM head",
         ]
+        if self.calibration:
+            from .calibrated_init import CalibrationReport
+
+            lines += CalibrationReport(**self.calibration).lines()
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -373,12 +396,14 @@ def resize_model(cfg: ResizeConfig) -> ResizeReport:
 
     id_map = map_ids(src_tok, tgt_tok, tgt_tok_dir, source_rows)
     new_ids = sorted(set(range(len(tgt_tok))) - set(id_map.values()))
-    subs = subtoken_ids(src_tok, tgt_tok, new_ids, source_rows) if cfg.init == "subtoken_mean" else {}
+    subs = subtoken_ids(src_tok, tgt_tok, new_ids, source_rows) if cfg.init in ("subtoken_mean", "calibrated") else {}
     plan = make_plan(id_map, len(tgt_tok), subs, real_rows, cfg.pad_to_multiple_of)
     gen = torch.Generator().manual_seed(cfg.seed)
+    row_init = "subtoken_mean" if cfg.init == "calibrated" else cfg.init  # calibrated starts from it
+    src_out = (head if head is not None else emb).weight.data  # the source output rows (calibrated init)
 
     with torch.no_grad():
-        new_emb = resize_matrix(emb.weight.data, plan, cfg.init, gen)
+        new_emb = resize_matrix(emb.weight.data, plan, row_init, gen)
         emb.weight = torch.nn.Parameter(new_emb, requires_grad=emb.weight.requires_grad)
         emb.num_embeddings = plan.padded_size
         if emb.padding_idx is not None:
@@ -387,10 +412,25 @@ def resize_model(cfg: ResizeConfig) -> ResizeReport:
             if tied:
                 model.tie_weights()
             else:
-                new_head = resize_matrix(head.weight.data, plan, cfg.init, gen)
+                new_head = resize_matrix(head.weight.data, plan, row_init, gen)
                 head.weight = torch.nn.Parameter(new_head, requires_grad=head.weight.requires_grad)
             head.out_features = plan.padded_size
     model.config.vocab_size = plan.padded_size
+    calibration = None
+    if cfg.untie_embeddings and tied:
+        from .calibrated_init import untie
+
+        untie(model)
+        tied = False
+        notes.append("untied: the LM head is now its own matrix (--untie_embeddings)")
+    if cfg.init == "calibrated":
+        from .calibrated_init import calibrate_new_rows
+
+        calibration = calibrate_new_rows(model, tgt_tok, plan, src_out, cfg.calibration(), tied).__dict__
+        notes.append("calibrated rows are shared by the input embeddings and the LM head (tied); "
+                     "--untie_embeddings keeps sub-token-mean input rows" if tied else
+                     "calibrated LM-head rows; input rows are sub-token means")
+    del src_out
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         for obj in (model.config, getattr(model, "generation_config", None)):
             if obj is not None and getattr(obj, name, None) is not None:
@@ -409,8 +449,11 @@ def resize_model(cfg: ResizeConfig) -> ResizeReport:
         report = ResizeReport(
             source_rows=source_rows, target_rows=plan.padded_size, tokenizer_size=len(tgt_tok),
             copied=len(plan.copy_dst), initialised=len(plan.new_ids), padding=plan.padding, init=cfg.init,
-            dtype=str(out_dtype).replace("torch.", ""), tied=tied, notes=notes,
+            dtype=str(out_dtype).replace("torch.", ""), tied=tied, notes=notes, calibration=calibration,
         )
+        from .embedding_rows import write_new_rows
+
+        write_new_rows(tmp, plan, cfg.init)
         with open(tmp / "resize_report.json", "w", encoding="utf-8") as f:
             json.dump({k: v for k, v in report.__dict__.items()}, f, indent=2)
     return report

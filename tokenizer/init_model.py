@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from colossal_shear.embeddings import DTYPES, INITS, ResizeConfig, resize_model  # noqa: E402
+from colossal_shear.embeddings import DTYPES, MODEL_INITS, ResizeConfig, resize_model  # noqa: E402
 from colossal_shear import cli  # noqa: E402
 from colossal_shear.vocab import VocabError  # noqa: E402
 
@@ -25,9 +25,20 @@ def parse_args(argv=None) -> ResizeConfig:
     p.add_argument("--target_tokenizer_path", type=Path, required=True,
                    help="the new tokenizer (its id_map.json, if any, selects the rows)")
     p.add_argument("--target_model_path", type=Path, required=True, help="output directory (must not exist)")
-    p.add_argument("--init", choices=INITS, default="subtoken_mean",
+    p.add_argument("--init", choices=MODEL_INITS, default="subtoken_mean",
                    help="new rows: mean of the source rows of the pieces the old tokenizer splits the new piece "
-                        "into (default), mean of all rows, or normal with the rows' per-dimension mean/std")
+                        "into (default), mean of all rows, normal with the rows' per-dimension mean/std, or "
+                        "calibrated: output rows fitted to the next-token loss on --calibration_file")
+    p.add_argument("--calibration_file", type=Path, nargs="+", default=[],
+                   help="--init calibrated: text in the new language (JSONL records or plain text)")
+    p.add_argument("--calibration_tokens", type=int, default=4096,
+                   help="--init calibrated: next-token positions to fit on, spread over the files (default 4096)")
+    p.add_argument("--calibration_refine_steps", type=int, default=0,
+                   help="--init calibrated: then refine the new rows by a shared linear correction for up to "
+                        "this many L-BFGS steps (early-stopped on held-out calibration text; default 0: off)")
+    p.add_argument("--untie_embeddings", action="store_true",
+                   help="give a tied model its own LM head (new input rows stay sub-token means)")
+    p.add_argument("--no_progress", action="store_true", help="no progress lines on stderr")
     p.add_argument("--pad_to_multiple_of", type=int, default=64,
                    help="pad the vocabulary dimension to a multiple of this (0 or 1: no padding; default 64)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
@@ -49,6 +60,11 @@ def parse_args(argv=None) -> ResizeConfig:
         seed=a.seed,
         overwrite=a.overwrite,
         max_shard_size=a.max_shard_size,
+        calibration_file=a.calibration_file,
+        calibration_tokens=a.calibration_tokens,
+        calibration_refine_steps=a.calibration_refine_steps,
+        untie_embeddings=a.untie_embeddings,
+        progress=not a.no_progress,
     )
 
 

@@ -46,6 +46,9 @@ class TrainConfig:
     use_grad_checkpoint: bool = _f(False, "activation (gradient) checkpointing")
     use_flash_attn: bool = _f(False, "use flash_attention_2 (needs the flash-attn package); default SDPA")
     freeze_non_embeds_params: bool = _f(False, "train only the input embeddings and the LM head (align stage)")
+    train_embeddings: str = _f("all", "align stage: train all rows of the embeddings and LM head, or only the rows "
+                               "init_model.py added (new_rows.json / id_map.json; old rows stay bit-identical)",
+                               choices=("all", "new"))
     # optimisation
     num_epochs: int = _f(1, "passes over the dataset")
     max_steps: int = _f(None, "length of the run in optimizer steps (default: num_epochs over the data)")

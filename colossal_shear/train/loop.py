@@ -23,6 +23,7 @@ from colossal_shear.pruning.distill import kd_loss
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, save_config
+from .freeze import check_train_embeddings, param_groups
 from .log import RunLogger
 from .metrics import flops_per_token, peak_flops
 from .plugins import check_parallel_config, device_type, launch, make_optimizer, make_plugin
@@ -69,6 +70,10 @@ def preflight(cfg: TrainConfig):
     if cfg.export_dir and not cfg.overwrite and Path(cfg.export_dir).is_dir() and any(Path(cfg.export_dir).iterdir()):
         raise TrainingError(f"--export_dir {cfg.export_dir} exists and is not empty (pass --overwrite)")
     _check_stage_options(cfg, model_config, train, evals)
+    try:
+        check_train_embeddings(cfg, model_path, model_config)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
     if cfg.pp > 1 and cfg.batch_size % cfg.microbatch_size:
         raise TrainingError(f"--batch_size {cfg.batch_size} must be a multiple of --microbatch_size {cfg.microbatch_size}")
     return model_path, model_config, tokenizer, train, evals
@@ -149,6 +154,10 @@ def build_model(cfg: TrainConfig, model_path: str):
         trainable = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
         for p in model.parameters():
             p.requires_grad_(id(p) in trainable)
+    if cfg.train_embeddings == "new":  # old rows frozen by a gradient hook (before boost), see train/freeze.py
+        from .freeze import freeze_old_rows
+
+        freeze_old_rows(model, model_path)
     model.config.use_cache = False
     return model
 
@@ -232,7 +241,7 @@ def _train(cfg, model_path, model_config, tokenizer, data, evals) -> dict:
         pruner = PruneStage(cfg, model, model_config, total_steps, device, dp_rank)
     teacher = load_teacher(cfg, device) if cfg.teacher else None
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(param_groups(params, cfg.weight_decay), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = warmup_cosine(optimizer, warmup, total_steps)
     booster = Booster(plugin=plugin, mixed_precision="fp16" if cfg.plugin == "ddp" and cfg.mixed_precision == "fp16"
                       else None)
