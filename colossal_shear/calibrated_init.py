@@ -55,6 +55,7 @@ class CalibrationConfig:
     seq_len: int = 512  # longest calibration window (documents are split into windows)
     batch_tokens: int = 4096  # tokens per forward batch
     tied_passes: int = 2  # tied rows: fit, re-read the text with the fitted rows as inputs, fit again
+    input_weights: tuple = (1.0, 0.5, 0.0)  # untied: candidate w of input row = w·mean + (1 - w)·last sub-token row
     progress: Callable[[str], None] | None = None
 
     def validate(self) -> None:
@@ -83,6 +84,8 @@ class CalibrationReport:
     device: str = "cpu"
     seconds: float = 0.0
     bucket_sizes: dict[str, int] = field(default_factory=dict)
+    input_weight: float | None = None  # untied: the chosen w (input row = w·mean + (1 - w)·last sub-token row)
+    input_losses: dict[str, float] = field(default_factory=dict)  # fitted calibration loss per candidate w
 
     def lines(self) -> list[str]:
         out = [f"  calibration: {self.positions:,} positions ({self.new_targets:,} with a new next token, "
@@ -98,6 +101,10 @@ class CalibrationReport:
         if self.tied and self.loss_final is not None:
             loss += f"; saved shared rows {self.loss_final:.4f}"
         out.append(loss)
+        if self.input_weight is not None and self.input_losses:
+            tried = ", ".join(f"{w}: {v:.4f}" for w, v in self.input_losses.items())
+            out.append(f"    input rows: {self.input_weight:g}·(sub-token mean) + {1 - self.input_weight:g}·(last sub-token "
+                       f"row), the lowest fitted loss of w = {tried}")
         return out
 
 
@@ -453,11 +460,26 @@ def feature_rows(src_out: torch.Tensor, plan, device: torch.device) -> tuple[tor
     return A, B, C, bucket
 
 
-def calibrate_new_rows(model, tokenizer, plan, src_out: torch.Tensor, cfg: CalibrationConfig,
-                       tied: bool) -> CalibrationReport:
+def last_subtoken_rows(src: torch.Tensor, plan, device: torch.device) -> torch.Tensor:
+    """The source row of each new piece's last sub-token (the mean of all source rows where it has none)."""
+    lengths = plan.sub_lengths
+    has = lengths > 0
+    out = src[: plan.source_rows].mean(0, dtype=torch.float32).to(device).expand(len(lengths), -1).clone()
+    if bool(has.any()):
+        out[has] = src[plan.sub_flat[(plan.sub_offsets + lengths - 1)[has]]].to(device, torch.float32)
+    return out
+
+
+def calibrate_new_rows(model, tokenizer, plan, src_out: torch.Tensor, cfg: CalibrationConfig, tied: bool,
+                       src_in: torch.Tensor | None = None) -> CalibrationReport:
     """Replace the new rows of the model's output matrix (the shared matrix when `tied`) by calibrated ones.
-    `src_out` is the source model's output matrix (its LM head, or its embeddings when tied); `plan` the RowPlan
-    of the resize (new rows initialised by sub-token mean). Old and padding rows are not touched."""
+    `src_out` / `src_in` are the source model's output / input matrices; `plan` the RowPlan of the resize (new rows
+    initialised by sub-token mean). Old and padding rows are not touched.
+
+    Untied: the new input rows are w·(sub-token mean) + (1 - w)·(last sub-token row) for the w of
+    `cfg.input_weights` whose fitted calibration loss is lowest (the last piece of a word is the one the model has
+    just read; its row carries more of the word than the mean of bytes that many words share). Tied: one row serves
+    both; it is fitted, the text re-read with it as input, and fitted again (`cfg.tied_passes`)."""
     t0 = time.monotonic()
     check_supported(model)
     if len(plan.new_ids) == 0:
@@ -471,48 +493,90 @@ def calibrate_new_rows(model, tokenizer, plan, src_out: torch.Tensor, cfg: Calib
                                f"{len(plan.new_ids):,} new tokens: give text in the new language")
     head = model.get_output_embeddings()
     weight = head.weight if head is not None else model.get_input_embeddings().weight
+    emb = model.get_input_embeddings().weight
     A, B, C, bucket = feature_rows(src_out, plan, device)
     moved = device.type != "cpu"
     if moved:
         model.to(device)
+    new_ids_dev = plan.new_ids.to(weight.device)
+    input_losses: dict[str, float] = {}
+    chosen_w = None
     try:
-        passes = cfg.tied_passes if tied else 1
-        for pas in range(passes):
-            say(f"calibration: pass {pas + 1}/{passes}: reading {cfg.tokens:,} positions on {device}")
+        if tied:
+            candidates = [("pass", i) for i in range(cfg.tied_passes)]
+        else:
+            weights = (1.0,) + tuple(w for w in cfg.input_weights if w != 1.0)  # first: what subtoken_mean gives
+            candidates = [("input", w) for w in weights]
+            if any(w != 1.0 for w in weights):
+                mean_in = emb.data[new_ids_dev].to(device, torch.float32)  # sub-token means of the input rows
+                last_in = last_subtoken_rows(src_in if src_in is not None else src_out, plan, device)
+        best = None
+        first_loss = None
+        for n, (kind, value) in enumerate(candidates):
+            if kind == "input":
+                if value != 1.0 or n:
+                    rows_in = mean_in * value + last_in * (1.0 - value)
+                    with torch.no_grad():
+                        emb.data.index_copy_(0, new_ids_dev, rows_in.to(emb.device, emb.dtype))
+                say(f"calibration: input rows {value:g}·mean + {1 - value:g}·last: reading {cfg.tokens:,} positions "
+                    f"on {device}")
+            else:
+                say(f"calibration: pass {value + 1}/{len(candidates)}: reading {cfg.tokens:,} positions on {device}")
             H, y, seq = hidden_states(model, windows, device, cfg.batch_tokens, cfg.progress)
             obj = Objective(H, y, weight.data, plan.new_ids)
-            if pas == 0:
+            if first_loss is None:  # sub-token means in and out: what --init subtoken_mean gives
                 first_loss = obj.loss_and_grad(A, grad=False)[0]
             fit = CoefficientFit(obj, A, B, C, bucket)
             theta, _, fit_loss = fit.fit()
             del fit
-            rows = rows_from_theta(theta, A, B, C, bucket)
-            say(f"calibration: pass {pas + 1}: loss {first_loss:.4f} -> {fit_loss:.4f}")
-            refined_loss, taken = None, 0
-            if cfg.refine_steps > 0:
-                rows, taken, _ = refine(obj, rows, A, B, seq, cfg.refine_steps, cfg.refine_l2, cfg.progress)
-                refined_loss = obj.loss_and_grad(rows, grad=False)[0]
-            with torch.no_grad():
-                weight.data.index_copy_(0, plan.new_ids.to(weight.device), rows.to(weight.device, weight.dtype))
+            say(f"calibration: loss {first_loss:.4f} (sub-token mean) -> {fit_loss:.4f} (fit)")
+            if kind == "pass":
+                best = (fit_loss, value, theta, obj, seq)
+                rows = rows_from_theta(theta, A, B, C, bucket)
+                if value + 1 < len(candidates):  # the next pass reads with these rows
+                    with torch.no_grad():
+                        weight.data.index_copy_(0, new_ids_dev, rows.to(weight.device, weight.dtype))
+            else:
+                input_losses[f"{value:g}"] = fit_loss
+                if best is None or fit_loss < best[0]:
+                    best = (fit_loss, value, theta, obj, seq)
             del obj
+        fit_loss, value, theta, obj, seq = best
+        if kind == "input":
+            chosen_w = value
+            if len(candidates) > 1:
+                rows_in = mean_in * value + last_in * (1.0 - value)
+                with torch.no_grad():
+                    emb.data.index_copy_(0, new_ids_dev, rows_in.to(emb.device, emb.dtype))
+        rows = rows_from_theta(theta, A, B, C, bucket)
+        refined_loss, taken = None, 0
+        if cfg.refine_steps > 0:
+            rows, taken, _ = refine(obj, rows, A, B, seq, cfg.refine_steps, cfg.refine_l2, cfg.progress)
+            refined_loss = obj.loss_and_grad(rows, grad=False)[0]
+        with torch.no_grad():
+            weight.data.index_copy_(0, new_ids_dev, rows.to(weight.device, weight.dtype))
         final_loss = refined_loss if refined_loss is not None else fit_loss
         if tied:  # the rows are also inputs: measure what is saved
-            H, y, seq = hidden_states(model, windows, device, cfg.batch_tokens, cfg.progress)
-            final_loss = Objective(H, y, weight.data, plan.new_ids).loss_and_grad(rows, grad=False)[0]
-            say(f"calibration: saved rows: loss {final_loss:.4f}")
+            final_loss = _saved_loss(model, windows, device, cfg, weight, plan, rows)
+            say(f"calibration: saved shared rows: loss {final_loss:.4f}")
     finally:
         if moved:
             model.to("cpu")
     counts = torch.bincount(bucket.cpu(), minlength=len(BUCKETS)).tolist()
-    is_new = torch.isin(y, plan.new_ids.to(y.device))
+    seen = obj.tgt_slot[obj.is_new]
     return CalibrationReport(
-        positions=len(y), new_targets=int(is_new.sum()), new_tokens_seen=int(torch.unique(y[is_new]).numel()),
+        positions=obj.P, new_targets=int(obj.is_new.sum()), new_tokens_seen=int(torch.unique(seen).numel()),
         coefficients={k: [round(float(v), 6) for v in theta[i].tolist()] for i, k in enumerate(BUCKETS)},
         loss_subtoken_mean=first_loss, loss_fit=fit_loss, loss_refined=refined_loss, refine_steps_taken=taken,
-        loss_final=final_loss,
-        tied=tied, passes=passes, device=str(device), seconds=time.monotonic() - t0,
-        bucket_sizes=dict(zip(BUCKETS, counts)),
+        loss_final=final_loss, tied=tied, passes=len(candidates) if tied else 1, device=str(device),
+        seconds=time.monotonic() - t0, bucket_sizes=dict(zip(BUCKETS, counts)), input_weight=chosen_w,
+        input_losses=input_losses,
     )
+
+
+def _saved_loss(model, windows, device, cfg, weight, plan, rows) -> float:
+    H, y, _ = hidden_states(model, windows, device, cfg.batch_tokens, cfg.progress)
+    return Objective(H, y, weight.data, plan.new_ids).loss_and_grad(rows, grad=False)[0]
 
 
 def untie(model) -> None:

@@ -400,7 +400,7 @@ def resize_model(cfg: ResizeConfig) -> ResizeReport:
     plan = make_plan(id_map, len(tgt_tok), subs, real_rows, cfg.pad_to_multiple_of)
     gen = torch.Generator().manual_seed(cfg.seed)
     row_init = "subtoken_mean" if cfg.init == "calibrated" else cfg.init  # calibrated starts from it
-    src_out = (head if head is not None else emb).weight.data  # the source output rows (calibrated init)
+    src_in, src_out = emb.weight.data, (head if head is not None else emb).weight.data  # source rows (calibrated)
 
     with torch.no_grad():
         new_emb = resize_matrix(emb.weight.data, plan, row_init, gen)
@@ -426,11 +426,11 @@ def resize_model(cfg: ResizeConfig) -> ResizeReport:
     if cfg.init == "calibrated":
         from .calibrated_init import calibrate_new_rows
 
-        calibration = calibrate_new_rows(model, tgt_tok, plan, src_out, cfg.calibration(), tied).__dict__
+        calibration = calibrate_new_rows(model, tgt_tok, plan, src_out, cfg.calibration(), tied, src_in).__dict__
         notes.append("calibrated rows are shared by the input embeddings and the LM head (tied); "
                      "--untie_embeddings keeps sub-token-mean input rows" if tied else
                      "calibrated LM-head rows; input rows are sub-token means")
-    del src_out
+    del src_in, src_out
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         for obj in (model.config, getattr(model, "generation_config", None)):
             if obj is not None and getattr(obj, name, None) is not None:

@@ -101,19 +101,31 @@ def test_tied_stays_tied_untie_unties(calibrated, tok):
         assert "lm_head.weight" in f.keys()
     assert any("untied" in n for n in calibrated["untie"][2].notes)
     new = torch.arange(2048, n_tok)
-    # untied from a tied source: input rows stay sub-token means of the (shared) source rows, head rows calibrated
-    tied_sub = resize_model(ResizeConfig(calibrated["tied"][0], tok, calibrated["tied"][1].parent / "tied-sub",
-                                         progress=False))
-    assert tied_sub.init == "subtoken_mean"
-    ts = load(calibrated["tied"][1].parent / "tied-sub")
-    assert torch.equal(untie.model.embed_tokens.weight, ts.model.embed_tokens.weight)
-    assert not torch.allclose(untie.lm_head.weight[new], ts.lm_head.weight[new])
     # tied: the one shared row is the calibrated one, not the sub-token mean
+    resize_model(ResizeConfig(calibrated["tied"][0], tok, calibrated["tied"][1].parent / "tied-sub", progress=False))
+    ts = load(calibrated["tied"][1].parent / "tied-sub")
     assert not torch.allclose(tied.model.embed_tokens.weight[new], ts.model.embed_tokens.weight[new])
-    # untied source: input rows are sub-token means (as --init subtoken_mean), head rows differ
-    cal = load(calibrated["untied"][1])
-    assert torch.equal(cal.model.embed_tokens.weight, sub.model.embed_tokens.weight)
-    assert not torch.allclose(cal.lm_head.weight[new], sub.lm_head.weight[new])
+    # untied (and untied from a tied source): input rows w·(sub-token mean) + (1 - w)·(last sub-token row) for the
+    # reported w, head rows calibrated
+    for name, plain in (("untie", ts), ("untied", sub)):
+        src, dst, report = calibrated[name]
+        w = report.calibration["input_weight"]
+        assert w in (1.0, 0.5, 0.0) and set(report.calibration["input_losses"]) == {"1", "0.5", "0"}
+        assert report.calibration["input_losses"][f"{w:g}"] == min(report.calibration["input_losses"].values())
+        model, source = load(dst), load(src)
+        expected = plain.model.embed_tokens.weight[new] * w + _last_rows(src, tok, source) * (1 - w)
+        torch.testing.assert_close(model.model.embed_tokens.weight[new], expected, rtol=0, atol=1e-6)
+        assert not torch.allclose(model.lm_head.weight[new], plain.lm_head.weight[new])
+
+
+def _last_rows(src, tok, source):
+    """Each new piece's last sub-token row under the source tokenizer (independently of calibrated_init)."""
+    from colossal_shear.embeddings import subtoken_ids
+
+    old_tok, new_tok = AutoTokenizer.from_pretrained(src), AutoTokenizer.from_pretrained(tok)
+    ids = list(range(2048, len(new_tok)))
+    subs = subtoken_ids(old_tok, new_tok, ids, 2048)
+    return source.model.embed_tokens.weight[[subs[i][-1] for i in ids]]
 
 
 def _calibration_loss(model_dir, calib, tokens):
@@ -261,7 +273,7 @@ def test_cli(model_dir, tok, calib, tmp_path):
                                   "800"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "calibration: 800 positions" in proc.stdout and "sub-tokens" in proc.stdout
-    assert "calibration: pass 1/1" in proc.stderr  # progress
+    assert "calibration: input rows 1·mean + 0·last" in proc.stderr  # progress
     proc = subprocess.run(base[:-1] + [str(tmp_path / "m2"), "--init", "calibrated", "--calibration_file",
                                        str(tmp_path / "nope.txt")], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2 and proc.stderr.startswith("error: calibration file not found")

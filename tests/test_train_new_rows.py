@@ -63,8 +63,10 @@ def test_only_new_rows_train(expanded, plugin, kind, tmp_path):
     for name in before:
         if name in weights or (kind == "tied" and name == "lm_head.weight"):
             assert torch.equal(before[name][:2048], after[name][:2048]), f"{name}: old rows moved"
-            moved = (before[name][2048:n_tok] != after[name][2048:n_tok]).any(1)
-            assert int(moved.sum()) >= len(WORDS) // 2, f"{name}: only {int(moved.sum())} new rows moved"
+            moved = int((before[name][2048:n_tok] != after[name][2048:n_tok]).any(1).sum())
+            # every new head row gets a softmax gradient; an untied input row only where its token was read
+            least = 1 if name == "model.embed_tokens.weight" and kind == "untied" else n_tok - 2048
+            assert moved >= least, f"{name}: only {moved} new rows moved"
         else:
             assert torch.equal(before[name], after[name]), f"{name} moved"
     # the export still says which rows are new? (it is a plain HF model; the logits over old tokens are the same)
