@@ -55,6 +55,9 @@ class CalibrationConfig:
     seq_len: int = 512  # longest calibration window (documents are split into windows)
     batch_tokens: int = 4096  # tokens per forward batch
     tied_passes: int = 2  # tied rows: fit, re-read the text with the fitted rows as inputs, fit again
+    bias: bool = True  # step 3: a per-token bias along the constant direction
+    bias_lambdas: tuple = (0.1, 0.3, 1.0)  # L2 strengths tried (chosen on held-out calibration windows)
+    bias_iters: int = 40  # L-BFGS iterations per fit of the biases
     input_weights: tuple = (1.0, 0.5, 0.0)  # untied: candidate w of input row = w·mean + (1 - w)·last sub-token row
     progress: Callable[[str], None] | None = None
 
@@ -86,6 +89,8 @@ class CalibrationReport:
     bucket_sizes: dict[str, int] = field(default_factory=dict)
     input_weight: float | None = None  # untied: the chosen w (input row = w·mean + (1 - w)·last sub-token row)
     input_losses: dict[str, float] = field(default_factory=dict)  # fitted calibration loss per candidate w
+    loss_bias: float | None = None  # after the per-token biases
+    bias: dict | None = None  # λ chosen, held-out calibration loss per λ, range of β, spread of h·u
 
     def lines(self) -> list[str]:
         out = [f"  calibration: {self.positions:,} positions ({self.new_targets:,} with a new next token, "
@@ -98,9 +103,18 @@ class CalibrationReport:
         loss = f"    calibration loss (nats/token): sub-token mean {self.loss_subtoken_mean:.4f} -> fit {self.loss_fit:.4f}"
         if self.loss_refined is not None:
             loss += f" -> refined {self.loss_refined:.4f} ({self.refine_steps_taken} steps)"
+        if self.loss_bias is not None:
+            loss += f" -> per-token bias {self.loss_bias:.4f}"
         if self.tied and self.loss_final is not None:
             loss += f"; saved shared rows {self.loss_final:.4f}"
         out.append(loss)
+        if self.bias and self.bias.get("lambda") is not None:
+            held = ", ".join(f"{k}: {v:.4f}" for k, v in self.bias["held_out"].items())
+            out.append(f"    per-token bias along h·u ≈ 1 (spread {self.bias['spread']:.3f}): λ={self.bias['lambda']:g} "
+                       f"(held-out calibration loss {self.bias['held_out_before']:.4f} -> λ {held}), "
+                       f"β in [{self.bias['beta_min']:.2f}, {self.bias['beta_max']:.2f}]")
+        elif self.bias:
+            out.append("    per-token bias: no λ lowered the held-out calibration loss; not applied")
         if self.input_weight is not None and self.input_losses:
             tried = ", ".join(f"{w}: {v:.4f}" for w, v in self.input_losses.items())
             out.append(f"    input rows: {self.input_weight:g}·(sub-token mean) + {1 - self.input_weight:g}·(last sub-token "
@@ -431,6 +445,96 @@ def refine(obj: Objective, W0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Step 3: a bias per new token, along the model's constant direction
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def constant_direction(H: torch.Tensor, ridge: float = 0.1) -> tuple[torch.Tensor, float]:
+    """u with h·u ≈ 1 for every final-norm hidden state h (ridge least squares), and the spread (std) of h·u.
+
+    LLaMA-style models have (near-)constant channels after the final norm, so adding β·u to a row adds about β to
+    its logit at every position: a per-token bias, which the head has no parameter for."""
+    Hd = H.double()
+    u = torch.linalg.solve(Hd.T @ Hd + ridge * torch.eye(H.shape[1], dtype=torch.float64, device=H.device),
+                           Hd.T @ torch.ones(len(H), dtype=torch.float64, device=H.device))
+    return u.float(), float((Hd @ u).std())
+
+
+class BiasFit:
+    """Row t = W0_t + β_t·u: the cross-entropy (+ (λ/2)·|β|²/P) as a function of β alone. The scores H·W0 are
+    cached (P x N float32, in blocks), so each evaluation is elementwise."""
+
+    def __init__(self, obj: Objective, W0: torch.Tensor, u: torch.Tensor):
+        self.obj = obj
+        H = obj.H
+        self.Z0 = [H @ W0[s:s + ROW_CHUNK].T for s in range(0, len(W0), ROW_CHUNK)]
+        self.hu = H @ u
+        isn, slot = obj.is_new, obj.tgt_slot[obj.is_new]
+        self.slot, self.hu_t = slot, self.hu[isn]
+        self.z0_t = (H[isn] * W0[slot]).sum(1)
+        self.target_hu = torch.zeros(len(W0), device=H.device).index_add_(0, slot, self.hu_t)
+        self.n = len(W0)
+
+    def evaluate(self, beta: torch.Tensor, lam: float) -> tuple[float, torch.Tensor]:
+        obj, P = self.obj, self.obj.P
+        b = beta.float()
+        lse_new = torch.full((P,), -math.inf, device=b.device)
+        for i, Z in enumerate(self.Z0):
+            z = torch.addr(Z, self.hu, b[i * ROW_CHUNK:i * ROW_CHUNK + Z.shape[1]])
+            lse_new = torch.logaddexp(lse_new, torch.logsumexp(z, 1))
+        lse = torch.logaddexp(obj.lse_fixed, lse_new)
+        z_t = obj.z_fixed_target.clone()
+        z_t[obj.is_new] = self.z0_t + b[self.slot] * self.hu_t
+        loss = float((lse - z_t).double().mean()) + 0.5 * lam * float((beta * beta).sum()) / P
+        g = torch.empty(self.n, device=b.device)
+        for i, Z in enumerate(self.Z0):
+            lo = i * ROW_CHUNK
+            pi = torch.addr(Z, self.hu, b[lo:lo + Z.shape[1]]).sub_(lse[:, None]).exp_()
+            g[lo:lo + Z.shape[1]] = self.hu @ pi
+        return loss, (g - self.target_hu).double() / P + lam * beta / P
+
+    def fit(self, lam: float, max_iter: int) -> torch.Tensor:
+        beta = torch.zeros(self.n, dtype=torch.float64, device=self.hu.device, requires_grad=True)
+        opt = torch.optim.LBFGS([beta], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-10,
+                                tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+        def closure():
+            loss, g = self.evaluate(beta.detach(), lam)
+            beta.grad = g
+            return torch.tensor(loss, dtype=torch.float64)
+
+        opt.step(closure)
+        return beta.detach()
+
+
+def fit_bias(obj: Objective, W0: torch.Tensor, seq: torch.Tensor, lams: tuple, max_iter: int,
+             progress: Callable[[str], None] | None = None) -> tuple[torch.Tensor, dict]:
+    """Per-token biases along the constant direction: λ chosen from `lams` by the loss on every fifth calibration
+    window after fitting on the others, then β refitted on all windows with that λ. Returns the rows and a summary."""
+    u, spread = constant_direction(obj.H)
+    val = (seq % VALIDATION_EVERY) == VALIDATION_EVERY - 1
+    train, held = obj.subset(~val), obj.subset(val)
+    base = held.loss_and_grad(W0, grad=False)[0]
+    scores = {}
+    fitter = BiasFit(train, W0, u)
+    for lam in lams:
+        beta = fitter.fit(lam, max_iter)
+        scores[lam] = held.loss_and_grad(W0 + beta.float()[:, None] * u[None, :], grad=False)[0]
+        if progress is not None:
+            progress(f"calibration: bias λ={lam:g}: held-out calibration loss {base:.4f} -> {scores[lam]:.4f}")
+    del fitter
+    lam = min(scores, key=lambda k: (scores[k], k))
+    if scores[lam] >= base:  # no λ helps: keep the rows as they are
+        return W0, {"lambda": None, "spread": spread, "held_out": {f"{k:g}": v for k, v in scores.items()},
+                    "held_out_before": base}
+    beta = BiasFit(obj, W0, u).fit(lam, max_iter).float()
+    summary = {"lambda": lam, "spread": spread, "held_out": {f"{k:g}": v for k, v in scores.items()},
+               "held_out_before": base, "beta_min": float(beta.min()), "beta_max": float(beta.max()),
+               "direction_norm": float(u.norm())}
+    return W0 + beta[:, None] * u[None, :], summary
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -553,9 +657,13 @@ def calibrate_new_rows(model, tokenizer, plan, src_out: torch.Tensor, cfg: Calib
         if cfg.refine_steps > 0:
             rows, taken, _ = refine(obj, rows, A, B, seq, cfg.refine_steps, cfg.refine_l2, cfg.progress)
             refined_loss = obj.loss_and_grad(rows, grad=False)[0]
+        bias_loss, bias_summary = None, None
+        if cfg.bias:
+            rows, bias_summary = fit_bias(obj, rows, seq, tuple(cfg.bias_lambdas), cfg.bias_iters, cfg.progress)
+            bias_loss = obj.loss_and_grad(rows, grad=False)[0]
         with torch.no_grad():
             weight.data.index_copy_(0, new_ids_dev, rows.to(weight.device, weight.dtype))
-        final_loss = refined_loss if refined_loss is not None else fit_loss
+        final_loss = next(x for x in (bias_loss, refined_loss, fit_loss) if x is not None)
         if tied:  # the rows are also inputs: measure what is saved
             final_loss = _saved_loss(model, windows, device, cfg, weight, plan, rows)
             say(f"calibration: saved shared rows: loss {final_loss:.4f}")
@@ -570,7 +678,7 @@ def calibrate_new_rows(model, tokenizer, plan, src_out: torch.Tensor, cfg: Calib
         loss_subtoken_mean=first_loss, loss_fit=fit_loss, loss_refined=refined_loss, refine_steps_taken=taken,
         loss_final=final_loss, tied=tied, passes=len(candidates) if tied else 1, device=str(device),
         seconds=time.monotonic() - t0, bucket_sizes=dict(zip(BUCKETS, counts)), input_weight=chosen_w,
-        input_losses=input_losses,
+        input_losses=input_losses, loss_bias=bias_loss, bias=bias_summary,
     )
 
 

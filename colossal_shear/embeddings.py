@@ -70,6 +70,7 @@ class ResizeConfig:
     calibration_file: list[Path] = field(default_factory=list)
     calibration_tokens: int = 4096
     calibration_refine_steps: int = 0
+    calibration_bias: bool = True
     untie_embeddings: bool = False
     progress: bool = True
 
@@ -89,7 +90,7 @@ class ResizeConfig:
         from .calibrated_init import CalibrationConfig, stderr_progress
 
         return CalibrationConfig(files=[Path(f) for f in self.calibration_file], tokens=self.calibration_tokens,
-                                 refine_steps=self.calibration_refine_steps,
+                                 refine_steps=self.calibration_refine_steps, bias=self.calibration_bias,
                                  progress=stderr_progress if self.progress else None)
 
 

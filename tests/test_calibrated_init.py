@@ -148,7 +148,10 @@ def test_fitted_loss_is_the_models_real_calibration_loss(calibrated, calib):
     model's cross-entropy on the calibration text, and the sub-token-mean loss the plain resize's."""
     _, dst, report = calibrated["untied"]
     assert report.calibration["positions"] == 1500
-    assert _calibration_loss(dst, calib, 1500) == pytest.approx(report.calibration["loss_fit"], abs=2e-4)
+    assert _calibration_loss(dst, calib, 1500) == pytest.approx(report.calibration["loss_final"], abs=2e-4)
+    c = report.calibration
+    assert c["loss_final"] <= c["loss_fit"] + 1e-6 and c["loss_fit"] < c["loss_subtoken_mean"]
+    assert c["bias"]["spread"] < 1 and set(c["bias"]["held_out"]) == {"0.1", "0.3", "1"}
     assert _calibration_loss(calibrated["sub"][1], calib, 1500) == pytest.approx(
         report.calibration["loss_subtoken_mean"], abs=2e-4)
     assert 0 < report.calibration["new_targets"] < 1500
@@ -241,6 +244,15 @@ def test_gradients_and_chunking_match_autograd(monkeypatch):
     # the fit finds the optimum: zero gradient there
     best, start, end = fit.fit()
     assert end < start and fit.evaluate(best)[1].abs().max() < 1e-5
+    # the per-token bias objective
+    u = torch.randn(d, generator=g)
+    beta = torch.randn(N, dtype=torch.float64, generator=g)
+    bl, bg = ci.BiasFit(obj, W, u).evaluate(beta, 0.7)
+    br = beta.clone().requires_grad_(True)
+    ref = reference(W + br.float()[:, None] * u[None, :]) + 0.5 * 0.7 * (br * br).sum() / P
+    ref.backward()
+    assert bl == pytest.approx(float(ref.detach()), abs=1e-5)
+    torch.testing.assert_close(bg, br.grad, atol=1e-5, rtol=1e-4)
     monkeypatch.setattr(ci, "ROW_CHUNK", 4096)
     assert ci.Objective(H, y, head, new_ids).loss_and_grad(W)[0] == pytest.approx(loss, abs=1e-5)
 

@@ -36,6 +36,8 @@ def parse_args(argv=None) -> ResizeConfig:
     p.add_argument("--calibration_refine_steps", type=int, default=0,
                    help="--init calibrated: then refine the new rows by a shared linear correction for up to "
                         "this many L-BFGS steps (early-stopped on held-out calibration text; default 0: off)")
+    p.add_argument("--no_calibration_bias", action="store_true",
+                   help="--init calibrated: skip the per-token biases fitted after the coefficients")
     p.add_argument("--untie_embeddings", action="store_true",
                    help="give a tied model its own LM head (new input rows stay sub-token means)")
     p.add_argument("--no_progress", action="store_true", help="no progress lines on stderr")
@@ -64,6 +66,7 @@ def parse_args(argv=None) -> ResizeConfig:
         calibration_tokens=a.calibration_tokens,
         calibration_refine_steps=a.calibration_refine_steps,
         untie_embeddings=a.untie_embeddings,
+        calibration_bias=not a.no_calibration_bias,
         progress=not a.no_progress,
     )
 
