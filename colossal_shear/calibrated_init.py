@@ -1,21 +1,27 @@
 """Calibrated initialisation of new vocabulary rows (`init_model.py --init calibrated`).
 
 Why: with `subtoken_mean` a new word's output row is the mean of its pieces' rows, so the expanded model starts far
-behind the original on exactly the language the expansion is for (SmolLM2-135M + 20k jieba words: ×1.17 nats per
-character on held-out Chinese). The output row decides how likely the model finds the whole word, and that is a
+behind the original on exactly the language the expansion is for (SmolLM2-135M + 20k jieba words: about ×1.2 nats
+per character on held-out Chinese). The output row decides how likely the model finds the whole word, and that is a
 softmax question: the row must score the word about as high as the old model scored its first piece *times* the rest
 of its pieces, and must not steal probability at positions where some other token follows.
 
-What: the expanded model (input rows = sub-token mean) reads a calibration text in the new language once; its
-final-norm hidden states H and the next tokens y are kept (about `calibration_tokens` positions). Then
+What: the expanded model reads a calibration text in the new language once per candidate below; its final-norm
+hidden states H and the next tokens y are kept (`tokens` positions). Then, on the full-softmax cross-entropy of y
+over old, padding and new rows:
 
-1. **fit** (12 scalars): new output row w_t = a_k·mean(sub-token rows) + b_k·(first sub-token row) + c_k·mean(all
-   old rows), one (a, b, c) per number of sub-tokens k = 1, 2, 3, 4+, chosen by L-BFGS to minimise the full-softmax
-   cross-entropy of y (old and new rows) at the calibration positions;
-2. **refine** (optional, `refine_steps` > 0): the new rows themselves, as a shared linear correction of the fitted
-   rows, w_t = fit_t + M_a·mean_t + M_b·first_t (two d×d matrices learned across all new tokens, so that what is
-   learned from the words the calibration text contains carries over to words it does not), by L-BFGS on the same
-   objective with an L2 pull to the fit, early-stopped on a held-out fifth of the calibration sequences.
+1. **fit** (12 scalars): new output row w_t = a_k·mean(sub-token rows) + b_k·(first sub-token row) +
+   c_k·mean(all old rows), one (a, b, c) per number of sub-tokens k = 1, 2, 3, 4+. Convex (logits are linear in
+   the scalars): Newton's method with exact gradient and Hessian;
+2. **input rows** (untied): w·mean + (1 - w)·(last sub-token row) for the w of `input_weights` with the lowest
+   fitted loss; tied: one shared row, fitted, re-read as input, fitted again (`tied_passes`);
+3. **per-token bias** (`bias`, on by default): LLaMA-style models have a direction u with h·u ≈ 1 for every
+   final-norm hidden state (SmolLM2: spread 0.015), so w_t + β_t·u adds ≈ β_t to token t's logit everywhere.
+   The β are fitted by L-BFGS with an L2 penalty whose strength is chosen on every fifth calibration window
+   (fitted on the rest), then refitted on all windows. Frequent words get their own level; words the text does not
+   contain stay near the fit;
+4. **refine** (optional, `refine_steps` > 0): a shared linear correction w_t += M_a·mean_t + M_b·first_t (two d×d
+   matrices), early-stopped on the held-out fifth.
 
 Old rows are never written (logits over the old vocabulary stay bit-identical). The log-sum-exp over the vocabulary
 is computed in chunks of rows; the per-position scores of the new rows (two P×N float32 matrices, 8·P·N bytes) are
