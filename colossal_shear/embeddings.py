@@ -428,9 +428,9 @@ def resize_model(cfg: ResizeConfig) -> ResizeReport:
         from .calibrated_init import calibrate_new_rows
 
         calibration = calibrate_new_rows(model, tgt_tok, plan, src_out, cfg.calibration(), tied, src_in).__dict__
-        notes.append("calibrated rows are shared by the input embeddings and the LM head (tied); "
-                     "--untie_embeddings keeps sub-token-mean input rows" if tied else
-                     "calibrated LM-head rows; input rows are sub-token means")
+        notes.append("tied: the calibrated rows are shared by the input embeddings and the LM head "
+                     "(--untie_embeddings gives the head its own rows)" if tied else
+                     "untied: calibrated LM-head rows; input rows as the calibration chose")
     del src_in, src_out
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         for obj in (model.config, getattr(model, "generation_config", None)):
