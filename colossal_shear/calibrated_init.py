@@ -106,7 +106,8 @@ class CalibrationReport:
         for k in BUCKETS:
             a, b, c = self.coefficients[k]
             out.append(f"    {k:>10}  {self.bucket_sizes.get(k, 0):>8,}  {a:6.3f}  {b:6.3f}  {c:6.3f}")
-        loss = f"    calibration loss (nats/token): sub-token mean {self.loss_subtoken_mean:.4f} -> fit {self.loss_fit:.4f}"
+        loss = (f"    calibration loss (nats/token): sub-token mean {self.loss_subtoken_mean:.4f} -> "
+                f"fit {self.loss_fit:.4f}")
         if self.loss_refined is not None:
             loss += f" -> refined {self.loss_refined:.4f} ({self.refine_steps_taken} steps)"
         if self.loss_bias is not None:
@@ -116,15 +117,17 @@ class CalibrationReport:
         out.append(loss)
         if self.bias and self.bias.get("lambda") is not None:
             held = ", ".join(f"{k}: {v:.4f}" for k, v in self.bias["held_out"].items())
-            out.append(f"    per-token bias along h·u ≈ 1 (spread {self.bias['spread']:.3f}): λ={self.bias['lambda']:g} "
-                       f"(held-out calibration loss {self.bias['held_out_before']:.4f} -> λ {held}), "
-                       f"β in [{self.bias['beta_min']:.2f}, {self.bias['beta_max']:.2f}]")
+            b = self.bias
+            out.append(f"    per-token bias along h·u ≈ 1 (spread {b['spread']:.3f}): λ={b['lambda']:g} "
+                       f"(held-out calibration loss {b['held_out_before']:.4f} -> λ {held}), "
+                       f"β in [{b['beta_min']:.2f}, {b['beta_max']:.2f}]")
         elif self.bias:
             out.append("    per-token bias: no λ lowered the held-out calibration loss; not applied")
         if self.input_weight is not None and self.input_losses:
             tried = ", ".join(f"{w}: {v:.4f}" for w, v in self.input_losses.items())
-            out.append(f"    input rows: {self.input_weight:g}·(sub-token mean) + {1 - self.input_weight:g}·(last sub-token "
-                       f"row), the lowest fitted loss of w = {tried}")
+            w = self.input_weight
+            out.append(f"    input rows: {w:g}·(sub-token mean) + {1 - w:g}·(last sub-token row), the lowest fitted "
+                       f"loss of w = {tried}")
         return out
 
 

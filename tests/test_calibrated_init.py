@@ -91,7 +91,8 @@ def test_old_rows_and_old_logits_are_bit_identical(calibrated, name):
 def test_tied_stays_tied_untie_unties(calibrated, tok):
     n_tok = len(AutoTokenizer.from_pretrained(tok))
     tied = load(calibrated["tied"][1])
-    assert tied.config.tie_word_embeddings and tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
+    assert tied.config.tie_word_embeddings
+    assert tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
     with safe_open(str(calibrated["tied"][1] / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in f.keys()
     assert calibrated["tied"][2].tied and calibrated["tied"][2].calibration["passes"] == 2
@@ -287,6 +288,7 @@ def test_cli(model_dir, tok, calib, tmp_path):
     assert "calibration: 800 positions" in proc.stdout and "sub-tokens" in proc.stdout
     assert "calibration: input rows 1·mean + 0·last" in proc.stderr  # progress
     proc = subprocess.run(base[:-1] + [str(tmp_path / "m2"), "--init", "calibrated", "--calibration_file",
-                                       str(tmp_path / "nope.txt")], capture_output=True, text=True, env=env, timeout=300)
+                                       str(tmp_path / "nope.txt")],
+                          capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2 and proc.stderr.startswith("error: calibration file not found")
     assert len(proc.stderr.strip().splitlines()) == 1
