@@ -39,7 +39,8 @@ def parse_args(argv=None) -> ResizeConfig:
     p.add_argument("--no_calibration_bias", action="store_true",
                    help="--init calibrated: skip the per-token biases fitted after the coefficients")
     p.add_argument("--untie_embeddings", action="store_true",
-                   help="give a tied model its own LM head (new input rows stay sub-token means)")
+                   help="give a tied model its own LM head (saved untied), so that --init calibrated can fit the "
+                        "output rows and choose the input rows separately")
     p.add_argument("--no_progress", action="store_true", help="no progress lines on stderr")
     p.add_argument("--pad_to_multiple_of", type=int, default=64,
                    help="pad the vocabulary dimension to a multiple of this (0 or 1: no padding; default 64)")

@@ -23,7 +23,7 @@ from colossal_shear.pruning.distill import kd_loss
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, save_config
-from .freeze import check_train_embeddings, param_groups
+from .freeze import check_train_embeddings, freeze_old_rows, param_groups
 from .log import RunLogger
 from .metrics import flops_per_token, peak_flops
 from .plugins import check_parallel_config, device_type, launch, make_optimizer, make_plugin
@@ -155,8 +155,6 @@ def build_model(cfg: TrainConfig, model_path: str):
         for p in model.parameters():
             p.requires_grad_(id(p) in trainable)
     if cfg.train_embeddings == "new":  # old rows frozen by a gradient hook (before boost), see train/freeze.py
-        from .freeze import freeze_old_rows
-
         freeze_old_rows(model, model_path)
     model.config.use_cache = False
     return model
