@@ -176,7 +176,7 @@ def main(argv=None) -> int:
 
     ev = Evaluator()
     results_file = work / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.exists() and a.part == "align" else {}
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}  # earlier runs: kept, updated
 
     def measure(key, label, model_dir, seconds=None, calib=None):
         r = {"label": label, "zh": ev(model_dir, zh, "zh"), "en": ev(model_dir, en, "en"), "seconds": seconds,
@@ -251,6 +251,8 @@ def main(argv=None) -> int:
             coef = "; ".join(f"k={k}: ({', '.join(f'{v:.2f}' for v in c['coefficients'][k])})"
                              for k in c["coefficients"] if c["bucket_sizes"].get(k))
             extra = ""
+            if c.get("tied_mix") is not None:
+                extra += f"; shared rows {1 - c['tied_mix']:g}·fitted + {c['tied_mix']:g}·input row"
             if c.get("input_weight") is not None:
                 extra += f"; input rows {c['input_weight']:g}·mean + {1 - c['input_weight']:g}·last"
             if c.get("bias") and c["bias"].get("lambda") is not None:

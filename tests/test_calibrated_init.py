@@ -159,6 +159,9 @@ def test_fitted_loss_is_the_models_real_calibration_loss(calibrated, calib):
     # tied: the report's final loss is the saved model's
     _, tdst, treport = calibrated["tied"]
     assert _calibration_loss(tdst, calib, 1500) == pytest.approx(treport.calibration["loss_final"], abs=2e-4)
+    tc = treport.calibration
+    assert tc["tied_mix"] in (0.0, 0.25, 0.5) and set(tc["input_losses"]) == {"0", "0.25", "0.5"}
+    assert tc["loss_final"] == tc["input_losses"][f"{tc['tied_mix']:g}"] == min(tc["input_losses"].values())
 
 
 def test_deterministic_bytes_and_refinement(model_dir, tok, calib, work, calibrated):
