@@ -176,7 +176,7 @@ def main(argv=None) -> int:
 
     ev = Evaluator()
     results_file = work / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.exists() and a.part == "align" else {}
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}  # earlier runs: kept, updated
 
     def measure(key, label, model_dir, seconds=None, calib=None):
         r = {"label": label, "zh": ev(model_dir, zh, "zh"), "en": ev(model_dir, en, "en"), "seconds": seconds,
@@ -223,9 +223,10 @@ def main(argv=None) -> int:
         for key in a.align_from.split(","):
             if key not in results:
                 raise SystemExit(f"--align_from {key}: run --part inits with --variants including {key} first")
-            out, seconds = align(Path(results[key]["dir"]), prepared, work / f"aligned-{key}", a.align_steps,
+            out, seconds = align(Path(results[key]["dir"]), prepared, work / f"aligned-{key}-{a.align_steps}",
+                                 a.align_steps,
                                  a.align_lr, a.align_batch)
-            measure(f"{key}+align", f"{results[key]['label']} + {a.align_steps} align steps "
+            measure(f"{key}+align{a.align_steps}", f"{results[key]['label']} + {a.align_steps} align steps "
                     f"(`--train_embeddings new`)", out, seconds)
 
     base = results["original"]
@@ -250,10 +251,13 @@ def main(argv=None) -> int:
             coef = "; ".join(f"k={k}: ({', '.join(f'{v:.2f}' for v in c['coefficients'][k])})"
                              for k in c["coefficients"] if c["bucket_sizes"].get(k))
             extra = ""
+            if c.get("tied_mix") is not None:
+                extra += f"; shared rows {1 - c['tied_mix']:g}·fitted + {c['tied_mix']:g}·input row"
             if c.get("input_weight") is not None:
                 extra += f"; input rows {c['input_weight']:g}·mean + {1 - c['input_weight']:g}·last"
             if c.get("bias") and c["bias"].get("lambda") is not None:
-                extra += f"; bias λ {c['bias']['lambda']:g}, β in [{c['bias']['beta_min']:.2f}, {c['bias']['beta_max']:.2f}]"
+                b = c["bias"]
+                extra += f"; bias λ {b['lambda']:g}, β in [{b['beta_min']:.2f}, {b['beta_max']:.2f}]"
             print(f"- {r['label']}: (a, b, c) {coef}{extra}; calibration loss {c['loss_subtoken_mean']:.3f} -> "
                   f"{c['loss_final']:.3f} nats/token")
     return 0

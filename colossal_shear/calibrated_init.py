@@ -64,6 +64,7 @@ class CalibrationConfig:
     bias: bool = True  # step 3: a per-token bias along the constant direction
     bias_lambdas: tuple = (0.1, 0.3, 1.0)  # L2 strengths tried (chosen on held-out calibration windows)
     bias_iters: int = 40  # L-BFGS iterations per fit of the biases
+    tied_input_mix: tuple = (0.0, 0.25, 0.5)  # tied: shared row = (1 - g)·fitted + g·(0.5·mean + 0.5·last sub-token)
     input_weights: tuple = (1.0, 0.5, 0.0)  # untied: candidate w of input row = w·mean + (1 - w)·last sub-token row
     progress: Callable[[str], None] | None = None
 
@@ -96,6 +97,7 @@ class CalibrationReport:
     input_weight: float | None = None  # untied: the chosen w (input row = w·mean + (1 - w)·last sub-token row)
     input_losses: dict[str, float] = field(default_factory=dict)  # fitted calibration loss per candidate w
     loss_bias: float | None = None  # after the per-token biases
+    tied_mix: float | None = None  # tied: the g of shared row = (1 - g)·fitted + g·input row (input_losses: per g)
     bias: dict | None = None  # λ chosen, held-out calibration loss per λ, range of β, spread of h·u
 
     def lines(self) -> list[str]:
@@ -106,7 +108,8 @@ class CalibrationReport:
         for k in BUCKETS:
             a, b, c = self.coefficients[k]
             out.append(f"    {k:>10}  {self.bucket_sizes.get(k, 0):>8,}  {a:6.3f}  {b:6.3f}  {c:6.3f}")
-        loss = f"    calibration loss (nats/token): sub-token mean {self.loss_subtoken_mean:.4f} -> fit {self.loss_fit:.4f}"
+        loss = (f"    calibration loss (nats/token): sub-token mean {self.loss_subtoken_mean:.4f} -> "
+                f"fit {self.loss_fit:.4f}")
         if self.loss_refined is not None:
             loss += f" -> refined {self.loss_refined:.4f} ({self.refine_steps_taken} steps)"
         if self.loss_bias is not None:
@@ -116,15 +119,21 @@ class CalibrationReport:
         out.append(loss)
         if self.bias and self.bias.get("lambda") is not None:
             held = ", ".join(f"{k}: {v:.4f}" for k, v in self.bias["held_out"].items())
-            out.append(f"    per-token bias along h·u ≈ 1 (spread {self.bias['spread']:.3f}): λ={self.bias['lambda']:g} "
-                       f"(held-out calibration loss {self.bias['held_out_before']:.4f} -> λ {held}), "
-                       f"β in [{self.bias['beta_min']:.2f}, {self.bias['beta_max']:.2f}]")
+            b = self.bias
+            out.append(f"    per-token bias along h·u ≈ 1 (spread {b['spread']:.3f}): λ={b['lambda']:g} "
+                       f"(held-out calibration loss {b['held_out_before']:.4f} -> λ {held}), "
+                       f"β in [{b['beta_min']:.2f}, {b['beta_max']:.2f}]")
         elif self.bias:
             out.append("    per-token bias: no λ lowered the held-out calibration loss; not applied")
+        if self.tied_mix is not None:
+            tried = ", ".join(f"{g}: {v:.4f}" for g, v in self.input_losses.items())
+            out.append(f"    shared rows: {1 - self.tied_mix:g}·fitted + {self.tied_mix:g}·(0.5·mean + 0.5·last "
+                       f"sub-token row), the lowest calibration loss of g = {tried}")
         if self.input_weight is not None and self.input_losses:
             tried = ", ".join(f"{w}: {v:.4f}" for w, v in self.input_losses.items())
-            out.append(f"    input rows: {self.input_weight:g}·(sub-token mean) + {1 - self.input_weight:g}·(last sub-token "
-                       f"row), the lowest fitted loss of w = {tried}")
+            w = self.input_weight
+            out.append(f"    input rows: {w:g}·(sub-token mean) + {1 - w:g}·(last sub-token row), the lowest fitted "
+                       f"loss of w = {tried}")
         return out
 
 
@@ -609,8 +618,9 @@ def calibrate_new_rows(model, tokenizer, plan, src_out: torch.Tensor, cfg: Calib
     if moved:
         model.to(device)
     new_ids_dev = plan.new_ids.to(weight.device)
+    A_in = feature_rows(src_in, plan, device)[0] if (tied and src_in is not None) else A  # input-row sub-token means
     input_losses: dict[str, float] = {}
-    chosen_w = None
+    chosen_w, tied_mix = None, None
     try:
         if tied:
             candidates = [("pass", i) for i in range(cfg.tied_passes)]
@@ -670,9 +680,24 @@ def calibrate_new_rows(model, tokenizer, plan, src_out: torch.Tensor, cfg: Calib
         with torch.no_grad():
             weight.data.index_copy_(0, new_ids_dev, rows.to(weight.device, weight.dtype))
         final_loss = next(x for x in (bias_loss, refined_loss, fit_loss) if x is not None)
-        if tied:  # the rows are also inputs: measure what is saved
-            final_loss = _saved_loss(model, windows, device, cfg, weight, plan, rows)
-            say(f"calibration: saved shared rows: loss {final_loss:.4f}")
+        if tied:  # the rows are also inputs: blend in a better input row, keep what the calibration text prefers
+            inp = None
+            if any(g for g in cfg.tied_input_mix):
+                inp = A_in * 0.5 + last_subtoken_rows(src_in if src_in is not None else src_out, plan, device) * 0.5
+            tried = {}
+            for g in cfg.tied_input_mix:
+                cand = rows if not g else rows * (1.0 - g) + inp * g
+                with torch.no_grad():
+                    weight.data.index_copy_(0, new_ids_dev, cand.to(weight.device, weight.dtype))
+                tried[g] = (_saved_loss(model, windows, device, cfg, weight, plan, cand), cand)
+                say(f"calibration: shared rows {1 - g:g}·fitted + {g:g}·input row: loss {tried[g][0]:.4f}")
+            mix = min(tried, key=lambda g: (tried[g][0], g))
+            final_loss, rows = tried[mix]
+            with torch.no_grad():
+                weight.data.index_copy_(0, new_ids_dev, rows.to(weight.device, weight.dtype))
+            input_losses = {f"{g:g}": v[0] for g, v in tried.items()}
+            chosen_w = None
+            tied_mix = mix
     finally:
         if moved:
             model.to("cpu")
@@ -684,7 +709,7 @@ def calibrate_new_rows(model, tokenizer, plan, src_out: torch.Tensor, cfg: Calib
         loss_subtoken_mean=first_loss, loss_fit=fit_loss, loss_refined=refined_loss, refine_steps_taken=taken,
         loss_final=final_loss, tied=tied, passes=len(candidates) if tied else 1, device=str(device),
         seconds=time.monotonic() - t0, bucket_sizes=dict(zip(BUCKETS, counts)), input_weight=chosen_w,
-        input_losses=input_losses, loss_bias=bias_loss, bias=bias_summary,
+        input_losses=input_losses, loss_bias=bias_loss, bias=bias_summary, tied_mix=tied_mix,
     )
 
 

@@ -71,7 +71,8 @@ class ResizeConfig:
                                               "correction for up to this many L-BFGS steps (early-stopped on held-out "
                                               "calibration text; 0: off)")
     calibration_bias: bool = option(True, "--init calibrated: fit a per-token bias after the coefficients")
-    untie_embeddings: bool = option(False, "give a tied model its own LM head (new input rows stay sub-token means)")
+    untie_embeddings: bool = option(False, "give a tied model its own LM head (saved untied), so that --init "
+                                           "calibrated can fit the output rows and choose the input rows separately")
     progress: bool = option(True, "progress lines on stderr")
 
     def validate(self) -> None:

@@ -91,7 +91,8 @@ def test_old_rows_and_old_logits_are_bit_identical(calibrated, name):
 def test_tied_stays_tied_untie_unties(calibrated, tok):
     n_tok = len(AutoTokenizer.from_pretrained(tok))
     tied = load(calibrated["tied"][1])
-    assert tied.config.tie_word_embeddings and tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
+    assert tied.config.tie_word_embeddings
+    assert tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
     with safe_open(str(calibrated["tied"][1] / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in f.keys()
     assert calibrated["tied"][2].tied and calibrated["tied"][2].calibration["passes"] == 2
@@ -158,6 +159,9 @@ def test_fitted_loss_is_the_models_real_calibration_loss(calibrated, calib):
     # tied: the report's final loss is the saved model's
     _, tdst, treport = calibrated["tied"]
     assert _calibration_loss(tdst, calib, 1500) == pytest.approx(treport.calibration["loss_final"], abs=2e-4)
+    tc = treport.calibration
+    assert tc["tied_mix"] in (0.0, 0.25, 0.5) and set(tc["input_losses"]) == {"0", "0.25", "0.5"}
+    assert tc["loss_final"] == tc["input_losses"][f"{tc['tied_mix']:g}"] == min(tc["input_losses"].values())
 
 
 def test_deterministic_bytes_and_refinement(model_dir, tok, calib, work, calibrated):
