@@ -14,7 +14,8 @@ over old, padding and new rows:
    c_k·mean(all old rows), one (a, b, c) per number of sub-tokens k = 1, 2, 3, 4+. Convex (logits are linear in
    the scalars): Newton's method with exact gradient and Hessian;
 2. **input rows** (untied): w·mean + (1 - w)·(last sub-token row) for the w of `input_weights` with the lowest
-   fitted loss; tied: one shared row, fitted, re-read as input, fitted again (`tied_passes`);
+   fitted loss; tied: one shared row, fitted, re-read as input, fitted again (`tied_passes`), and at the end
+   blended with the input row 0.5·mean + 0.5·last by the g of `tied_input_mix` whose saved rows read best;
 3. **per-token bias** (`bias`, on by default): LLaMA-style models have a direction u with h·u ≈ 1 for every
    final-norm hidden state (SmolLM2: spread 0.015), so w_t + β_t·u adds ≈ β_t to token t's logit everywhere.
    The β are fitted by L-BFGS with an L2 penalty whose strength is chosen on every fifth calibration window
