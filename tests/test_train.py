@@ -272,3 +272,14 @@ def test_the_loop_does_not_branch_on_plugin_or_stage():
         source = inspect.getsource(method)
         for word in ("plugin", "pruner", "teacher", "stage", "pipeline", "ddp"):
             assert word not in source, f"Trainer.{method.__name__} mentions {word!r}"
+
+
+def test_truncated_checkpoint_state_is_refused_naming_the_file(model_dir, dataset, tmp_path):
+    args = _args(model_dir, dataset, tmp_path, "--plugin", "ddp", steps=4)
+    run_distributed(TRAIN, *args, "--stop_at_step", 3)
+    state = tmp_path / "ckpt" / "step-0000003" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    with pytest.raises(AssertionError) as err:
+        run_distributed(TRAIN, *args, "--load_checkpoint", tmp_path / "ckpt")
+    log = str(err.value)
+    assert log.count(f"train.py: error: {state}: not a readable checkpoint state file") == 1, log

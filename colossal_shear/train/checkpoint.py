@@ -10,6 +10,7 @@ the previous checkpoint usable. Only the newest `keep_last` are kept. `save_dir`
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -44,7 +45,18 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 class CheckpointError(UserError):
-    pass
+    def __init__(self, message: str, rank_local: bool = False):
+        super().__init__(message)
+        self.rank_local = rank_local  # met by one rank only: that rank prints it
+
+
+def _load_state(path: Path, rank_local: bool = False) -> dict:
+    """A state file of a checkpoint, tensors only; a truncated or corrupted one is an error naming it."""
+    try:
+        return torch.load(path, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint state file ({reason})", rank_local) from None
 
 
 class RNGState:
@@ -119,11 +131,12 @@ class CheckpointManager:
         path = resolve_checkpoint(path)
         rank_file = path / RANK_STATE.format(rank=dist.get_rank())
         if not rank_file.is_file():
-            raise CheckpointError(f"{rank_file} is missing: the checkpoint was written by a run with fewer ranks")
+            raise CheckpointError(f"{rank_file} is missing: the checkpoint was written by a run with fewer ranks",
+                                  rank_local=True)
+        shared, mine = _load_state(path / TRAINER_STATE), _load_state(rank_file, rank_local=True)
         self.booster.load_model(self.model, str(path / "model"))
         self.booster.load_optimizer(self.optimizer, str(path / "optimizer"))
-        for states, components in ((torch.load(path / TRAINER_STATE, weights_only=True), self.shared),
-                                   (torch.load(rank_file, weights_only=True), self.per_rank)):
+        for states, components in ((shared, self.shared), (mine, self.per_rank)):
             for name, component in components.items():
                 component.load_state_dict(states[name])
         self.last_saved = None
