@@ -21,8 +21,11 @@ import torch
 
 from colossal_shear.embedding_rows import old_rows
 
+from .plugins import PLUGINS as ALL_PLUGINS
+
 FROZEN_ROWS_ATTR = "_colossal_shear_frozen_rows"  # marks a weight whose old rows are frozen (no weight decay)
-PLUGINS = ("ddp", "zero2", "zero2_cpu", "gemini", "gemini_auto")  # 3d: shardformer replaces / splits the matrices
+# every plugin but 3d, whose shardformer replaces and splits the embedding / LM-head matrices
+PLUGINS = tuple(p for p in ALL_PLUGINS if p != "3d")
 
 
 def freeze_old_rows(model, model_dir) -> dict:

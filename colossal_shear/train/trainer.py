@@ -163,6 +163,7 @@ class Trainer:
         return losses
 
     def resume(self) -> None:
+        """Restore a checkpoint when one is given, then open the run's outputs (saved config, logger)."""
         cfg = self.cfg
         if cfg.load_checkpoint and not ckpt.is_hf_model_dir(cfg.load_checkpoint):
             self.checkpointer.resume(cfg.load_checkpoint)
