@@ -54,8 +54,8 @@ def layout(parallel, world_size: int, dp_size: int) -> dict:
             "sp": parallel.sp, "zero_stage": parallel.zero_stage, "dp_size": dp_size}
 
 
-def _describe(lay: dict) -> str:
-    return ", ".join(f"{k} {v}" for k, v in lay.items())
+def _describe(lay: dict, keys) -> str:
+    return ", ".join(f"{k} {lay.get(k)}" for k in keys)
 
 
 def _agree(problem):
@@ -302,8 +302,9 @@ class CheckpointManager:
         except (OSError, ValueError, KeyError, TypeError) as e:
             problem = (f"{manifest_path} is not a readable manifest ({e})", False)
         if problem is None and saved_layout != self.layout:
-            problem = (f"{path} was written by a run with {_describe(saved_layout)}; this run has "
-                       f"{_describe(self.layout)}: resume with the same layout", True)
+            keys = [k for k in {**saved_layout, **self.layout} if saved_layout.get(k) != self.layout.get(k)]
+            problem = (f"{path} was written by a run with {_describe(saved_layout, keys)}; this run has "
+                       f"{_describe(self.layout, keys)}: resume with the same layout", True)
         if problem is None:
             share = _shares({rel: meta["size"] for rel, meta in files.items()}, world)[rank]
             problem = _verify(path, files, share)
