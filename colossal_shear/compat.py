@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
+import re
 import sys
 import types
 import warnings
@@ -174,7 +176,12 @@ class _CheckpointTorch(types.ModuleType):
     @staticmethod
     def load(f, *args, **kwargs):
         kwargs["weights_only"] = True  # tensors and plain containers only, never arbitrary pickled objects
-        return torch.load(f, *args, **kwargs)
+        try:
+            return torch.load(f, *args, **kwargs)
+        except pickle.UnpicklingError as e:  # say which file holds what was refused, in one line
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            raise pickle.UnpicklingError(f"{f}: refused: it holds a pickled object, not only tensors"
+                                         + (f" ({found.group(1)})" if found else "")) from None
 
     @staticmethod
     def save(obj, f, *args, **kwargs):

@@ -247,8 +247,11 @@ class CheckpointManager:
         chosen, (shared, mine), note = self._choose(Path(path))
         if note and dist.get_rank() == 0:
             print(note, flush=True)
-        self.booster.load_model(self.model, str(chosen / "model"))
-        self.booster.load_optimizer(self.optimizer, str(chosen / "optimizer"))
+        try:
+            self.booster.load_model(self.model, str(chosen / "model"))
+            self.booster.load_optimizer(self.optimizer, str(chosen / "optimizer"))
+        except pickle.UnpicklingError as e:  # a file that matches its manifest but holds pickled objects
+            raise CheckpointError(str(e)) from None
         for states, components in ((shared, self.shared), (mine, self.per_rank)):
             for name, component in components.items():
                 component.load_state_dict(states[name])
@@ -292,7 +295,7 @@ class CheckpointManager:
         """((message, fatal) or None, (shared states, this rank's states)), agreed by every rank: the manifest and
         the layout, every file against the manifest (each rank hashes a share), then the state files."""
         rank, world = dist.get_rank(), dist.get_world_size()
-        problem, states, share = None, (None, None), []
+        problem, states = None, (None, None)
         manifest_path = path / MANIFEST
         try:
             manifest = json.loads(manifest_path.read_text())
@@ -308,14 +311,20 @@ class CheckpointManager:
         if problem is None:
             share = _shares({rel: meta["size"] for rel, meta in files.items()}, world)[rank]
             problem = _verify(path, files, share)
-        if problem is None:
+        problem = _first(problem)
+        if problem is None:  # every file verified: now the state files, read before any collective load
             try:
                 states = (_load_state(path / TRAINER_STATE), _load_state(path / RANK_STATE.format(rank=rank)))
             except CheckpointError as e:
                 problem = (str(e), False)
-        agreed = [p for p in _agree(problem) if p is not None]
-        fatal = [p for p in agreed if p[1]]
-        return (fatal or agreed or [None])[0], states
+            problem = _first(problem)
+        return problem, states
+
+
+def _first(problem):
+    """The problem every rank reports for a check: a fatal one before the others, then the lowest rank's."""
+    agreed = [p for p in _agree(problem) if p is not None]
+    return ([p for p in agreed if p[1]] or agreed or [None])[0]
 
 
 def _verify(root: Path, files: dict, share: list[str]):
