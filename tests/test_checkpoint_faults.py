@@ -46,10 +46,9 @@ def _copy(saved, tmp_path) -> Path:
 
 
 def _fails(*args, nproc=2, env=None) -> str:
-    started = time.monotonic()
+    """The log of a job that must fail promptly (a hang fails the test after two minutes)."""
     with pytest.raises(AssertionError) as err:
-        run_distributed(TRAIN, *args, nproc=nproc, env=env, timeout=300)
-    assert time.monotonic() - started < 120, "the job took too long to fail"
+        run_distributed(TRAIN, *args, nproc=nproc, env=env, timeout=120)
     return str(err.value)
 
 
@@ -126,11 +125,15 @@ def test_latest_naming_a_missing_or_incomplete_step_falls_back_in_one_line(saved
 
 
 def test_a_rank_file_missing_is_one_error_from_every_rank(saved, model_dir, dataset, tmp_path):
+    """Only rank 1 can see its file is missing: checked alone, rank 1 would stop while rank 0 loads and trains,
+    waiting for it in a collective until the process group's timeout."""
     ckpt = _copy(saved, tmp_path)
-    (ckpt / "step-0000008" / "rank-1.pt").unlink()
-    log = _fails(*_run_args(model_dir, dataset, tmp_path), "--load_checkpoint", ckpt / "step-0000008")
-    _one_error(log, str(ckpt / "step-0000008" / "rank-1.pt"), "is missing")
-    assert "Traceback" not in log.split("train.py: error:")[0], log[-6000:]  # no rank died in a collective first
+    (ckpt / "step-0000006" / "rank-1.pt").unlink()
+    started = time.monotonic()
+    log = _fails(*_run_args(model_dir, dataset, tmp_path), "--load_checkpoint", ckpt / "step-0000006")
+    assert time.monotonic() - started < 60, "the job took more than a minute to fail"
+    _one_error(log, str(ckpt / "step-0000006" / "rank-1.pt"), "is missing")
+    assert "Traceback" not in "".join(line for line in log.splitlines() if line.startswith("[rank")), log[-6000:]
 
 
 def test_another_world_size_or_plugin_is_refused_before_loading(saved, model_dir, dataset, tmp_path):
