@@ -3,6 +3,7 @@ map {patch name: "ok" | "<error>"}. Run with --with-compat to install the patche
 
 import json
 import os
+import pickle
 import sys
 import traceback
 
@@ -66,8 +67,8 @@ def probe_checkpoint_file_io():
         torch.save({"state": Payload()}, shard)
         try:
             load_shard_state_dict(shard)
-        except Exception as e:
-            assert "weights_only" in str(e) or "Unsupported global" in str(e), e
+        except pickle.UnpicklingError:
+            pass
         else:
             raise AssertionError("an optimizer shard holding a pickled object was loaded")
     try:
