@@ -80,7 +80,7 @@ def os_reason(error: BaseException) -> str | None:
 
 
 def _attempt(fn, *args):
-    """(result, None) or (None, (reason, error)): a failure is kept to be agreed on, not raised at once."""
+    """(result, None) or (None, the exception): a failure is kept to be agreed on, not raised at once."""
     try:
         return fn(*args), None
     except Exception as e:  # noqa: BLE001 (every failure must reach the other ranks)
@@ -160,11 +160,11 @@ class CheckpointManager:
     and per-rank ones in `rank-R.pt` (RNG, data position), and the manifest."""
 
     def __init__(self, booster, model, optimizer, save_dir: str | None, interval: int, keep_last: int,
-                 layout: dict | None = None):
+                 layout: dict):
         self.booster, self.model, self.optimizer = booster, model, optimizer
         self.save_dir = Path(save_dir) if save_dir else None
         self.interval, self.keep_last = interval, keep_last
-        self.layout = layout or {"world_size": dist.get_world_size()}
+        self.layout = layout  # recorded in each manifest; resuming needs the same
         self.shared: dict = {}
         self.per_rank: dict = {}
         self.last_saved: int | None = None
@@ -213,7 +213,7 @@ class CheckpointManager:
             atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
             publish_dir(tmp, final, overwrite=True)  # the same step may be saved again
             atomic_write_text(latest, name)
-            old = sorted((p for p in self.save_dir.glob("step-*") if p.is_dir()), key=_step_of)
+            old = sorted((p for p in self.save_dir.glob("step-*") if p.is_dir() and _step_of(p) >= 0), key=_step_of)
             for p in old[:-self.keep_last] if self.keep_last > 0 else []:
                 shutil.rmtree(p, ignore_errors=True)
 
