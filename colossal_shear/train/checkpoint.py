@@ -200,8 +200,8 @@ class CheckpointManager:
 
         _raise_agreed(_attempt(fresh_dir)[1], what, tmp, remove_tmp, note)
         _raise_agreed(_attempt(self._write, tmp, rank)[1], what, tmp, remove_tmp, note)
-        files = self._listing(tmp)
-        digests, error = _attempt(lambda: file_digests([tmp / rel for rel in _shares(files, dist.get_world_size())[rank]]))
+        share = _shares(self._listing(tmp), dist.get_world_size())[rank]
+        digests, error = _attempt(file_digests, [tmp / rel for rel in share])
         _raise_agreed(error, what, tmp, remove_tmp, note)
         gathered = _agree({os.path.relpath(path, tmp): d for path, d in digests.items()})
 
