@@ -301,7 +301,8 @@ class CheckpointManager:
             manifest = json.loads(manifest_path.read_text())
             files, saved_layout = manifest["files"], manifest["layout"]
         except FileNotFoundError:
-            problem = (f"{manifest_path} is missing: {path} is not a complete checkpoint", False)
+            problem = (f"{manifest_path} is missing: {path} is not a complete checkpoint (or was written before "
+                       "checkpoints carried a manifest)", False)
         except (OSError, ValueError, KeyError, TypeError) as e:
             problem = (f"{manifest_path} is not a readable manifest ({e})", False)
         if problem is None and saved_layout != self.layout:
