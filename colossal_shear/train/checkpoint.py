@@ -261,30 +261,28 @@ class CheckpointManager:
     def _choose(self, path: Path):
         """(checkpoint, its states, a line saying what was skipped or None). An explicit checkpoint directory must
         pass; a save_dir falls back to its newest checkpoint that passes."""
-        if (path / MANIFEST).exists() or (path / TRAINER_STATE).exists() or STEP_DIR.fullmatch(path.name):
+        explicit, candidates, named = _scan(path)
+        if explicit:
             problem, states = self._check(path)
             if problem is not None:
                 raise CheckpointError(problem[0])
             return path, states, None
-        candidates = sorted((p for p in path.glob("step-*") if p.is_dir() and _step_of(p) >= 0), key=_step_of,
-                            reverse=True)
         pointer = path / LATEST
-        if not candidates and not pointer.is_file():
+        if not candidates and named is None:
             raise CheckpointError(f"--load_checkpoint {path}: neither a checkpoint ({MANIFEST}), a save_dir with a "
                                   f"'{LATEST}' pointer or step-N checkpoints, nor a Hugging Face model directory "
                                   "(config.json)")
-        named = pointer.read_text().strip() if pointer.is_file() else None
-        skipped = [] if named is None or (path / named).is_dir() else [f"{pointer} names {named}, which is missing"]
-        for candidate in candidates:
-            problem, states = self._check(candidate)
+        skipped = [] if named is None or named in candidates else [f"{pointer} names {named}, which is missing"]
+        for name in candidates:
+            problem, states = self._check(path / name)
             if problem is None:
-                if skipped or candidate.name != named:
-                    if named is None:
-                        skipped.insert(0, f"{path} has no '{LATEST}' pointer")
-                    note = (f"--load_checkpoint {path}: {'; '.join(skipped) or f'{pointer} names {named}'}; resuming "
-                            f"from {candidate.name}, the newest complete, verified checkpoint")
-                    return candidate, states, note
-                return candidate, states, None
+                if not skipped and name == named:
+                    return path / name, states, None
+                if named is None:
+                    skipped.insert(0, f"{path} has no '{LATEST}' pointer")
+                note = (f"--load_checkpoint {path}: {'; '.join(skipped) or f'{pointer} names {named}'}; resuming "
+                        f"from {name}, the newest complete, verified checkpoint")
+                return path / name, states, note
             message, fatal = problem
             if fatal:
                 raise CheckpointError(message)
@@ -326,6 +324,20 @@ def _first(problem):
     """The problem every rank reports for a check: a fatal one before the others, then the lowest rank's."""
     agreed = [p for p in _agree(problem) if p is not None]
     return ([p for p in agreed if p[1]] or agreed or [None])[0]
+
+
+def _scan(path: Path) -> tuple[bool, list[str], str | None]:
+    """(is `path` itself a checkpoint, its step-N checkpoints newest first, what `latest` names), as rank 0 sees
+    them: every rank then checks the same candidates in the same order."""
+    found = [None]
+    if dist.get_rank() == 0:
+        explicit = any((path / n).exists() for n in (MANIFEST, TRAINER_STATE)) or bool(STEP_DIR.fullmatch(path.name))
+        steps = sorted((p for p in path.glob("step-*") if p.is_dir() and _step_of(p) >= 0), key=_step_of,
+                       reverse=True)
+        pointer = path / LATEST
+        found[0] = (explicit, [p.name for p in steps], pointer.read_text().strip() if pointer.is_file() else None)
+    dist.broadcast_object_list(found, src=0)
+    return found[0]
 
 
 def _verify(root: Path, files: dict, share: list[str]):
