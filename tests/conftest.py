@@ -81,7 +81,8 @@ def run_distributed(script, *args, nproc=2, launcher="torchrun", timeout=600, en
     else:
         cmd = [str(bindir / "colossalai"), "run", "--nproc_per_node", str(nproc), "--master_port",
                str(_free_port()), str(script), *map(str, args)]
-    full_env = {**(gpu_env() if gpu else os.environ), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": f"{bindir}:{os.environ['PATH']}",
+    full_env = {**(gpu_env() if gpu else os.environ), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+                "PATH": f"{bindir}:{os.environ['PATH']}",
                 **(env or {})}
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:

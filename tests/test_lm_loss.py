@@ -3,6 +3,7 @@ reference over full fp32 logits, on their own, inside the bundled Llama models (
 batches), under the Booster plugins, and with the memory bound the chunking exists for."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -131,3 +132,35 @@ def test_plugins_train_the_same_with_chunked_loss(case, model_dir, tmp_path):
         assert record["chunked"] == pytest.approx(record["full"], abs=1e-5, rel=1e-5), record
         assert record["chunked"][-1] < record["chunked"][0]
         assert record["path"] == ("reference (shardformer forward)" if "--tp" in case else "chunked"), record
+
+
+def test_padded_head_of_3d_keeps_the_real_vocabulary(model_dir):
+    """Under 3d without tp shardformer pads the LM head to a multiple of 64 rows (PaddingLMHead): the padding rows
+    must stay out of the chunked softmax."""
+    from colossalai.shardformer.layer import PaddingLMHead
+
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
+    vocab = ref.config.vocab_size
+    install_chunked_loss(model)  # as build_model does, before boosting replaces the head
+    model.lm_head = PaddingLMHead.from_native_module(model.lm_head, None, make_vocab_size_divisible_by=vocab + 64)
+    assert model.lm_head.weight.shape[0] > vocab  # really padded
+    inputs = {k: v for k, v in _packed_batch(vocab).items() if k != "document_ids"}
+    (ref_out, ref_grads), (out, grads) = _grads(ref, inputs), _grads(model, inputs)
+    torch.testing.assert_close(out.loss, ref_out.loss, **TOL)
+    torch.testing.assert_close(grads["lm_head.weight"][:vocab], ref_grads["lm_head.weight"], **TOL)
+    assert not grads["lm_head.weight"][vocab:].any()
+
+
+def test_memory_bench_shows_the_chunked_loss_holding_less():
+    """bench/lm_loss_memory.py at a small size (65,536 vocabulary, 2 × 1,024 tokens: 512 MB of fp32 logits): the
+    chunked loss peaks well below the full one, with the same losses."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/lm_loss_memory.py"), "--vocab", "65536", "--seq", "1024",
+                           "--steps", "1"], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:] for line in proc.stdout.splitlines()
+            if line.startswith("| full") or line.startswith("| chunked")}
+    full, chunked = float(rows["full"][0]), float(rows["chunked"][0])
+    assert chunked < full - 0.5, proc.stdout
+    assert rows["full"][3] == rows["chunked"][3], proc.stdout  # the same losses

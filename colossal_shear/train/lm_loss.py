@@ -155,7 +155,8 @@ def supports_chunked_loss(model) -> str | None:
     if head is None or not hasattr(model, "get_decoder"):
         return f"{type(model).__name__} has no separate decoder and LM head"
     if not isinstance(head, torch.nn.Linear) or head.bias is not None:
-        return f"its LM head is {type(head).__name__}{' with a bias' if getattr(head, 'bias', None) is not None else ''}, not a bias-free linear layer"
+        bias = " with a bias" if getattr(head, "bias", None) is not None else ""
+        return f"its LM head is {type(head).__name__}{bias}, not a bias-free linear layer"
     return None
 
 
@@ -165,16 +166,15 @@ def install_chunked_loss(model, chunk_elements: int = CHUNK_ELEMENTS):
     reason = supports_chunked_loss(model)
     if reason:
         raise ValueError(f"the chunked LM loss cannot be used: {reason} (use --lm_loss full)")
-    original = model.forward
-
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
                 cache_position=None, **kwargs):
-        if labels is None:
-            return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                            cache_position=cache_position, **kwargs)
+        if labels is None:  # the class's forward, not a captured bound method: a deep copy calls its own
+            return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
+                                      position_ids=position_ids, past_key_values=past_key_values,
+                                      inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                      output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                      cache_position=cache_position, **kwargs)
         num_items = kwargs.pop("num_items_in_batch", None)
         kwargs.pop("logits_to_keep", None)
         out = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
