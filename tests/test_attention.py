@@ -95,6 +95,7 @@ def test_flash_flattened_rows_keep_the_loss(model_dir):
     dense mask over the flat row) the loss and gradients are those of the batch."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
     inputs = _packed_batch(model.config.vocab_size, length=32)
+    inputs["labels"][1, 0] = 5  # never predicted in its row (the shift), so not once flattened either
     flat = attention.packed_inputs("flash", dict(inputs))
     assert flat["input_ids"].shape == (1, 64) and "attention_mask" not in flat and "document_ids" not in flat
     assert torch.equal(flat["position_ids"], inputs["position_ids"].reshape(1, -1))
@@ -107,3 +108,26 @@ def test_flash_flattened_rows_keep_the_loss(model_dir):
     torch.testing.assert_close(got, want, **TOL)
     for g, w in zip(torch.autograd.grad(got, list(model.parameters())), want_grads):
         torch.testing.assert_close(g, w, **TOL)
+
+
+def test_model_inputs_and_the_sdpa_hook_give_the_block_causal_mask(model_dir):
+    """What the trainer feeds (model_inputs: document_ids for packed rows only) reaches SDPA as the dense block-causal
+    mask, in the dtype attention computes in."""
+    from colossal_shear.train.data import model_inputs
+
+    inputs = _packed_batch(2048, length=32)
+    batch = {**inputs, "segment_ids": inputs["document_ids"], "num_docs": torch.tensor([3, 2])}
+    fed = model_inputs(batch, torch.float32, "cpu")
+    assert torch.equal(fed["document_ids"], inputs["document_ids"]) and "attention_mask" not in fed
+    assert "document_ids" not in model_inputs({**batch, "num_docs": torch.tensor([1, 1])}, torch.float32, "cpu")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
+    explicit = {k: v for k, v in fed.items() if k != "document_ids"}
+    explicit["attention_mask"] = block_causal_mask(fed["document_ids"], torch.float32)
+    with torch.no_grad():
+        want = model(**explicit).loss
+        attention.install(model, "sdpa")
+        got = model(**fed).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got_bf16 = model(**fed).loss
+    assert torch.equal(got, want)
+    assert abs(float(got_bf16) - float(want)) < 0.05
