@@ -19,11 +19,11 @@ import importlib.util
 
 import torch
 
+from colossal_shear.data.tokenization import IGNORE_INDEX
 from colossal_shear.errors import UserError
 
 CHOICES = ("auto", "sdpa", "flex", "flash")
 HF_NAMES = {"sdpa": "sdpa", "flex": "flex_attention", "flash": "flash_attention_2"}
-IGNORE_INDEX = -100
 
 
 class AttentionError(UserError, ValueError):

@@ -19,8 +19,10 @@ import types
 from dataclasses import dataclass
 
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
-IGNORE_INDEX = -100
+from colossal_shear.data.tokenization import IGNORE_INDEX
+
 CHUNK_ELEMENTS = 2**25  # logits per chunk (128 MB in fp32): tokens per chunk = CHUNK_ELEMENTS // vocabulary
 
 
@@ -128,17 +130,12 @@ def chunked_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: 
 
 # --- the model hook ---------------------------------------------------------------------------------------------
 
-try:
-    from transformers.modeling_outputs import CausalLMOutputWithPast
+@dataclass
+class ChunkedCausalLMOutput(CausalLMOutputWithPast):
+    """A causal-LM output without logits: what the chunked distillation loss needs instead."""
 
-    @dataclass
-    class ChunkedCausalLMOutput(CausalLMOutputWithPast):
-        """A causal-LM output without logits: what the chunked distillation loss needs instead."""
-
-        last_hidden_state: torch.Tensor | None = None
-        lm_head_weight: torch.Tensor | None = None
-except ImportError:  # pragma: no cover - transformers is a dependency
-    ChunkedCausalLMOutput = None
+    last_hidden_state: torch.Tensor | None = None
+    lm_head_weight: torch.Tensor | None = None
 
 
 def head_weight(model) -> torch.Tensor:
