@@ -86,7 +86,10 @@ def main():
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     if args.variant:
+        from colossal_shear.train.trainer import _shutdown
+
         print("RESULT " + json.dumps(worker(args)), flush=True)
+        _shutdown()  # colossalai's leftovers collected at interpreter exit can abort the process
         return
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}

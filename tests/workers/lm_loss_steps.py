@@ -25,6 +25,7 @@ def main():
     from colossal_shear.train import attention
     from colossal_shear.train.lm_loss import install_chunked_loss
     from colossal_shear.train.plugins import ParallelConfig, launch, make_optimizer, make_plugin
+    from colossal_shear.train.trainer import _shutdown
 
     launch(seed=7)
     cfg = ParallelConfig(plugin=args.plugin, mixed_precision="fp32", tp=args.tp, zero_stage=args.zero_stage)
@@ -62,7 +63,8 @@ def main():
                 else "reference (shardformer forward)"
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(record, f)
-    dist.barrier()
+    del model, optimizer, booster, plugin, out
+    _shutdown()
 
 
 if __name__ == "__main__":
