@@ -30,7 +30,7 @@ class Recorder(StageHooks):
 
     def extra_loss(self, step, inputs, outputs):
         self.calls.append(f"extra_loss {step}")
-        return outputs.logits.float().mean() * 0.0  # a real term in the graph that leaves the loss unchanged
+        return outputs.loss * 0.0  # a real term in the graph that leaves the loss unchanged
 
     def after_backward(self, step):
         self.calls.append(f"after_backward {step}")
