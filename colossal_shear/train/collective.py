@@ -53,20 +53,35 @@ def all_true(flag: torch.Tensor, group=None) -> bool:
     return bool(t.item())
 
 
-def fail(error: BaseException) -> None:
+class PeerFailure(UserError):
+    """This rank's collective failed because another rank left: that rank's own error says why."""
+
+    rank_local = True
+
+
+# how gloo and NCCL report a peer that has gone (crashed, or closed its process group in `fail`)
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
+             "NCCL communicator was aborted")
+
+
+def fail(error: BaseException) -> BaseException:
     """This rank is leaving with `error`: decide whether it prints the error, then close the process group at once
-    (no barrier: the other ranks may be anywhere) so that nobody waits for this rank."""
+    (no barrier: the other ranks may be anywhere) so that nobody waits for this rank. Returns the error to raise:
+    a collective broken by a departed peer becomes one line, not a second traceback."""
+    gone = [text for text in PEER_GONE if isinstance(error, RuntimeError) and text in str(error)]
+    if gone:
+        error = PeerFailure(f"stopped: another rank left the job ({gone[0]}); its own error says why")
     if isinstance(error, UserError) and not hasattr(error, "report_here"):
         error.report_here = claim_report(str(error))
-    if not dist.is_initialized():
-        return
-    try:
-        if dist.get_backend() == "nccl":
-            dist.distributed_c10d._abort_process_group()  # NCCL kernels in flight never return otherwise
-        else:
-            dist.destroy_process_group()  # gloo: closes the sockets peers are blocked on
-    except Exception:  # leaving anyway: the launcher stops the other ranks when this process exits
-        pass
+    if dist.is_initialized():
+        try:
+            if dist.get_backend() == "nccl":
+                dist.distributed_c10d._abort_process_group()  # NCCL kernels in flight never return otherwise
+            else:
+                dist.destroy_process_group()  # gloo: closes the sockets peers are blocked on
+        except Exception:  # leaving anyway: the launcher stops the other ranks when this process exits
+            pass
+    return error
 
 
 def claim_report(message: str) -> bool:

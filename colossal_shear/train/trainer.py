@@ -323,9 +323,11 @@ def train(cfg: TrainConfig) -> dict:
     try:
         result = Trainer(cfg, inputs).setup().train()
     except BaseException as error:
-        fail(error)
+        leaving = fail(error)
         gc.collect()
-        raise
+        if leaving is error:
+            raise
+        raise leaving from None
     _shutdown()
     return result
 
