@@ -3,6 +3,7 @@ $FAULT_LOG.rank-R.json (every optimizer step's `applied`, and the host synchroni
 
     FAULT=raise:R:S     rank R raises RuntimeError before step S's forward (the time it did is recorded)
     FAULT=infgrad:R:S   rank R's gradient of one weight becomes inf during step S's backward, the loss stays finite
+    FAULT=infgrads:R:S  the same in every step from step S on (a run that keeps diverging)
     FAULT=count         no fault: count host synchronisations (torch.distributed.all_reduce, and Tensor.item, tolist,
                         __float__, __int__, __bool__) per step and phase; the wrappers call the real functions.
 
@@ -37,13 +38,13 @@ class Fault(StageHooks):
         self.rank, self.step = (int(where[0]), int(where[1])) if where else (None, None)
         self.applied, self.phase, self.counts, self.raised_at = {}, None, {}, None
         self.here = dist.get_rank() == self.rank
-        if kind == "infgrad" and self.here:
+        if kind in ("infgrad", "infgrads") and self.here:
             weight = next(p for p in model.parameters() if p.requires_grad and p.dim() == 2)
             weight.register_hook(self._poison)
         self.current_step, self.backwards = None, 0
 
     def _poison(self, grad):
-        if self.current_step == self.step:
+        if self.current_step == self.step or (self.kind == "infgrads" and self.current_step > self.step):
             grad = grad.clone()
             grad.view(-1)[0] = float("inf")
         return grad
