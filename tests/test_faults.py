@@ -3,6 +3,8 @@ printed once; non-finite steps are skipped on every rank together and never reac
 accumulation loop does not synchronise with the host."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -12,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_distributed
+from conftest import ROOT, _free_port, run_distributed
 from test_train import _args, dataset, tb_scalars  # noqa: F401  (dataset is a fixture)
 
 TRAIN = ROOT / "train.py"
@@ -21,10 +23,6 @@ FAULTY = ROOT / "tests" / "workers" / "faulty_train.py"
 
 def launch(script, *args, launcher="torchrun", env=None, timeout=240):
     """Like run_distributed, but returns the failed process (and when it ended) instead of raising."""
-    import os
-
-    from conftest import _free_port
-
     bindir = Path(sys.executable).parent
     if launcher == "torchrun":
         cmd = [str(bindir / "torchrun"), "--standalone", "--nproc_per_node=2", str(script), *map(str, args)]
@@ -33,8 +31,15 @@ def launch(script, *args, launcher="torchrun", env=None, timeout=240):
                str(script), *map(str, args)]
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
                 "PATH": f"{bindir}:{os.environ['PATH']}", **(env or {})}
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
-    return proc, time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # a hung job: stop the launcher and every worker it started
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"still running after {timeout} s:\n{out[-3000:]}\n{err[-5000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), time.time()
 
 
 def records(log: Path) -> list[dict]:
@@ -64,7 +69,7 @@ def test_a_missing_rank_file_on_resume_ends_the_job_within_a_minute(model_dir, d
     missing = tmp_path / "ckpt" / "step-0000002" / "rank-1.pt"
     missing.unlink()
     started = time.time()
-    proc, ended = launch(TRAIN, *args, "--load_checkpoint", tmp_path / "ckpt", timeout=600)
+    proc, ended = launch(TRAIN, *args, "--load_checkpoint", tmp_path / "ckpt")
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output
     assert ended - started < 120, output  # start-up included: the hang this replaces lasted 30 minutes
