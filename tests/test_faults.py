@@ -72,7 +72,7 @@ def test_a_missing_rank_file_on_resume_ends_the_job_within_a_minute(model_dir, d
     proc, ended = launch(TRAIN, *args, "--load_checkpoint", tmp_path / "ckpt")
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output
-    assert ended - started < 120, output  # start-up included: the hang this replaces lasted 30 minutes
+    assert ended - started < 180, output  # start-up included (slow on a loaded machine): the hang lasted 30 minutes
     assert output.count(f"{missing} is missing") == 1, output
 
 

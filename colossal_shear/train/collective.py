@@ -71,7 +71,7 @@ def fail(error: BaseException) -> BaseException:
     gone = [text for text in PEER_GONE if isinstance(error, RuntimeError) and text in str(error)]
     if gone:
         error = PeerFailure(f"stopped: another rank left the job ({gone[0]}); its own error says why")
-    if isinstance(error, UserError) and not hasattr(error, "report_here"):
+    if isinstance(error, (UserError, OSError)) and not hasattr(error, "report_here"):  # what cli.report prints
         error.report_here = claim_report(str(error))
     if dist.is_initialized():
         try:
