@@ -174,3 +174,11 @@ def test_one_host_synchronisation_per_optimizer_step(plugin, model_dir, dataset,
                       and any(name in k for name in ("trainer.py", "engine.py", "collective.py"))
                       and not k.endswith(":_decide")}
             assert others == {}, (rank, others)
+
+
+def test_agree_raises_on_every_rank_and_prints_once():
+    proc, _ = launch(ROOT / "tests" / "workers" / "agree_probe.py")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output
+    assert output.count("agree_probe.py: error: [rank 1] rank-1.pt is missing") == 1, output
+    assert output.count("raised CollectiveError") == 2, output
