@@ -79,11 +79,15 @@ def test_a_missing_rank_file_on_resume_ends_the_job_within_a_minute(model_dir, d
 # --- non-finite steps ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("plugin", ["ddp", "zero2", "3d_tp2"])
+PLUGIN_CASES = {"ddp": ["--plugin", "ddp"], "zero2": ["--plugin", "zero2"], "zero2_cpu": ["--plugin", "zero2_cpu"],
+                "3d_tp2": ["--plugin", "3d", "--tp", 2], "3d_pp2": ["--plugin", "3d", "--pp", 2, "--microbatch_size", 1]}
+
+
+@pytest.mark.parametrize("plugin", list(PLUGIN_CASES))
 def test_inf_gradients_on_one_rank_skip_the_step_on_every_rank(plugin, model_dir, dataset, tmp_path):
     """A finite loss with an inf gradient on rank 1 only: both ranks skip that step, the run goes on and ends with
-    finite weights that are the same on every rank."""
-    flags = {"ddp": ["--plugin", "ddp"], "zero2": ["--plugin", "zero2"], "3d_tp2": ["--plugin", "3d", "--tp", 2]}
+    finite weights."""
+    flags = PLUGIN_CASES
     log = tmp_path / "fault"
     run_distributed(FAULTY, *_args(model_dir, dataset, tmp_path, *flags[plugin], "--grad_clip", 0, steps=4),
                     env={"FAULT": "infgrad:1:1", "FAULT_LOG": str(log)})
@@ -154,8 +158,7 @@ def test_a_run_whose_last_step_is_not_finite_does_not_succeed(model_dir, dataset
 def test_one_host_synchronisation_per_optimizer_step(plugin, model_dir, dataset, tmp_path):
     """With 3 micro-batches per step: nothing reads a value back or all-reduces inside the accumulation loop, and
     the step's decision is one all-reduce and one host read of the trainer's."""
-    flags = {"ddp": ["--plugin", "ddp"], "zero2": ["--plugin", "zero2"],
-             "3d_pp2": ["--plugin", "3d", "--pp", 2, "--microbatch_size", 1]}
+    flags = PLUGIN_CASES
     log = tmp_path / "fault"
     run_distributed(FAULTY, *_args(model_dir, dataset, tmp_path, *flags[plugin], "--accumulation_steps", 3,
                                    "--save_interval", 0, steps=3),

@@ -53,7 +53,7 @@ class Engine:
         if chunks is not None:  # Gemini: gradients live in chunks, whose norms it computed while reducing them
             reuse = optimizer.module.chunk_manager.reuse_fp16_chunk
             norms = [(c if reuse else c.grad_chunk).l2_norm for c in chunks]
-            return torch.tensor(all(n is None or math.isfinite(n) for n in norms), device=self.device)
+            return torch.full((), all(n is None or math.isfinite(n) for n in norms), device=self.device)
         return tensors_finite(local_gradients(model, optimizer), self.device)
 
     def optimizer_step(self, model, optimizer):
