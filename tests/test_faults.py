@@ -4,12 +4,12 @@ accumulation loop does not synchronise with the host."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -36,7 +36,9 @@ def launch(script, *args, launcher="torchrun", env=None, timeout=240):
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:  # a hung job: stop the launcher and every worker it started
-        os.killpg(proc.pid, signal.SIGKILL)
+        launcher_proc = psutil.Process(proc.pid)
+        for p in [*launcher_proc.children(recursive=True), launcher_proc]:
+            p.kill()
         out, err = proc.communicate()
         raise AssertionError(f"still running after {timeout} s:\n{out[-3000:]}\n{err[-5000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err), time.time()
