@@ -82,7 +82,8 @@ def test_a_missing_rank_file_on_resume_ends_the_job_within_a_minute(model_dir, d
 
 
 PLUGIN_CASES = {"ddp": ["--plugin", "ddp"], "zero2": ["--plugin", "zero2"], "zero2_cpu": ["--plugin", "zero2_cpu"],
-                "3d_tp2": ["--plugin", "3d", "--tp", 2], "3d_pp2": ["--plugin", "3d", "--pp", 2, "--microbatch_size", 1]}
+                "3d_tp2": ["--plugin", "3d", "--tp", 2],
+                "3d_pp2": ["--plugin", "3d", "--pp", 2, "--microbatch_size", 1]}
 
 
 @pytest.mark.parametrize("plugin", list(PLUGIN_CASES))
@@ -125,8 +126,9 @@ def test_a_diverging_run_keeps_only_finite_checkpoints_and_names_the_newest(plug
     assert proc.returncode != 0, output
     kept = assert_finite_checkpoints(tmp_path / "ckpt")
     assert [p.name for p in kept] == ["step-0000002", "step-0000003"], output
-    assert output.count("3 consecutive steps had a NaN/inf loss or gradient norm at step 6: lower --lr, use bf16 or "
-                        f"fp32, or check the data; the newest checkpoint with finite weights is {kept[-1]}") == 1, output
+    message = ("3 consecutive steps had a NaN/inf loss or gradient norm at step 6: lower --lr, use bf16 or fp32, or "
+               f"check the data; the newest checkpoint with finite weights is {kept[-1]}")
+    assert output.count(message) == 1, output
 
 
 def test_an_overflowing_learning_rate_writes_no_checkpoint(model_dir, dataset, tmp_path):

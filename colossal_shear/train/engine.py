@@ -125,7 +125,8 @@ def local_gradients(model, optimizer) -> list[torch.Tensor]:
     """The gradients this rank holds for the coming step: ZeRO optimizers (zero2, 3d with --zero_stage) keep this
     rank's reduced partitions in their own store; the other plugins leave them on the model's parameters."""
     if hasattr(optimizer, "get_working_grads_by_group_id"):
-        return [g for group in range(optimizer.num_param_groups) for g in optimizer.get_working_grads_by_group_id(group)]
+        groups = range(optimizer.num_param_groups)
+        return [g for group in groups for g in optimizer.get_working_grads_by_group_id(group)]
     return [p.grad for p in model.parameters() if p.grad is not None]
 
 

@@ -26,7 +26,7 @@ from colossal_shear.train.config import TrainConfig
 from colossal_shear.train.hooks import StageHooks
 from colossal_shear.train.trainer import Trainer
 
-HOST_SIDE = (os.sep + os.path.join("colossal_shear", "train", "data.py"), os.sep + os.path.join("colossal_shear", "data") + os.sep)
+HOST_SIDE = (os.path.join("colossal_shear", "train", "data.py"), os.path.join("colossal_shear", "data", ""))
 
 
 class Fault(StageHooks):
