@@ -22,7 +22,6 @@ import torch.distributed as dist
 
 from colossal_shear import cli
 from colossal_shear.train import trainer as trainer_module
-from colossal_shear.train.config import TrainConfig
 from colossal_shear.train.hooks import StageHooks
 from colossal_shear.train.trainer import Trainer
 
