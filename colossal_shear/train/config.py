@@ -60,7 +60,8 @@ class TrainConfig:
     weight_decay: float = option(0.1, "AdamW weight decay")
     warmup_steps: int | None = option(None, "linear warm-up steps", default_text="2.5% of the steps")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0: off)")
-    max_bad_steps: int = option(10, "stop with an error after this many consecutive steps with a NaN/inf loss")
+    max_bad_steps: int = option(10, "stop with an error after this many consecutive skipped steps (NaN/inf loss or "
+                                    "gradient norm)")
     seed: int = option(42, "seed for data order, initialisation and dropout")
     # dynamic batch loading (Sheared-LLaMA): per-category sampling weights updated after each evaluation
     dynamic_loading: bool = option(False, "sample each sequence's category by weights updated after every "
