@@ -21,7 +21,7 @@ class Distillation(StageHooks):
     def __init__(self, teacher, weight: float, temperature: float, accumulation_steps: int):
         self.teacher, self.weight, self.temperature = teacher, weight, temperature
         self.accumulation_steps = accumulation_steps
-        self._sum = 0.0
+        self._sum = None  # a device tensor, read back only when the step's scalars are logged
 
     def extra_loss(self, step, inputs, outputs):
         teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
@@ -35,7 +35,7 @@ class Distillation(StageHooks):
                 teacher_logits = self.teacher(**teacher_inputs).logits
             term = kd_loss(outputs.logits, teacher_logits, labels_for(inputs["labels"], outputs.logits.shape[:2]),
                            self.temperature)
-        self._sum += float(term.detach())
+        self._sum = term.detach() if self._sum is None else self._sum + term.detach()
         return self.weight * term
 
     def _teacher_hidden(self, inputs) -> torch.Tensor:
@@ -50,5 +50,5 @@ class Distillation(StageHooks):
         return captured[0]
 
     def scalars(self, step):
-        value, self._sum = self._sum / self.accumulation_steps, 0.0
-        return {"kd_loss": value}
+        value, self._sum = self._sum, None
+        return {} if value is None else {"kd_loss": float(value) / self.accumulation_steps}
