@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 PIP    := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: setup demo test bench clean-venv
+.PHONY: setup demo test bench clean-venv gpu-check
 setup: $(STAMP)
 
 $(STAMP): requirements/base.txt requirements/no-deps.txt requirements/lock.txt pyproject.toml
@@ -25,6 +25,10 @@ demo: setup
 
 test: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q
+
+# On one NVIDIA GPU, with .venv set up with a CUDA torch (see README, GPU): the gpu tests and the throughput table.
+gpu-check:
+	PY=$(PY) bash bench/gpu_check.sh
 
 clean-venv:
 	rm -rf $(VENV)

@@ -54,10 +54,14 @@ def run(script: str, work: Callable, show: Callable, argv=None, description: str
 
 
 def report(prog: str, error: BaseException) -> None:
-    """One line on stderr. In a multi-process job every rank meets the same user error (the checks run before
-    ranks diverge), so only rank 0 prints it; an error marked `rank_local` is printed by the rank that met it."""
+    """One line on stderr, once per job. Before the process group is up every rank meets the same user error (the
+    checks run before ranks diverge), so only rank 0 prints it, unless it is marked `rank_local`; after that, the
+    first rank to meet a message prints it (`report_here`, set by colossal_shear.train.collective.fail)."""
     rank = int(os.environ.get("RANK", "0") or 0)
-    if rank != 0 and not getattr(error, "rank_local", False):
+    if hasattr(error, "report_here"):
+        if not error.report_here:
+            return
+    elif rank != 0 and not getattr(error, "rank_local", False):
         return
     where = f"[rank {rank}] " if getattr(error, "rank_local", False) else ""
     message = " ".join(str(error).split("\n")) if str(error) else type(error).__name__

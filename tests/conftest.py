@@ -1,6 +1,11 @@
-"""Shared, real fixtures: the bundled SentencePiece tokenizer and tiny Llama models, built once per pytest run."""
+"""Shared, real fixtures: the bundled SentencePiece tokenizer and tiny Llama models, built once per pytest run.
+
+The suite runs on the CPU even on a machine with a GPU: CUDA is hidden from this process and from everything it
+launches (CUDA_VISIBLE_DEVICES=""), except the processes of `gpu`-marked tests, which launch with `gpu_env()`. Those
+tests skip with the reason on a machine without an NVIDIA GPU and a CUDA build of torch."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +15,40 @@ import pytest
 from colossal_shear.bundled import build_bundled
 
 ROOT = Path(__file__).resolve().parent.parent
+_VISIBLE_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")
+os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything initialises CUDA in this process
+
+
+def gpu_env() -> dict:
+    """The environment with the GPU(s) visible again: for what `gpu`-marked tests launch."""
+    env = dict(os.environ)
+    if _VISIBLE_DEVICES is None:
+        env.pop("CUDA_VISIBLE_DEVICES", None)
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = _VISIBLE_DEVICES
+    return env
+
+
+def gpu_missing() -> str | None:
+    """Why `gpu` tests cannot run here, or None. Asks nvidia-smi, so this process never initialises CUDA."""
+    import torch
+
+    if torch.version.cuda is None:
+        return f"needs a CUDA build of torch (this is torch {torch.__version__})"
+    if _VISIBLE_DEVICES == "" or shutil.which("nvidia-smi") is None:
+        return "needs an NVIDIA GPU (no nvidia-smi, or CUDA_VISIBLE_DEVICES is empty)"
+    proc = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    if proc.returncode != 0 or "GPU" not in proc.stdout:
+        return "needs an NVIDIA GPU (nvidia-smi lists none)"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    reason = gpu_missing() if gpu_items else None
+    for item in gpu_items:
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=f"gpu test: {reason}"))
 
 
 @pytest.fixture(scope="session")
@@ -33,15 +72,17 @@ def tied_model_dir(bundled) -> Path:
     return bundled["model_tied"]
 
 
-def run_distributed(script, *args, nproc=2, launcher="torchrun", timeout=600, env=None):
-    """Run a script on `nproc` CPU processes the way users launch (torchrun or colossalai run); fail with its log."""
+def run_distributed(script, *args, nproc=2, launcher="torchrun", timeout=600, env=None, gpu=False):
+    """Run a script on `nproc` processes the way users launch (torchrun or colossalai run); fail with its log. CPU
+    processes unless `gpu` (for `gpu`-marked tests)."""
     bindir = Path(sys.executable).parent
     if launcher == "torchrun":
         cmd = [str(bindir / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", str(script), *map(str, args)]
     else:
         cmd = [str(bindir / "colossalai"), "run", "--nproc_per_node", str(nproc), "--master_port",
                str(_free_port()), str(script), *map(str, args)]
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": f"{bindir}:{os.environ['PATH']}",
+    full_env = {**(gpu_env() if gpu else os.environ), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+                "PATH": f"{bindir}:{os.environ['PATH']}",
                 **(env or {})}
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:

@@ -36,8 +36,18 @@ class TrainConfig:
                                           "rows init_model.py added (new_rows.json / id_map.json; the old rows stay "
                                           "bit-identical)", choices=("all", "new"))
     use_grad_checkpoint: bool = option(False, "activation (gradient) checkpointing")
-    use_flash_attn: bool = option(False, "use flash_attention_2 (needs the flash-attn package and a GPU); default "
-                                         "SDPA")
+    attn_implementation: str = option("auto", "attention kernel for packed documents: sdpa (dense block-causal "
+                                      "mask for packed rows), flex (FlexAttention document mask; GPU), flash "
+                                      "(flash_attention_2 with position ids restarting per document; GPU + "
+                                      "flash-attn); auto: flash when installed, else flex on a GPU, sdpa on CPU and "
+                                      "under --plugin 3d", choices=("auto", "sdpa", "flex", "flash"),
+                                      const_flags={"--use_flash_attn": "flash"})
+    lm_loss: str = option("chunked", "chunked: the LM (and distillation) loss computed chunk by chunk over the LM "
+                          "head, never holding the full fp32 logits; full: the model's own loss over whole logits "
+                          "(3d with tp/pp always uses shardformer's vocabulary-parallel loss)",
+                          choices=("chunked", "full"))
+    compile: bool = option(False, "torch.compile the model (model.compile() before boosting; not with gemini, "
+                           "whose chunked parameters dynamo cannot trace)")
     # optimisation
     num_epochs: int = option(1, "passes over the dataset")
     max_steps: int | None = option(None, "length of the run in optimizer steps (default: num_epochs over the data)")
@@ -50,7 +60,8 @@ class TrainConfig:
     weight_decay: float = option(0.1, "AdamW weight decay")
     warmup_steps: int | None = option(None, "linear warm-up steps", default_text="2.5% of the steps")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0: off)")
-    max_bad_steps: int = option(10, "stop with an error after this many consecutive steps with a NaN/inf loss")
+    max_bad_steps: int = option(10, "stop with an error after this many consecutive skipped steps (NaN/inf loss or "
+                                    "gradient norm)")
     seed: int = option(42, "seed for data order, initialisation and dropout")
     # dynamic batch loading (Sheared-LLaMA): per-category sampling weights updated after each evaluation
     dynamic_loading: bool = option(False, "sample each sequence's category by weights updated after every "
@@ -97,6 +108,9 @@ class TrainConfig:
         for name in ("lr", "weight_decay", "grad_clip", "kd_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must not be negative, got {getattr(self, name)}")
+        if self.compile and self.parallel.plugin.startswith("gemini"):
+            raise ValueError(f"--compile cannot be used with --plugin {self.parallel.plugin}: torch.compile fails in "
+                             "dynamo on Gemini's chunked parameters (InternalTorchDynamoError); use zero2 or ddp")
         if self.kd_temperature <= 0:
             raise ValueError(f"--kd_temperature must be positive, got {self.kd_temperature}")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from colossal_shear.data.collator import block_causal_mask, collate
+from colossal_shear.data.collator import collate
 from colossal_shear.data.sampler import BucketSampler
 
 
@@ -19,9 +19,12 @@ class Batches:
 
 
 def model_inputs(batch: dict, dtype: torch.dtype, device) -> dict:
+    """Rows holding several documents carry `document_ids`, which the model's attention hook (attention.py) turns
+    into the block-causal mask, FlexAttention's document mask or flash-attn's restarting positions; `dtype` is
+    kept for callers (the mask takes the dtype attention computes in)."""
     inputs = {k: batch[k].to(device) for k in ("input_ids", "labels", "position_ids")}
     if int(batch["num_docs"].max()) > 1:  # packed documents must not attend to each other
-        inputs["attention_mask"] = block_causal_mask(batch["segment_ids"].to(device), dtype)
+        inputs["document_ids"] = batch["segment_ids"].to(device)
     return inputs
 
 

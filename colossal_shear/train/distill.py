@@ -1,4 +1,8 @@
-"""Distillation as a stage hook (Minitron): kd_weight * T^2 * KL(teacher || student) added to the loss."""
+"""Distillation as a stage hook (Minitron): kd_weight * T^2 * KL(teacher || student) added to the loss.
+
+With the chunked LM loss (lm_loss.py) the student's output carries its last hidden states and head weight instead
+of logits: the teacher then gives its hidden states too, and the KL term is computed chunk by chunk over both heads
+(neither model's full logits are held). Otherwise (--lm_loss full, shardformer's forward) it compares whole logits."""
 
 from __future__ import annotations
 
@@ -6,7 +10,9 @@ import torch
 
 from colossal_shear.pruning.distill import kd_loss
 
+from .attention import labels_for
 from .hooks import StageHooks
+from .lm_loss import chunked_kd_loss, head_weight
 
 
 class Distillation(StageHooks):
@@ -15,15 +21,34 @@ class Distillation(StageHooks):
     def __init__(self, teacher, weight: float, temperature: float, accumulation_steps: int):
         self.teacher, self.weight, self.temperature = teacher, weight, temperature
         self.accumulation_steps = accumulation_steps
-        self._sum = 0.0
+        self._sum = None  # a device tensor, read back only when the step's scalars are logged
 
     def extra_loss(self, step, inputs, outputs):
-        with torch.no_grad():
-            teacher_logits = self.teacher(**{k: v for k, v in inputs.items() if k != "labels"}).logits
-        term = kd_loss(outputs.logits, teacher_logits, inputs["labels"], self.temperature)
-        self._sum += float(term.detach())
+        teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        hidden = getattr(outputs, "last_hidden_state", None)
+        if hidden is not None:
+            labels = labels_for(inputs["labels"], hidden.shape[:2])
+            term = chunked_kd_loss(hidden, outputs.lm_head_weight, self._teacher_hidden(teacher_inputs),
+                                   head_weight(self.teacher), labels, self.temperature)
+        else:
+            with torch.no_grad():
+                teacher_logits = self.teacher(**teacher_inputs).logits
+            term = kd_loss(outputs.logits, teacher_logits, labels_for(inputs["labels"], outputs.logits.shape[:2]),
+                           self.temperature)
+        self._sum = term.detach() if self._sum is None else self._sum + term.detach()
         return self.weight * term
 
+    def _teacher_hidden(self, inputs) -> torch.Tensor:
+        """The teacher's last hidden states (after its final norm), its logits computed for one position only."""
+        captured = []
+        handle = self.teacher.get_decoder().register_forward_hook(lambda m, a, out: captured.append(out[0]))
+        try:
+            with torch.no_grad():
+                self.teacher(**inputs, logits_to_keep=1)
+        finally:
+            handle.remove()
+        return captured[0]
+
     def scalars(self, step):
-        value, self._sum = self._sum / self.accumulation_steps, 0.0
-        return {"kd_loss": value}
+        value, self._sum = self._sum, None
+        return {} if value is None else {"kd_loss": float(value) / self.accumulation_steps}

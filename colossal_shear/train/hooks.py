@@ -29,6 +29,8 @@ class StageHooks:
         pass
 
     def extra_loss(self, step: int, inputs: dict, outputs):
+        """With the chunked LM loss (the default) `outputs.logits` is None: use `outputs.last_hidden_state` and
+        `outputs.lm_head_weight` (lm_loss.py; distill.py does)."""
         return None
 
     def after_backward(self, step: int) -> None:

@@ -3,23 +3,43 @@ which recurses forever on new torch)."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
+from . import attention
 from .config import TrainConfig
 from .plugins import device_type, model_dtype
 
 
+def attention_implementation(cfg: TrainConfig) -> str:
+    """'sdpa', 'flex' or 'flash' for this run (attention.resolve); the refusal comes before any model is loaded."""
+    return attention.resolve(cfg.attn_implementation, device_type(), cfg.parallel.plugin)
+
+
 def build_model(cfg: TrainConfig, model_path: str):
-    """The model to train; in the align stage only the input embeddings and the LM head keep requires_grad."""
+    """The model to train; in the align stage only the input embeddings and the LM head keep requires_grad. It
+    takes packed batches' `document_ids` (attention.py), computes the chunked LM loss unless --lm_loss full
+    (lm_loss.py), and is compiled with --compile (torch.compile of its forward, traced on the first step after
+    boosting)."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {}
     if device_type() == "cuda" and not cfg.parallel.plugin.startswith("gemini"):
         kwargs["device_map"] = {"": torch.cuda.current_device()}
+    implementation = attention_implementation(cfg)
     model = AutoModelForCausalLM.from_pretrained(
-        model_path, torch_dtype=model_dtype(cfg.parallel),
-        attn_implementation="flash_attention_2" if cfg.use_flash_attn else "sdpa",
+        model_path, torch_dtype=model_dtype(cfg.parallel), attn_implementation=attention.HF_NAMES[implementation],
         trust_remote_code=cfg.trust_remote_code, **kwargs)
+    attention.install(model, implementation)
+    if cfg.lm_loss == "chunked":
+        from .lm_loss import install_chunked_loss, supports_chunked_loss
+
+        reason = supports_chunked_loss(model)
+        if reason is None:
+            install_chunked_loss(model)
+        else:
+            warnings.warn(f"--lm_loss chunked: {reason}; the model's own loss over full logits is used")
     if cfg.use_grad_checkpoint:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.freezes_body:
@@ -31,6 +51,8 @@ def build_model(cfg: TrainConfig, model_path: str):
 
         freeze_old_rows(model, model_path)
     model.config.use_cache = False
+    if cfg.compile:
+        model.compile()
     return model
 
 
@@ -39,8 +61,9 @@ def load_frozen_model(cfg: TrainConfig, path: str, device):
     weight dtype."""
     from transformers import AutoModelForCausalLM
 
+    implementation = attention_implementation(cfg)
     model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=model_dtype(cfg.parallel),
-                                                 attn_implementation="sdpa",
+                                                 attn_implementation=attention.HF_NAMES[implementation],
                                                  trust_remote_code=cfg.trust_remote_code).to(device)
     model.eval().requires_grad_(False)
-    return model
+    return attention.install(model, implementation)

@@ -13,7 +13,8 @@ from colossal_shear.errors import UserError
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .freeze import check_train_embeddings
-from .plugins import check_parallel_config, device_type
+from .model import attention_implementation
+from .plugins import check_parallel_config
 
 
 class TrainingError(UserError):
@@ -45,13 +46,7 @@ def preflight(cfg: TrainConfig) -> Inputs:
         raise TrainingError(f"--pretrained {model_path}: no config.json (not a Hugging Face model directory)")
     model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
     check_parallel_config(cfg.parallel, world_size=int(os.environ.get("WORLD_SIZE", 1)), model_config=model_config)
-    if cfg.use_flash_attn:
-        try:
-            import flash_attn  # noqa: F401
-        except ImportError:
-            raise TrainingError("--use_flash_attn needs the flash-attn package (pip install flash-attn)") from None
-        if device_type() == "cpu":
-            raise TrainingError("--use_flash_attn needs a CUDA GPU")
+    attention_implementation(cfg)  # refuses flash/flex where they cannot run, before any process group work
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
     train = open_prepared(cfg.dataset, tokenizer, None, model_config.max_position_embeddings)
     evals = open_prepared(cfg.eval_dataset, tokenizer, train.max_length) if cfg.eval_dataset else None

@@ -24,8 +24,9 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from .config import TrainConfig, save_config
 from .data import Batches, make_sampler, model_inputs, real_tokens
-from .engine import make_engine
-from .evaluate import evaluate_losses, reduce_sum
+from .collective import all_true, fail
+from .engine import make_engine, tensors_finite
+from .evaluate import evaluate_losses
 from .freeze import param_groups
 from .hooks import HookList, StageHooks
 from .log import RunLogger
@@ -52,9 +53,19 @@ class TrainState:
 @dataclass
 class StepResult:
     loss: float  # mean LM loss of the step's micro-batches over all data-parallel ranks
-    grad_norm: float | None  # None when the step was skipped
+    grad_norm: float | torch.Tensor | None  # None when the step was skipped; a tensor is read only when logged
     tokens: int
     seconds: float
+
+
+@dataclass
+class Verdict:
+    """What every rank agreed about one step."""
+
+    loss: float
+    tokens: int
+    loss_finite: bool
+    grads_finite: bool
 
 
 @dataclass
@@ -82,6 +93,7 @@ class Trainer:
         self.data, self.evals = inputs.data, inputs.evals
         self.state = TrainState()
         self.bad_run, self.history, self.last_eval, self.last_eval_step = 0, [], None, None
+        self.good_checkpoint = None  # the newest checkpoint known to hold finite weights (saved or resumed)
 
     # --- set-up --------------------------------------------------------------------------------------------------
 
@@ -167,7 +179,7 @@ class Trainer:
         """Restore a checkpoint when one is given, then open the run's outputs (saved config, logger)."""
         cfg = self.cfg
         if cfg.load_checkpoint and not ckpt.is_hf_model_dir(cfg.load_checkpoint):
-            self.checkpointer.resume(cfg.load_checkpoint)
+            self.good_checkpoint = self.checkpointer.resume(cfg.load_checkpoint)
         if cfg.save_dir and self.rank == 0:
             save_config(cfg, Path(cfg.save_dir) / "config.yaml")
         self.logger = RunLogger(cfg, self.total_steps, self.rank == 0, start_step=self.state.step)
@@ -186,14 +198,15 @@ class Trainer:
             result = self.train_step()
             self.log_step(result)
             if self.bad_run >= self.cfg.max_bad_steps:
-                raise TrainingError(f"{self.bad_run} consecutive steps had a NaN/inf loss (step {self.state.step}): "
-                                    "lower --lr, use bf16 or fp32, or check the data; the last good checkpoint is in "
-                                    "--save_dir")
+                raise self._diverged(f"{self.bad_run} consecutive steps had a NaN/inf loss or gradient norm")
             if self.evals is not None and self.cfg.eval_interval and self.state.step % self.cfg.eval_interval == 0:
                 self.evaluate()
-            if self.checkpointer.due(self.state.step):
-                self.checkpointer.save(self.state.step)
-        self.checkpointer.save_final(self.state.step)
+            if self.checkpointer.due(self.state.step) and not self.bad_run:
+                self.save()
+        if self.bad_run:  # the run ends in a bad streak: nothing of it is worth keeping or exporting
+            raise self._diverged(f"the last {self.bad_run} step(s) had a NaN/inf loss or gradient norm")
+        if self.checkpointer.save_dir and self.checkpointer.last_saved != self.state.step:
+            self.save()
         if self.state.step < self.total_steps:  # stopped early on request: the run continues from the checkpoint
             return self.finish()
         if self.evals is not None and self.last_eval_step != self.state.step:
@@ -201,42 +214,74 @@ class Trainer:
         self.export()
         return self.finish()
 
+    def save(self) -> None:
+        """A checkpoint only of finite weights, and never during a bad streak (a finite step can still overflow the
+        weights): so the newest checkpoint is always a good one, and `--keep_last` rotation only drops older ones."""
+        if not all_true(tensors_finite([p.detach() for p in self.model.parameters()], self.device)):
+            raise self._diverged("the weights are no longer finite")
+        self.good_checkpoint = self.checkpointer.save(self.state.step)
+
+    def _diverged(self, what: str) -> TrainingError:
+        where = (f"the newest checkpoint with finite weights is {self.good_checkpoint}" if self.good_checkpoint
+                 else "no checkpoint with finite weights was written by this run")
+        return TrainingError(f"{what} at step {self.state.step}: lower --lr, use bf16 or fp32, or check the data; "
+                             f"{where}")
+
     def train_step(self) -> StepResult:
-        """Forward/backward over the accumulation micro-batches, then one optimizer step (skipped on every rank
-        together when any rank's loss is not finite)."""
+        """Forward/backward over the accumulation micro-batches, then one optimizer step, skipped on every rank
+        together when any rank's loss, objective or gradients are not finite. Losses stay on the device: the one
+        host synchronisation of the step is that decision, which also brings back the step's loss and tokens."""
         started = time.perf_counter()
         step, n = self.state.step, self.cfg.accumulation_steps
-        losses, tokens, finite = [], 0, True
+        losses, objectives, tokens = [], [], 0
         for micro in range(n):
             batch = self.batches.next()
             tokens += real_tokens(batch)
             self.hooks.before_forward(step, micro)
-            loss, ok = self.engine.forward_backward(self.model, self.optimizer,
-                                                    model_inputs(batch, self.engine.compute_dtype, self.device),
-                                                    1.0 / n, self.hooks, step, micro == n - 1)
+            loss, objective = self.engine.forward_backward(self.model, self.optimizer,
+                                                           model_inputs(batch, self.engine.compute_dtype, self.device),
+                                                           1.0 / n, self.hooks, step, micro == n - 1)
             self.hooks.after_backward(step)
-            finite &= ok
             if loss is not None and self.ranks.loss_rank:
-                losses.append(float(loss) if ok else math.nan)
-        loss_sum, count, tokens = reduce_sum([sum(losses), len(losses), tokens if self.ranks.loss_rank else 0],
-                                             self.device)
-        mean_loss = loss_sum / max(count, 1)
-        finite &= math.isfinite(mean_loss)  # an engine whose schedule runs backward itself knows only now
-        grad_norm = self.engine.optimizer_step(self.model, self.optimizer) if finite else None
-        self.hooks.after_optimizer_step(step, finite)
+                losses.append(loss)
+            if objective is not None:
+                objectives.append(objective)
+        verdict = self._decide(losses, objectives, tokens if self.ranks.loss_rank else 0)
+        applied = verdict.loss_finite and verdict.grads_finite
+        if applied:
+            grad_norm = self.engine.optimizer_step(self.model, self.optimizer)
+        else:
+            grad_norm = self.engine.skip_step(self.optimizer, verdict.loss_finite)
+        self.hooks.after_optimizer_step(step, applied)
         self.optimizer.zero_grad()
         self.scheduler.step()
-        self.bad_run = 0 if finite else self.bad_run + 1
-        self.state.skipped += 0 if finite else 1
+        self.bad_run = 0 if applied else self.bad_run + 1
+        self.state.skipped += 0 if applied else 1
         self.state.step += 1
-        self.state.tokens += int(tokens)
-        return StepResult(mean_loss, grad_norm, int(tokens), time.perf_counter() - started)
+        self.state.tokens += verdict.tokens
+        return StepResult(verdict.loss, grad_norm, verdict.tokens, time.perf_counter() - started)
+
+    def _decide(self, losses: list, objectives: list, tokens: int) -> "Verdict":
+        """One all-reduce and one host read for the whole step: the summed loss, its count and the tokens (for
+        logging), and how many ranks saw a non-finite objective or non-finite gradients."""
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        loss_sum = torch.stack(losses).double().sum() if losses else zero
+        objective_sum = torch.stack(objectives).double().sum() if objectives else zero
+        grads_ok = self.engine.grads_finite(self.model, self.optimizer)
+        packed = torch.stack([loss_sum, zero + len(losses), zero + tokens,
+                              (~torch.isfinite(objective_sum)).double(), (~grads_ok).double()])
+        dist.all_reduce(packed)
+        loss_sum, count, tokens, bad_objectives, bad_grads = packed.tolist()
+        mean_loss = loss_sum / max(count, 1)
+        return Verdict(mean_loss, int(tokens), loss_finite=math.isfinite(mean_loss) and not bad_objectives,
+                       grads_finite=not bad_grads)
 
     def log_step(self, r: StepResult) -> None:
         self.history.append(r.loss)
         tps = r.tokens / r.seconds
         self.logger.step(self.state.step, {
-            "loss": r.loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": r.grad_norm, "tokens_per_s": tps,
+            "loss": r.loss, "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": None if r.grad_norm is None else float(r.grad_norm), "tokens_per_s": tps,
             "mfu": tps * self.flops_per_token / (self.peak_flops * self.world) if self.peak_flops else None,
             "skipped_steps": self.state.skipped, "tokens": self.state.tokens, **self.hooks.scalars(self.state.step)})
 
@@ -272,18 +317,26 @@ class Trainer:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Check every input, join the process group, train, and leave the process group cleanly."""
+    """Check every input, join the process group, train, and leave the process group: cleanly (after a barrier)
+    when every rank is done, at once when this rank fails (collective.fail), so no rank waits for a dead one."""
     inputs = preflight(cfg)
     launch(seed=cfg.seed)
     try:
-        return Trainer(cfg, inputs).setup().train()
-    finally:
-        _shutdown()
+        result = Trainer(cfg, inputs).setup().train()
+    except BaseException as error:
+        leaving = fail(error)
+        gc.collect()
+        if leaving is error:
+            raise
+        raise leaving from None
+    _shutdown()
+    return result
 
 
 def _shutdown():
     """Release Booster objects and the process group before interpreter exit, where colossalai's leftovers would
-    otherwise be collected after the modules they need are gone."""
+    otherwise be collected after the modules they need are gone. Only for ranks that all finished: a failing rank
+    must not wait in a barrier its peers never reach."""
     gc.collect()
     if dist.is_initialized():
         dist.barrier()

@@ -1,0 +1,188 @@
+"""The LM loss (and the distillation loss) over the LM head, chunk by chunk: a micro-batch's full fp32 logits
+[tokens, vocabulary] are never held. With Llama-3's 128,256-token vocabulary they are most of a small model's memory
+(2 × 2,048 tokens: 2.1 GB in fp32, plus their gradient).
+
+Each autograd Function computes, per chunk of tokens, the logits in the head's dtype, the loss terms in fp32, and at
+once the gradients w.r.t. the hidden states and the head weight (the way fused linear cross-entropy kernels do), so
+backward only scales what forward stored. `install_chunked_loss` replaces one model's forward (Hugging Face
+`*ForCausalLM` with a bias-free linear head) so that `model(**inputs).loss` keeps working; with labels the output
+carries no logits but `last_hidden_state` and `lm_head_weight`, from which the distillation hook computes its chunked
+KL term. Without labels the model's own forward runs.
+
+Under `--plugin 3d` with tensor or pipeline parallelism shardformer replaces the model's forward with its own
+(vocabulary-parallel cross-entropy over the sharded head, sequence split), so the reference loss path runs there.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from colossal_shear.data.tokenization import IGNORE_INDEX
+
+CHUNK_ELEMENTS = 2**25  # logits per chunk (128 MB in fp32): tokens per chunk = CHUNK_ELEMENTS // vocabulary
+
+
+def _chunk_rows(vocab: int, chunk_elements: int) -> int:
+    return max(1, chunk_elements // max(1, vocab))
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, denominator, chunk, with_grad):
+        ctx.weight_dtype = weight.dtype
+        grad_h = torch.empty_like(hidden) if with_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            valid = t != IGNORE_INDEX
+            safe = t.clamp(min=0)[:, None]
+            logits = (h @ weight.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, safe).squeeze(1)) * valid).sum()
+            if with_grad:  # d/dlogits = softmax - onehot, per valid token, over the denominator
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs.scatter_add_(1, safe, -valid[:, None].to(probs.dtype))
+                probs.mul_((valid.to(probs.dtype) / denominator)[:, None])
+                g = probs.to(hidden.dtype)
+                grad_h[start:start + chunk] = g @ weight
+                grad_w += (g.t() @ h).float()
+            del logits
+        if with_grad:
+            ctx.save_for_backward(grad_h, grad_w)
+        return total / denominator
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_out.to(grad_h.dtype), (grad_w * grad_out).to(ctx.weight_dtype)
+                if ctx.needs_input_grad[1] else None, None, None, None, None)
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          num_items_in_batch=None, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """Hugging Face's causal-LM loss (labels shifted by one, -100 ignored, mean over labelled tokens or a sum over
+    `num_items_in_batch`) of hidden [B, T, H] through a head weight [V, H], without [B·T, V] logits. No host
+    synchronisation: the denominator stays on the device."""
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    targets = labels[:, 1:].reshape(-1).to(hidden.device)
+    if num_items_in_batch is not None:
+        denominator = torch.as_tensor(num_items_in_batch, device=hidden.device, dtype=torch.float32)
+    else:
+        denominator = (targets != IGNORE_INDEX).sum().clamp(min=1).float()
+    with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _ChunkedCrossEntropy.apply(hidden, weight, targets, denominator,
+                                      _chunk_rows(weight.shape[0], chunk_elements), with_grad)
+
+
+class _ChunkedKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, t_hidden, t_weight, keep, denominator, temperature, chunk, with_grad):
+        ctx.weight_dtype = weight.dtype
+        grad_h = torch.empty_like(hidden) if with_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h, k = hidden[start:start + chunk], keep[start:start + chunk].to(torch.float32)
+            log_s = torch.log_softmax((h @ weight.t()).float() / temperature, dim=-1)
+            log_t = torch.log_softmax((t_hidden[start:start + chunk] @ t_weight.t()).float() / temperature, dim=-1)
+            p_t = log_t.exp()
+            total += ((p_t * (log_t - log_s)).sum(-1) * k).sum()
+            del log_t
+            if with_grad:  # d(T²·KL)/d(raw logits) = T · (softmax(s/T) - softmax(t/T))
+                g = log_s.exp_().sub_(p_t).mul_((k * temperature / denominator)[:, None]).to(hidden.dtype)
+                grad_h[start:start + chunk] = g @ weight
+                grad_w += (g.t() @ h).float()
+            del log_s, p_t
+        if with_grad:
+            ctx.save_for_backward(grad_h, grad_w)
+        return total * temperature ** 2 / denominator
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_out.to(grad_h.dtype), (grad_w * grad_out).to(ctx.weight_dtype)
+                if ctx.needs_input_grad[1] else None, None, None, None, None, None, None, None)
+
+
+def chunked_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                    teacher_weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                    chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """colossal_shear.pruning.distill.kd_loss (T²·KL(teacher ‖ student) per labelled token, after the causal shift)
+    from hidden states and head weights, without the student's or the teacher's full logits."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(f"student vocabulary {weight.shape[0]} and teacher vocabulary {teacher_weight.shape[0]} "
+                         "differ (same tokenizer and vocabulary size needed)")
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    t_hidden = teacher_hidden[:, :-1].reshape(-1, teacher_hidden.shape[-1]).detach()
+    keep = (labels[:, 1:] != IGNORE_INDEX).reshape(-1).to(hidden.device)
+    denominator = keep.sum().clamp(min=1).float()
+    with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _ChunkedKD.apply(hidden, weight, t_hidden, teacher_weight.detach(), keep, denominator, float(temperature),
+                            _chunk_rows(weight.shape[0], chunk_elements), with_grad)
+
+
+# --- the model hook ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ChunkedCausalLMOutput(CausalLMOutputWithPast):
+    """A causal-LM output without logits: what the chunked distillation loss needs instead."""
+
+    last_hidden_state: torch.Tensor | None = None
+    lm_head_weight: torch.Tensor | None = None
+
+
+def head_weight(model) -> torch.Tensor:
+    """The LM head's weight over the real vocabulary (shardformer's PaddingLMHead pads rows for tensor parallelism:
+    they must not enter the softmax)."""
+    head = model.get_output_embeddings()
+    rows = getattr(head, "old_num_embeddings", None)
+    return head.weight if rows is None or rows == head.weight.shape[0] else head.weight[:rows]
+
+
+def supports_chunked_loss(model) -> str | None:
+    """None when the chunked loss can replace the model's own, else why not."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or not hasattr(model, "get_decoder"):
+        return f"{type(model).__name__} has no separate decoder and LM head"
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        bias = " with a bias" if getattr(head, "bias", None) is not None else ""
+        return f"its LM head is {type(head).__name__}{bias}, not a bias-free linear layer"
+    return None
+
+
+def install_chunked_loss(model, chunk_elements: int = CHUNK_ELEMENTS):
+    """Make `model(..., labels=...)` compute the chunked loss (no logits); returns the model. Raises ValueError with
+    the reason when the model is not a supported causal LM."""
+    reason = supports_chunked_loss(model)
+    if reason:
+        raise ValueError(f"the chunked LM loss cannot be used: {reason} (use --lm_loss full)")
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
+                cache_position=None, **kwargs):
+        if labels is None:  # the class's forward, not a captured bound method: a deep copy calls its own
+            return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
+                                      position_ids=position_ids, past_key_values=past_key_values,
+                                      inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                      output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                      cache_position=cache_position, **kwargs)
+        num_items = kwargs.pop("num_items_in_batch", None)
+        kwargs.pop("logits_to_keep", None)
+        out = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                 output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                 cache_position=cache_position, **kwargs)
+        hidden, weight = out.last_hidden_state, head_weight(self)
+        loss = chunked_cross_entropy(hidden, weight, labels, num_items, chunk_elements)
+        return ChunkedCausalLMOutput(loss=loss, logits=None, past_key_values=out.past_key_values,
+                                     hidden_states=out.hidden_states, attentions=out.attentions,
+                                     last_hidden_state=hidden, lm_head_weight=weight)
+
+    model.forward = types.MethodType(forward, model)
+    return model
