@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import pickle
+import re
 import sys
+import types
 import warnings
 from typing import Callable
 
@@ -146,6 +150,114 @@ def zero_on_cpu() -> bool:
 
     _sanity_checks._colossal_shear = True
     LowLevelZeroOptimizer._sanity_checks = _sanity_checks
+    return True
+
+
+# colossalai's modules that read or write checkpoint files with torch.load / torch.save
+CHECKPOINT_MODULES = (
+    "colossalai.checkpoint_io.utils",
+    "colossalai.checkpoint_io.checkpoint_io_base",
+    "colossalai.checkpoint_io.hybrid_parallel_checkpoint_io",
+    "colossalai.checkpoint_io.moe_checkpoint",
+    "colossalai.booster.plugin.gemini_plugin",
+    "colossalai.booster.plugin.torch_fsdp_plugin",
+)
+
+
+class _CheckpointTorch(types.ModuleType):
+    """`torch` as colossalai's checkpoint code sees it (everything else is delegated to torch)."""
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True  # tensors and plain containers only, never arbitrary pickled objects
+        try:
+            return torch.load(f, *args, **kwargs)
+        except pickle.UnpicklingError as e:  # say which file holds what was refused, in one line
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            raise pickle.UnpicklingError(f"{f}: refused: it holds a pickled object, not only tensors"
+                                         + (f" ({found.group(1)})" if found else "")) from None
+
+    @staticmethod
+    def save(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)):  # through a Python file, whose OSError stays in __context__
+            with open(f, "wb") as handle:
+                return torch.save(obj, handle, *args, **kwargs)
+        return torch.save(obj, f, *args, **kwargs)
+
+
+@_patch
+def checkpoint_file_io() -> bool:
+    """Checkpoint files: colossalai loads optimizer shards and param groups with `torch.load` without
+    `weights_only` (torch's default, which TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 turns into arbitrary unpickling), and
+    `torch.save` to a path reports a full disk as "enforce fail at inline_container.cc", without the OS reason."""
+    import importlib
+
+    proxy = _CheckpointTorch()
+    for name in CHECKPOINT_MODULES:
+        module = importlib.import_module(name)
+        if getattr(module, "torch", None) is torch:
+            module.torch = proxy
+    return True
+
+
+def _is_padded(tensor) -> bool:
+    return hasattr(tensor, "_padding_dim")
+
+
+@_patch
+def padded_vocab_checkpoint() -> bool:
+    """The 3d plugin pads the vocabulary to a multiple of 64 (times tp); then saving a checkpoint fails: the padded
+    embedding reaches `to_unpadded_tensor` as a detached copy, which carries the padding attributes but not the
+    saved methods ("'Tensor' object has no attribute '_unpad_detach'", tp=1), and `search_tp_partition_dim` asserts
+    that each tensor-parallel shard is exactly 1/tp of the unpadded size ("isn't evenly distributed", tp>1)."""
+    import importlib
+
+    from colossalai.checkpoint_io import utils as ckpt_utils
+    from colossalai.tensor.padded_tensor import api
+
+    original_unpad = api.to_unpadded_tensor
+    if getattr(original_unpad, "_colossal_shear", False):
+        return False
+
+    def to_unpadded_tensor(ptensor):
+        if _is_padded(ptensor) and not hasattr(ptensor, "_unpad_detach"):  # a detached copy: slice, forget padding
+            unpad = [slice(None)] * ptensor.dim()
+            unpad[ptensor._padding_dim] = slice(None, ptensor._origin_length)
+            ptensor.data = ptensor.data[tuple(unpad)]
+            for attr in ("_padding_dim", "_origin_length", "_current_length"):
+                delattr(ptensor, attr)
+            return ptensor
+        return original_unpad(ptensor)
+
+    def search_tp_partition_dim(current_shape, original_shape, tp_size):
+        for dim, length in enumerate(original_shape):
+            if length > current_shape[dim]:
+                # padded (vocabulary) dimensions hold up to tp * shard rows, the last ones padding
+                assert length <= tp_size * current_shape[dim], (
+                    f"The parameter isn't evenly distributed among tensor parallel group: shape before sharding "
+                    f"{original_shape}, shape after sharding {current_shape}")
+                return dim
+        return None
+
+    to_unpadded_tensor._colossal_shear = True
+    for name in ("colossalai.tensor.padded_tensor.api", "colossalai.tensor.padded_tensor",
+                 "colossalai.checkpoint_io.hybrid_parallel_checkpoint_io", "colossalai.zero.gemini.gemini_ddp",
+                 "colossalai.zero.gemini.gemini_optimizer"):
+        module = importlib.import_module(name)
+        if getattr(module, "to_unpadded_tensor", None) is original_unpad:
+            module.to_unpadded_tensor = to_unpadded_tensor
+    original_search = ckpt_utils.search_tp_partition_dim
+    for name in ("colossalai.checkpoint_io.utils", "colossalai.checkpoint_io.hybrid_parallel_checkpoint_io",
+                 "colossalai.checkpoint_io.moe_checkpoint"):
+        module = importlib.import_module(name)
+        if getattr(module, "search_tp_partition_dim", None) is original_search:
+            module.search_tp_partition_dim = search_tp_partition_dim
     return True
 
 

@@ -5,10 +5,10 @@ complete; a file is written to a hidden sibling and renamed over its target. A c
 Ctrl-C therefore leaves the target as it was (absent, or the previous version) and removes the temporary, so nothing
 is ever half-written. Both renames stay on one file system (siblings), where rename is atomic.
 
-Permissions: what is published looks like anything else the user creates, whatever `tempfile` does (it makes
-0700 directories and 0600 files): directories get 0o777 & ~umask, files 0o666 & ~umask (0755 / 0644 under umask
-022, 0750 / 0640 under umask 027). Files that the caller writes inside a temporary directory get the same with
-plain `open()`; `copy_tokenizer_files` copies contents, not the source's mode.
+Permissions: what is published looks like anything else the user creates, whatever `tempfile` or a writer does
+(tempfile makes 0700 directories and 0600 files, and so does safetensors' `save_file`): directories get
+0o777 & ~umask, files 0o666 & ~umask (0755 / 0644 under umask 022, 0750 / 0640 under umask 027); `publish_dir`
+applies that to everything inside before the rename. `copy_tokenizer_files` copies contents, not the source's mode.
 
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:   # build everything in tmp
         model.save_pretrained(tmp)
@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -59,8 +61,38 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
+def apply_umask(root: str | os.PathLike) -> None:
+    """Give `root` and everything under it the umask's modes (keeping executable bits executable): writers that
+    create files 0600 would otherwise lock colleagues on a shared file system out of the output."""
+    mask = current_umask()
+    for dirpath, _, files in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, (0o777 if os.stat(path).st_mode & 0o111 else 0o666) & ~mask)
+
+
+def file_digests(paths: Sequence[str | os.PathLike], threads: int | None = None) -> dict[str, tuple[int, str]]:
+    """{path: (size, sha256 hex)} of each file, read in parallel threads (hashlib releases the GIL on large
+    buffers, so this runs at disk speed rather than at one core's hashing speed)."""
+
+    def digest(path) -> tuple[int, str]:
+        h, size = hashlib.sha256(), 0
+        with open(path, "rb", buffering=0) as f:
+            while chunk := f.read(1 << 23):
+                h.update(chunk)
+                size += len(chunk)
+        return size, h.hexdigest()
+
+    workers = threads or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return dict(zip(map(str, paths), pool.map(digest, paths)))
+
+
 def publish_dir(tmp: str | os.PathLike, target: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Rename the finished directory `tmp` to `target` (a sibling: same file system) and return `target`.
+    """Rename the finished directory `tmp` to `target` (a sibling: same file system) and return `target`, its
+    contents given the umask's modes (`apply_umask`).
 
     - `target` absent, or an empty directory: `tmp` takes its place.
     - `target` exists otherwise: FileExistsError, unless `overwrite`; then the old target is moved aside, `tmp` is
@@ -69,6 +101,7 @@ def publish_dir(tmp: str | os.PathLike, target: str | os.PathLike, overwrite: bo
     `tmp` is left for the caller to remove when this raises (`atomic_dir` does).
     """
     tmp, target = Path(tmp), Path(target)
+    apply_umask(tmp)
     if _is_empty_dir(target):
         target.rmdir()
     if not os.path.lexists(target):

@@ -127,7 +127,8 @@ class Trainer:
         self.batches = Batches(self.data, self.sampler, cfg.batch_size)
 
         self.checkpointer = ckpt.CheckpointManager(self.booster, self.model, self.optimizer, cfg.save_dir,
-                                                   cfg.save_interval, cfg.keep_last)
+                                                   cfg.save_interval, cfg.keep_last,
+                                                   ckpt.layout(par, self.world, self.ranks.dp_size))
         self.checkpointer.register("train", self.state)
         self.checkpointer.register("scheduler", self.scheduler)
         self.checkpointer.register("hooks", self.hooks)

@@ -3,6 +3,7 @@ map {patch name: "ok" | "<error>"}. Run with --with-compat to install the patche
 
 import json
 import os
+import pickle
 import sys
 import traceback
 
@@ -48,6 +49,41 @@ def probe_zero_on_cpu():
                                 partition_grad=True)
     model(torch.ones(2, 4)).sum().backward()
     opt.step()
+
+
+class Payload:
+    """A pickled object that is not a tensor: what weights_only loading must refuse."""
+
+
+def probe_checkpoint_file_io():
+    import tempfile
+    from pathlib import Path
+
+    from colossalai.checkpoint_io.utils import load_shard_state_dict, save_state_dict
+
+    os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"  # torch's default flipped back to full unpickling
+    with tempfile.TemporaryDirectory() as tmp:
+        shard = Path(tmp) / "pytorch_optim-00001.bin"
+        torch.save({"state": Payload()}, shard)
+        try:
+            load_shard_state_dict(shard)
+        except pickle.UnpicklingError:
+            pass
+        else:
+            raise AssertionError("an optimizer shard holding a pickled object was loaded")
+    try:
+        save_state_dict({"w": torch.zeros(1 << 16)}, "/dev/full", use_safetensors=False)
+    except Exception as e:  # the OSError may be the error itself or its context
+        assert isinstance(e, OSError) or isinstance(e.__context__, OSError), f"no OS reason in: {e!r}"
+
+
+def probe_padded_vocab_checkpoint():
+    from colossalai.checkpoint_io.utils import search_tp_partition_dim
+    from colossalai.tensor.padded_tensor import to_padded_tensor, to_unpadded_tensor
+
+    weight = to_padded_tensor(torch.nn.Parameter(torch.ones(3000, 4)), 3008, 0)
+    assert to_unpadded_tensor(weight.detach()).shape == (3000, 4)
+    assert search_tp_partition_dim(torch.Size([1536, 4]), torch.Size([3000, 4]), 2) == 0
 
 
 def main():
