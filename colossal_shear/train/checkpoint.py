@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from colossal_shear.errors import UserError
 from colossal_shear.fsutil import atomic_write_text, file_digests, publish_dir
+from .collective import gather
 
 LATEST, MANIFEST = "latest", "manifest.json"
 TRAINER_STATE, RANK_STATE = "trainer_state.pt", "rank-{rank}.pt"
@@ -56,14 +57,6 @@ def layout(parallel, world_size: int, dp_size: int) -> dict:
 
 def _describe(lay: dict, keys) -> str:
     return ", ".join(f"{k} {lay.get(k)}" for k in keys)
-
-
-def _agree(problem):
-    """Every rank's problem (None when it has none), in rank order, known to every rank: the ranks decide
-    together where they meet, so an error met by one rank is raised by all instead of leaving them waiting."""
-    problems = [None] * dist.get_world_size()
-    dist.all_gather_object(problems, problem)
-    return problems
 
 
 def os_reason(error: BaseException) -> str | None:
@@ -96,7 +89,7 @@ def _raise_agreed(error: Exception | None, what: str, where: Path, cleanup=None,
         reason = os_reason(error)
         mine = (f"{reason} (in {where})", True) if reason else \
             (f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}", False)
-    failed = [(rank, problem) for rank, problem in enumerate(_agree(mine)) if problem is not None]
+    failed = [(rank, problem) for rank, problem in enumerate(gather(mine)) if problem is not None]
     if not failed:
         return
     if cleanup is not None and dist.get_rank() == 0:
@@ -175,10 +168,6 @@ class CheckpointManager:
     def due(self, step: int) -> bool:
         return bool(self.save_dir and self.interval and step % self.interval == 0)
 
-    def save_final(self, step: int) -> None:
-        if self.save_dir and self.last_saved != step:
-            self.save(step)
-
     # --- saving --------------------------------------------------------------------------------------------------
 
     def save(self, step: int) -> Path:
@@ -203,7 +192,7 @@ class CheckpointManager:
         share = _shares(self._listing(tmp), dist.get_world_size())[rank]
         digests, error = _attempt(file_digests, [tmp / rel for rel in share])
         _raise_agreed(error, what, tmp, remove_tmp, note)
-        gathered = _agree({os.path.relpath(path, tmp): d for path, d in digests.items()})
+        gathered = gather({os.path.relpath(path, tmp): d for path, d in digests.items()})
 
         def publish():
             if rank != 0:
@@ -322,7 +311,7 @@ class CheckpointManager:
 
 def _first(problem):
     """The problem every rank reports for a check: a fatal one before the others, then the lowest rank's."""
-    agreed = [p for p in _agree(problem) if p is not None]
+    agreed = [p for p in gather(problem) if p is not None]
     return ([p for p in agreed if p[1]] or agreed or [None])[0]
 
 

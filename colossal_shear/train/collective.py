@@ -35,13 +35,22 @@ def agree(ok: bool, message: str = "", group=None) -> None:
         if not ok:
             raise CollectiveError(message)
         return
-    gathered: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, None if ok else message, group=group)
+    gathered = gather(None if ok else message, group)
     failed = [(rank, msg) for rank, msg in enumerate(gathered) if msg is not None]
     if failed:
         if len({msg for _, msg in failed}) == 1 and len(failed) == len(gathered):
             raise CollectiveError(failed[0][1])
         raise CollectiveError("; ".join(f"[rank {rank}] {msg}" for rank, msg in failed))
+
+
+def gather(problem, group=None) -> list:
+    """Every rank's `problem` (None when it has none, else any picklable description), in rank order, known to every
+    rank: the primitive of every agreed check (`agree`, and checkpoint.py's save and resume steps)."""
+    if not dist.is_initialized():
+        return [problem]
+    problems: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(problems, problem, group=group)
+    return problems
 
 
 def all_true(flag: torch.Tensor, group=None) -> bool:
