@@ -70,8 +70,8 @@ class TrainConfig:
                                 "the --lr schedule scales it)")
     mask_lr: float = option(1.0, "prune stage: peak learning rate of the masks' log_alpha (the --lr schedule "
                                  "scales it)")
-    mask_init: float = option(2.0, "prune stage: initial log_alpha of every mask (2: 97% kept; log_alpha is kept "
-                                   "in [ln 0.01, ln 100])")
+    mask_init: float = option(3.0, "prune stage: initial log_alpha of every mask (3: 80% of sampled gates exactly 1; "
+                                   "log_alpha is kept in [ln 0.01, ln 100])")
     mask_init_from: str = option("constant", "prune stage: constant: every mask starts at --mask_init; importance: "
                                              "Minitron activation importance on the first dataset orders them "
                                              "around it (+- --mask_init_spread)",

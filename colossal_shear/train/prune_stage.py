@@ -21,6 +21,7 @@ from colossal_shear.pruning.fold import fold
 from colossal_shear.pruning.lagrangian import Lagrangian
 from colossal_shear.pruning.masks import PruningMasks
 from colossal_shear.pruning.shape import PruneShape
+from colossal_shear.report import PRUNE_TOLERANCE as CONVERGED_TOLERANCE  # one threshold for the log and the report
 
 from .hooks import StageHooks
 from .schedule import resolve_warmup, warmup_cosine
@@ -31,8 +32,6 @@ RAMP_FRACTION = 0.4
 RAMP_MIN_STEPS = 30
 # Steps after the ramp the masks need to settle on the target (measured on the bundled tiny model: docs/pruning.md).
 SETTLE_STEPS = 60
-# |expected - target| sparsity above this at the end of pruning: the run is reported as not converged.
-CONVERGED_TOLERANCE = 0.05
 BETAS = (0.9, 0.95)
 
 
