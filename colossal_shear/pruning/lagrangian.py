@@ -66,4 +66,5 @@ class Lagrangian(nn.Module):
         return torch.stack([v.reshape(()) for v in terms.values()]).sum()
 
     def lambdas(self) -> dict[str, tuple[float, float]]:
-        return {k: (float(self.lambda_1[i]), float(self.lambda_2[i])) for i, k in enumerate(self.constraints)}
+        l1, l2 = self.lambda_1.detach(), self.lambda_2.detach()
+        return {k: (float(l1[i]), float(l2[i])) for i, k in enumerate(self.constraints)}
