@@ -89,6 +89,8 @@ def main():
     ap.add_argument("--methods", default="l0,l0-importance,importance,depth,random")
     ap.add_argument("--heldout_records", type=int, default=1000000, help="held-out records per category (from the "
                                                                           "last 20%% of each file)")
+    ap.add_argument("--report_only", action="store_true", help="only print the table of the runs finished in "
+                                                                    "--work_dir (e.g. after a time-limited run)")
     ap.add_argument("--work_dir", default=None, help="keep intermediate outputs here (default: a temporary dir); "
                                                      "finished runs found there are reused")
     args = ap.parse_args()
@@ -147,6 +149,8 @@ def main():
     for seed in [int(s) for s in args.seeds.split(",")]:
         for method in args.methods.split(","):
             tag = f"{method}-s{seed}"
+            if args.report_only and not (work / f"tb-{tag}-2" / "done").is_file():
+                continue
             phase1, t = work / f"phase1-{tag}", 0.0
             seeded = [*common, "--seed", seed]
             if method in L0_METHODS:
