@@ -137,7 +137,7 @@ def make_report(tensorboard_dir, out_dir, stages=STAGE_ORDER, models: dict | Non
                   ", ".join(f"{k} {v:.3f}" for k, v in off.items()) + f" (> {PRUNE_TOLERANCE}) at its last step; "
                   "the folded model was forced to the target shape. Give it more steps (docs/pruning.md).", ""]
     if gaps:
-        summary.append(("prune convergence |expected − target| sparsity",
+        summary.append(("prune convergence (sparsity gap to target)",
                         ", ".join(f"{k} {v:.3f}" for k, v in gaps.items()) + (" (NOT converged)" if off else "")))
     if tokenizers and eval_texts:
         from .data.records import texts as read_texts

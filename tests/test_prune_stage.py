@@ -48,7 +48,7 @@ def test_prune_stage_resumes_exactly_and_exports_the_target_shape(plugin, tied, 
     root.mkdir()
     (root / "prune").symlink_to(full / "tb")
     report, summary = make_report(root, tmp_path / "report")
-    assert "NOT converged" in dict(summary)["prune convergence |expected − target| sparsity"]
+    assert "NOT converged" in dict(summary)["prune convergence (sparsity gap to target)"]
     assert "WARNING: the prune stage did not converge" in report.read_text()
     run_distributed(TRAIN, *_prune_args(model_dir, dataset, part, plugin, "--stop_at_step", 3))
     assert not (part / "export").exists()
@@ -92,7 +92,7 @@ def test_default_pruning_converges_within_200_steps_with_log_alpha_clamped(model
     assert min(low.values()) >= math.log(0.01) - 1e-5 and max(high.values()) <= math.log(100) + 1e-5
     assert min(low.values()) < math.log(0.01) + 0.5, "no gate was pushed to the lower clamp: the check is vacuous"
     _, summary = make_report(tmp_path / "tb", tmp_path / "report")
-    row = dict(summary)["prune convergence |expected − target| sparsity"]
+    row = dict(summary)["prune convergence (sparsity gap to target)"]
     assert "NOT converged" not in row and f"heads {gaps['heads']:.3f}" in row
 
 
