@@ -128,9 +128,10 @@ class PruneStage(StageHooks):
         targets = self.lagrangian.target_at(step)
         log_alpha = [g.log_alpha.detach() for g in self.masks.gates.values()]
         out = {"prune/expected_params": float(self.masks.expected_params().detach()),
-               "prune/lagrangian": self.last_penalty,
-               "prune/log_alpha_min": min(float(a.min()) for a in log_alpha),
-               "prune/log_alpha_max": max(float(a.max()) for a in log_alpha)}
+               "prune/lagrangian": self.last_penalty}
+        if log_alpha:  # none when the target is the source's shape
+            out["prune/log_alpha_min"] = min(float(a.min()) for a in log_alpha)
+            out["prune/log_alpha_max"] = max(float(a.max()) for a in log_alpha)
         for k, (expected, target) in self.sparsity().items():
             out[f"prune/expected_sparsity/{k}"] = expected
             out[f"prune/target_sparsity/{k}"] = target
