@@ -26,7 +26,7 @@ PRECISION=${PRECISION:-fp32}                                       # bf16 on GPU
 MAX_LENGTH=${MAX_LENGTH:-128}
 BATCH_SIZE=${BATCH_SIZE:-4}
 ALIGN_STEPS=${ALIGN_STEPS:-10}
-PRUNE_STEPS=${PRUNE_STEPS:-30}
+PRUNE_STEPS=${PRUNE_STEPS:-200}                                    # masks settle on the target in ~150 (docs/pruning.md)
 CONTINUE_STEPS=${CONTINUE_STEPS:-20}
 REPLAY_STEPS=${REPLAY_STEPS:-20}
 USE_TEACHER=${USE_TEACHER:-1}                                      # distil the continue stage from the aligned model
@@ -84,7 +84,7 @@ stage() {  # name, input model, dataset, steps, extra flags...
 REPLAY=$PARENT_SAVE_DIR/data/replay
 stage align "$VOCAB/model" "$PARENT_SAVE_DIR/data/new" "$ALIGN_STEPS" --lr 1e-2 --warmup_steps 2
 stage prune "$PARENT_SAVE_DIR/align/export" "$REPLAY" "$PRUNE_STEPS" --lr 1e-3 --warmup_steps 2 \
-  --target_shape "$TARGET_SHAPE" --eval_interval 10 --dynamic_loading \
+  --target_shape "$TARGET_SHAPE" --eval_interval 50 --dynamic_loading \
   --reference_model "$PARENT_SAVE_DIR/align/export"
 TEACHER=()
 [ "$USE_TEACHER" = 1 ] && TEACHER=(--teacher "$PARENT_SAVE_DIR/align/export" --kd_weight 0.5 --kd_temperature 1.0)

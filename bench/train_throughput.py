@@ -129,7 +129,7 @@ def booster_step_fn(args, device, plugin_name: str, compiled: bool = False, prun
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = model(input_ids=data, labels=data).loss
             if masks is not None:
-                loss = loss + lagrangian.penalty(masks.expected_shape(), 5)
+                loss = loss + lagrangian.penalty(masks.expected_per_layer(), 5)
         booster.backward(loss, opt)
         opt.step()
         opt.zero_grad()

@@ -31,6 +31,22 @@ def read_scalars(logdir: str | os.PathLike) -> dict[str, list[tuple[int, float]]
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+# |expected - target| sparsity above this at the end of the prune stage: not converged (the stage's log and the report).
+PRUNE_TOLERANCE = 0.05
+
+
+def prune_convergence(scalars: dict) -> dict[str, float]:
+    """{dim: |expected - target| sparsity at the last logged step} for every dim the prune stage shrank."""
+    gaps = {}
+    for tag, pts in scalars.items():
+        if tag.startswith("prune/target_sparsity/") and pts and pts[-1][1] > 0:
+            dim = tag.rsplit("/", 1)[1]
+            expected = scalars.get(f"prune/expected_sparsity/{dim}")
+            if expected:
+                gaps[dim] = abs(expected[-1][1] - pts[-1][1])
+    return gaps
+
+
 def count_params(model_dir: str | os.PathLike) -> int:
     """Parameters of a saved HF model, read from the safetensors headers (no weights loaded)."""
     from safetensors import safe_open
@@ -86,7 +102,7 @@ def make_report(tensorboard_dir, out_dir, stages=STAGE_ORDER, models: dict | Non
     out.mkdir(parents=True, exist_ok=True)
     present = [s for s in stages if (tb / s).is_dir()] + sorted(
         p.name for p in tb.iterdir() if p.is_dir() and p.name not in stages) if tb.is_dir() else []
-    losses, evals, weights, sparsity, rows, offset = {}, {}, {}, {}, [], 0
+    losses, evals, weights, sparsity, rows, offset, gaps = {}, {}, {}, {}, [], 0, {}
     for stage in present:
         scalars = read_scalars(tb / stage)
         train = scalars.get("train/loss", [])
@@ -102,6 +118,8 @@ def make_report(tensorboard_dir, out_dir, stages=STAGE_ORDER, models: dict | Non
                 weights.setdefault(f"{stage}: {tag.split('/', 1)[1]}", []).extend(shift(pts))
             elif tag.startswith("prune/expected_sparsity/") or tag.startswith("prune/target_sparsity/"):
                 sparsity[tag.split("/", 1)[1]] = shift(pts)
+        if stage == "prune":
+            gaps = prune_convergence(scalars)
         rows.append((stage, len(train), train[0][1] if train else None, train[-1][1] if train else None, final_eval))
         offset += max((s for s, _ in train), default=0)
 
@@ -113,6 +131,14 @@ def make_report(tensorboard_dir, out_dir, stages=STAGE_ORDER, models: dict | Non
     ]
     lines = ["# Run report", ""]
     summary = []
+    off = {k: v for k, v in gaps.items() if v > PRUNE_TOLERANCE}
+    if off:
+        lines += [f"**WARNING: the prune stage did not converge**: |expected - target| sparsity " +
+                  ", ".join(f"{k} {v:.3f}" for k, v in off.items()) + f" (> {PRUNE_TOLERANCE}) at its last step; "
+                  "the folded model was forced to the target shape. Give it more steps (docs/pruning.md).", ""]
+    if gaps:
+        summary.append(("prune convergence (sparsity gap to target)",
+                        ", ".join(f"{k} {v:.3f}" for k, v in gaps.items()) + (" (NOT converged)" if off else "")))
     if tokenizers and eval_texts:
         from .data.records import texts as read_texts
 

@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from colossal_shear.bundled import corpus_files
 from colossal_shear.data import PrepareConfig, prepare_dataset
 from colossal_shear.pruning.shape import PruneShape
+from colossal_shear.report import make_report
 from conftest import ROOT, run_distributed
 from test_train import tb_scalars
 
@@ -39,7 +40,16 @@ def test_prune_stage_resumes_exactly_and_exports_the_target_shape(plugin, tied, 
                                                                   tmp_path):
     model_dir = tied_model_dir if tied else model_dir
     full, part = tmp_path / "full", tmp_path / "part"
-    run_distributed(TRAIN, *_prune_args(model_dir, dataset, full, plugin))
+    proc = run_distributed(TRAIN, *_prune_args(model_dir, dataset, full, plugin))
+    # 6 steps cannot settle the masks: said before training and, with the gaps, before folding
+    assert "prune steps with a 2-step target ramp" in proc.stderr
+    assert "the masks did NOT converge" in proc.stderr
+    root = tmp_path / "tb-root"
+    root.mkdir()
+    (root / "prune").symlink_to(full / "tb")
+    report, summary = make_report(root, tmp_path / "report")
+    assert "NOT converged" in dict(summary)["prune convergence (sparsity gap to target)"]
+    assert "WARNING: the prune stage did not converge" in report.read_text()
     run_distributed(TRAIN, *_prune_args(model_dir, dataset, part, plugin, "--stop_at_step", 3))
     assert not (part / "export").exists()
     run_distributed(TRAIN, *_prune_args(model_dir, dataset, part, plugin, "--load_checkpoint", part / "ckpt"))
@@ -48,8 +58,9 @@ def test_prune_stage_resumes_exactly_and_exports_the_target_shape(plugin, tied, 
         for step in range(3, 7):
             if step in expected:
                 assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), (tag, step)
-    sparsity = tb_scalars(full / "tb", "prune/expected_sparsity/layers")
-    assert sparsity[6] > sparsity[1], "the Lagrangian did not move the masks towards the target"
+    # the multipliers answer the gap (6 steps are too few for the masks to follow: the 200-step test checks that)
+    lam = tb_scalars(full / "tb", "prune/lambda_1/layers")
+    assert abs(lam[6]) > abs(lam[1]) > 0, "the multipliers did not respond to the shape gap"
 
     config = AutoConfig.from_pretrained(full / "export")
     shape = PruneShape.from_config(config)
@@ -59,6 +70,30 @@ def test_prune_stage_resumes_exactly_and_exports_the_target_shape(plugin, tied, 
     assert sum(p.numel() for p in model.parameters()) == shape.num_params(config.vocab_size, config.head_dim, tied)
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 5, 9, 200]])).logits).all()
+
+
+def test_default_pruning_converges_within_200_steps_with_log_alpha_clamped(model_dir, dataset, tmp_path):
+    """Default pruning hyperparameters (one process: the masks are replicated, so one rank shows the dynamics)."""
+    tb = tmp_path / "tb" / "prune"
+    proc = run_distributed(TRAIN, "--stage", "prune", "--pretrained", model_dir, "--dataset", dataset, "--plugin",
+                           "ddp", "--mixed_precision", "fp32", "--batch_size", 2, "--max_steps", 200, "--lr", 1e-3,
+                           "--target_shape", TARGET, "--log_interval", 50, "--tensorboard_dir", tb,
+                           "--export_dir", tmp_path / "export", nproc=1)
+    assert "WARNING" not in proc.stderr
+    gaps = {}
+    for dim in ("hidden", "layers", "heads", "intermediate"):  # TARGET shrinks these (kv_heads stays)
+        expected = tb_scalars(tb, f"prune/expected_sparsity/{dim}")
+        target = tb_scalars(tb, f"prune/target_sparsity/{dim}")
+        assert target[200] > 0, dim
+        gaps[dim] = abs(expected[200] - target[200])
+    assert all(g <= 0.03 for g in gaps.values()), gaps
+    assert f"heads {gaps['heads']:.3f}" in proc.stdout.split("convergence |expected - target| sparsity:")[1]
+    low, high = tb_scalars(tb, "prune/log_alpha_min"), tb_scalars(tb, "prune/log_alpha_max")
+    assert min(low.values()) >= math.log(0.01) - 1e-5 and max(high.values()) <= math.log(100) + 1e-5
+    assert min(low.values()) < math.log(0.01) + 0.5, "no gate was pushed to the lower clamp: the check is vacuous"
+    _, summary = make_report(tmp_path / "tb", tmp_path / "report")
+    row = dict(summary)["prune convergence (sparsity gap to target)"]
+    assert "NOT converged" not in row and f"heads {gaps['heads']:.3f}" in row
 
 
 def test_dynamic_loading_follows_the_update_rule(model_dir, dataset, tmp_path):

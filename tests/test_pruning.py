@@ -415,6 +415,39 @@ def test_lagrangian_ramp_and_penalty():
     assert float(lag.penalty(src, 0).detach()) == 0.0
 
 
+
+def test_lagrangian_quadratic_term_is_per_layer_then_averaged(model):
+    """The reference takes lambda1 d + lambda2 d^2 per layer, then the mean: two layers at +-0.25 off target cost
+    lambda2 * 0.0625 although their mean is on target (the mean-over-layers form gave 0)."""
+    target = PruneShape(64, 4, 4, 96, 2)
+    lag = Lagrangian(SOURCE, target, warmup_steps=0)
+    assert lag.constraints == ["intermediate"]
+    with torch.no_grad():
+        lag.lambda_1.fill_(1.0)
+        lag.lambda_2.fill_(2.0)
+    per_layer = torch.tensor([96 + 48.0, 96 - 48.0, 96.0, 96.0])  # d = +0.25, -0.25, 0, 0
+    got = float(lag.penalty({"intermediate": per_layer}, 0).detach())
+    assert abs(got - 2.0 * (0.0625 + 0.0625) / 4) < 1e-7
+    assert float(lag.penalty({"intermediate": per_layer.mean()}, 0).detach()) == 0.0
+    masks = PruningMasks(model.config, PruneShape(48, 2, 3, 128, 1))
+    per = masks.expected_per_layer()
+    assert per["intermediate"].shape == per["heads"].shape == per["kv_heads"].shape == (4,)
+    for k, v in masks.expected_shape().items():
+        assert torch.allclose(per[k].mean() if per[k].dim() else per[k], v), k
+
+
+def test_log_alpha_is_clamped_to_the_reference_range(model):
+    """constrain() keeps log_alpha in [ln 0.01, ln 100]: beyond it the gates' sigmoid is flat and they stop moving."""
+    masks = PruningMasks(model.config, PruneShape(48, 2, 3, 128, 1), init_log_alpha=5.0)
+    with torch.no_grad():
+        masks.gates["hidden"].log_alpha[:3] = torch.tensor([-25.0, 25.0, 1.0])
+    masks.constrain()
+    for kind, gate in masks.gates.items():
+        la = gate.log_alpha.detach()
+        assert float(la.min()) >= math.log(0.01) - 1e-6 and float(la.max()) <= math.log(100) + 1e-6, kind
+    assert masks.gates["hidden"].log_alpha[:3].tolist() == pytest.approx([math.log(0.01), math.log(100), 1.0])
+    assert masks.gates["layer"].log_alpha.tolist() == pytest.approx([math.log(100)] * 4)  # init 5 -> 4.6
+
 # ------------------------------------------------------------------------------------------------ distillation
 def test_kd_loss():
     g = torch.Generator().manual_seed(0)

@@ -17,6 +17,10 @@ LIMIT_L = -0.1
 LIMIT_R = 1.1
 BETA = 2.0 / 3.0
 EPS = 1e-6
+# log_alpha is kept in [ln 0.01, ln 100] (about +-4.6), as the reference does before every forward: beyond it the
+# sigmoid is flat, the gates stop responding to the Lagrangian and the expected shape never reaches the target.
+LOG_ALPHA_MIN = math.log(1e-2)
+LOG_ALPHA_MAX = math.log(1e2)
 
 
 class HardConcrete(nn.Module):
@@ -36,6 +40,11 @@ class HardConcrete(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.log_alpha.shape)}, l={self.l}, r={self.r}, beta={self.beta:.4f}"
+
+    @torch.no_grad()
+    def constrain(self) -> None:
+        """Clamp log_alpha in place to [LOG_ALPHA_MIN, LOG_ALPHA_MAX]."""
+        self.log_alpha.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
 
     def _log_alpha(self) -> torch.Tensor:
         return self.log_alpha.float()

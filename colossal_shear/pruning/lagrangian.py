@@ -1,8 +1,10 @@
 """Lagrange multipliers that drive the masks' expected shape to the target (Sheared-LLaMA).
 
 Per constraint c (only the dims the target shrinks: 'hidden', 'layers', 'heads', 'kv_heads', 'intermediate'):
-    lambda1_c * (s_c - t_c) + lambda2_c * (s_c - t_c)^2
-with s_c the masks' expected value and t_c the (ramped) target, both as fractions of the source value. The target
+    mean over layers of lambda1_c * (s_c - t_c) + lambda2_c * (s_c - t_c)^2
+with s_c the masks' expected value and t_c the (ramped) target, both as fractions of the source value. Per-layer
+dims (heads, kv_heads, intermediate) take the term per layer, then the mean over layers, as the reference does: a
+layer far off its share is penalised quadratically even when the mean is on target (linear terms are unchanged). The target
 ramps linearly from the source value to the final target over `warmup_steps`. The masks minimise the penalty, the
 multipliers maximise it (the trainer steps them by gradient ascent): a min-max game.
 """
@@ -46,20 +48,23 @@ class Lagrangian(nn.Module):
         return {k: self.source[k] + (self.target[k] - self.source[k]) * f for k in self.constraints}
 
     def terms(self, expected: dict, step: int) -> dict[str, torch.Tensor]:
+        """`expected[k]`: a count, or a vector of per-layer counts (`PruningMasks.expected_per_layer`)."""
         targets = self.target_at(step)
         out = {}
         for i, k in enumerate(self.constraints):
             s = expected[k] / self.source[k]
             diff = s - targets[k] / self.source[k]
-            out[k] = self.lambda_1[i] * diff + self.lambda_2[i] * diff * diff
+            out[k] = (self.lambda_1[i] * diff + self.lambda_2[i] * diff * diff).mean()
         return out
 
     def penalty(self, expected: dict, step: int) -> torch.Tensor:
-        """Sum over constraints of lambda1 * (s - t) + lambda2 * (s - t)^2 (s, t as fractions of the source)."""
+        """Sum over constraints of the mean over layers of lambda1 * (s - t) + lambda2 * (s - t)^2 (s, t as
+        fractions of the source)."""
         terms = self.terms(expected, step)
         if not terms:
             return self.lambda_1.sum() * 0.0
         return torch.stack([v.reshape(()) for v in terms.values()]).sum()
 
     def lambdas(self) -> dict[str, tuple[float, float]]:
-        return {k: (float(self.lambda_1[i]), float(self.lambda_2[i])) for i, k in enumerate(self.constraints)}
+        l1, l2 = self.lambda_1.detach(), self.lambda_2.detach()
+        return {k: (float(l1[i]), float(l2[i])) for i, k in enumerate(self.constraints)}

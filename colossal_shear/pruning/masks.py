@@ -144,6 +144,11 @@ class PruningMasks(nn.Module):
         shapes = kind_shapes(self.source)
         return {k: fn(self.gates[k]) if k in self.gates else torch.ones(shapes[k], device=self.device) for k in KINDS}
 
+    def constrain(self) -> None:
+        """Clamp every gate's log_alpha to the reference's range (the prune stage calls it before every forward)."""
+        for gate in self.gates.values():
+            gate.constrain()
+
     # ------------------------------------------------------------------ gates
     def sample(self, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Stochastic gates for a training step (all five kinds; constant ones for the kinds not pruned)."""
@@ -170,6 +175,18 @@ class PruningMasks(nn.Module):
             "heads": heads.sum(-1).mean(),
             "kv_heads": p["group"].sum(-1).mean(),
             "intermediate": p["intermediate"].sum(-1).mean(),
+        }
+
+    def expected_per_layer(self) -> dict[str, torch.Tensor]:
+        """Like `expected_shape`, but 'heads', 'kv_heads' and 'intermediate' are [L] vectors (one expected count per
+        source layer): the Lagrangian takes its quadratic term per layer, then the mean, as the reference does."""
+        p = self.keep_probs()
+        return {
+            "hidden": p["hidden"].sum(),
+            "layers": p["layer"].sum(),
+            "heads": effective_heads(p, self.source).sum(-1),
+            "kv_heads": p["group"].sum(-1),
+            "intermediate": p["intermediate"].sum(-1),
         }
 
     def target_shape(self) -> dict[str, float]:

@@ -142,7 +142,7 @@ def collect_importance(model: nn.Module, batches, want_width: bool = True, want_
     return out
 
 
-def _group_scores(head: torch.Tensor, s: PruneShape) -> torch.Tensor:
+def group_scores(head: torch.Tensor, s: PruneShape) -> torch.Tensor:
     return head.view(s.layers, s.kv_heads, s.heads // s.kv_heads).sum(-1)
 
 
@@ -152,7 +152,7 @@ def importance_masks(model: nn.Module, batches, target: PruneShape) -> dict:
     source = PruneShape.from_config(model.config)
     target.validate_against(source)
     scores = collect_importance(model, batches, want_width=True, want_depth=target.layers < source.layers)
-    scores["group"] = _group_scores(scores["head"], source)
+    scores["group"] = group_scores(scores["head"], source)
     return select(source, target, scores)
 
 

@@ -77,11 +77,20 @@ class TrainConfig:
     # structured pruning (--stage prune)
     target_shape: str | None = option(None, "prune stage: target 'hidden,heads,layers,intermediate[,kv_heads]' or a "
                                             "config.json / HF model directory with the target shape")
-    lag_lr: float = option(1.0, "prune stage: learning rate of the Lagrangian multipliers (gradient ascent)")
-    mask_lr: float = option(1.0, "prune stage: learning rate of the masks' log_alpha")
-    mask_init: float = option(5.0, "prune stage: initial log_alpha of every mask (5: all kept)")
+    lag_lr: float = option(0.2, "prune stage: peak learning rate of the Lagrangian multipliers (gradient ascent; "
+                                "the --lr schedule scales it)")
+    mask_lr: float = option(1.0, "prune stage: peak learning rate of the masks' log_alpha (the --lr schedule "
+                                 "scales it)")
+    mask_init: float = option(3.0, "prune stage: initial log_alpha of every mask (3: 80% of sampled gates exactly 1; "
+                                   "log_alpha is kept in [ln 0.01, ln 100])")
+    mask_init_from: str = option("constant", "prune stage: constant: every mask starts at --mask_init; importance: "
+                                             "Minitron activation importance on the first dataset orders them "
+                                             "around it (+- --mask_init_spread)",
+                                 choices=("constant", "importance"))
+    mask_init_spread: float = option(2.0, "prune stage: with --mask_init_from importance, the most / least important "
+                                          "unit starts at mask_init +- this")
     lagrangian_warmup_steps: int | None = option(None, "prune stage: steps over which the target shape ramps in",
-                                                 default_text="20% of the steps")
+                                                 default_text="40% of the steps, at least 30")
     # checkpoints, logs, export
     save_dir: str | None = option(None, "directory for resumable checkpoints (step-NNNNNNN/ + latest + config.yaml)")
     save_interval: int = option(1000, "save a checkpoint every N optimizer steps (and at the end)")

@@ -3,10 +3,15 @@ expected shape to the target, and at the end binary masks folded into a smaller 
 
 The masks and multipliers live outside the Booster (they are tiny, fp32, and replicated on every rank): their
 gradients are averaged over all ranks by hand after each backward, and their own AdamW steps them (masks by
-descent, multipliers by ascent: a min-max game). Their state travels in the trainer checkpoint.
+descent, multipliers by ascent: a min-max game). Their state travels in the trainer checkpoint. As in the reference
+(Sheared-LLaMA), log_alpha is clamped to [ln 0.01, ln 100] before every forward, and the model's warm-up + cosine
+schedule scales the masks' and multipliers' learning rates too (their own scheduler, stepped here: the trainer's
+optimizer and scheduler are untouched), with betas (0.9, 0.95).
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.distributed as dist
@@ -16,8 +21,22 @@ from colossal_shear.pruning.fold import fold
 from colossal_shear.pruning.lagrangian import Lagrangian
 from colossal_shear.pruning.masks import PruningMasks
 from colossal_shear.pruning.shape import PruneShape
+from colossal_shear.report import PRUNE_TOLERANCE as CONVERGED_TOLERANCE  # one threshold for the log and the report
 
 from .hooks import StageHooks
+from .schedule import resolve_warmup, warmup_cosine
+
+# The target ramp: RAMP_FRACTION of the prune steps, at least RAMP_MIN_STEPS (the masks need about that long to
+# follow a moving target without overshooting it), never more than all of them.
+RAMP_FRACTION = 0.4
+RAMP_MIN_STEPS = 30
+# Steps after the ramp the masks need to settle on the target (measured on the bundled tiny model: docs/pruning.md).
+SETTLE_STEPS = 60
+BETAS = (0.9, 0.95)
+
+
+def default_ramp(total_steps: int) -> int:
+    return min(total_steps, max(int(RAMP_FRACTION * total_steps), RAMP_MIN_STEPS))
 
 
 class PruneStage(StageHooks):
@@ -28,18 +47,32 @@ class PruneStage(StageHooks):
         self.source = PruneShape.from_config(model_config)
         self.target = PruneShape.parse(cfg.target_shape, model_config)
         self.target.validate_against(self.source)
-        warmup = cfg.lagrangian_warmup_steps if cfg.lagrangian_warmup_steps is not None else int(0.2 * total_steps)
-        self.masks = PruningMasks(model_config, self.target, init_log_alpha=cfg.mask_init).to(device)
-        self.lagrangian = Lagrangian(self.source, self.target, warmup_steps=warmup).to(device)
+        ramp = cfg.lagrangian_warmup_steps if cfg.lagrangian_warmup_steps is not None else default_ramp(total_steps)
+        self.masks = PruningMasks(model_config, self.target, init_log_alpha=cfg.mask_init,
+                                  seed=cfg.seed).to(device)
+        if cfg.mask_init_from == "importance":
+            from colossal_shear.pruning.importance_init import importance_log_alpha
+
+            importance_log_alpha(self.masks, model, cfg.dataset[0], cfg.mask_init, cfg.mask_init_spread)
+        self.masks.constrain()
+        self.lagrangian = Lagrangian(self.source, self.target, warmup_steps=ramp).to(device)
         self.optimizer = torch.optim.AdamW([
             {"params": list(self.masks.parameters()), "lr": cfg.mask_lr, "weight_decay": 0.0},
             {"params": list(self.lagrangian.parameters()), "lr": cfg.lag_lr, "weight_decay": 0.0},
-        ], betas=(0.9, 0.999))
-        self._z = None
+        ], betas=BETAS)
+        self.scheduler = warmup_cosine(self.optimizer, resolve_warmup(cfg.warmup_steps, total_steps), total_steps)
         self._seed = (cfg.seed, 0, 0)
         self.masked = MaskedModel(model, self._current_z)
         self.masked.attach()
         self.last_penalty = 0.0
+        if total_steps < ramp + SETTLE_STEPS:
+            self._say(f"WARNING: {total_steps} prune steps with a {ramp}-step target ramp: the masks need about "
+                      f"{SETTLE_STEPS} steps after the ramp to settle, so they will probably end off target "
+                      f"(use --max_steps >= {ramp + SETTLE_STEPS} or a shorter --lagrangian_warmup_steps)")
+
+    def _say(self, line: str) -> None:
+        if self.dp_rank == 0:
+            print(f"prune: {line}", file=sys.stderr if "WARNING" in line else sys.stdout, flush=True)
 
     def _current_z(self):
         if self.masks.training:
@@ -50,9 +83,10 @@ class PruneStage(StageHooks):
     def before_forward(self, step: int, micro: int) -> None:
         """Masks are resampled for every micro-batch from a seed of (seed, step, micro, rank): exact on resume."""
         self._seed = (self.cfg.seed, step, micro, self.dp_rank)
+        self.masks.constrain()
 
     def extra_loss(self, step, inputs, outputs) -> torch.Tensor:
-        loss = self.lagrangian.penalty(self.masks.expected_shape(), step)
+        loss = self.lagrangian.penalty(self.masks.expected_per_layer(), step)
         self.last_penalty = float(loss.detach())
         return loss
 
@@ -61,6 +95,7 @@ class PruneStage(StageHooks):
             self._step()
         else:
             self.optimizer.zero_grad()
+        self.scheduler.step()  # like the trainer's: every step, applied or skipped
 
     def _step(self) -> None:
         grads = [p.grad for group in self.optimizer.param_groups for p in group["params"]]
@@ -77,20 +112,29 @@ class PruneStage(StageHooks):
                 offset += n
         self.optimizer.step()
         self.optimizer.zero_grad()
+        self.masks.constrain()
 
     def train(self, mode: bool = True) -> None:
         self.masks.train(mode)
 
-    def scalars(self, step: int) -> dict:
+    def sparsity(self) -> dict[str, tuple[float, float]]:
+        """{dim: (expected sparsity, final target sparsity)} for every dim of the shape."""
         expected = {k: float(v.detach()) for k, v in self.masks.expected_shape().items()}
-        targets = self.lagrangian.target_at(step)
         final = self.masks.target_shape()
+        return {k: (1 - v / getattr(self.source, k), 1 - final[k] / getattr(self.source, k))
+                for k, v in expected.items()}
+
+    def scalars(self, step: int) -> dict:
+        targets = self.lagrangian.target_at(step)
+        log_alpha = [g.log_alpha.detach() for g in self.masks.gates.values()]
         out = {"prune/expected_params": float(self.masks.expected_params().detach()),
                "prune/lagrangian": self.last_penalty}
-        for k, v in expected.items():
-            source = getattr(self.source, k)
-            out[f"prune/expected_sparsity/{k}"] = 1 - v / source
-            out[f"prune/target_sparsity/{k}"] = 1 - final[k] / source
+        if log_alpha:  # none when the target is the source's shape
+            out["prune/log_alpha_min"] = min(float(a.min()) for a in log_alpha)
+            out["prune/log_alpha_max"] = max(float(a.max()) for a in log_alpha)
+        for k, (expected, target) in self.sparsity().items():
+            out[f"prune/expected_sparsity/{k}"] = expected
+            out[f"prune/target_sparsity/{k}"] = target
             if k in targets:
                 out[f"prune/ramped_target/{k}"] = targets[k]
         for k, (l1, l2) in self.lagrangian.lambdas().items():
@@ -99,16 +143,32 @@ class PruneStage(StageHooks):
 
     def state_dict(self) -> dict:
         return {"masks": self.masks.state_dict(), "lagrangian": self.lagrangian.state_dict(),
-                "optimizer": self.optimizer.state_dict()}
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.masks.load_state_dict(state["masks"])
         self.lagrangian.load_state_dict(state["lagrangian"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def convergence(self) -> dict[str, float]:
+        """|expected - target| sparsity per pruned dim, printed before folding; loud when one is off by more than
+        CONVERGED_TOLERANCE (the binary masks then force a shape the training did not reach: expect a worse
+        model)."""
+        gaps = {k: abs(e - t) for k, (e, t) in self.sparsity().items() if k in self.lagrangian.constraints}
+        self._say("convergence |expected - target| sparsity: " +
+                  ", ".join(f"{k} {v:.3f}" for k, v in gaps.items()))
+        off = {k: v for k, v in gaps.items() if v > CONVERGED_TOLERANCE}
+        if off:
+            self._say("WARNING: the masks did NOT converge: " + ", ".join(f"{k} {v:.3f}" for k, v in off.items()) +
+                      f" off target (> {CONVERGED_TOLERANCE}); the folded model is forced to the target shape. "
+                      "Give the prune stage more steps (see docs/pruning.md).")
+        return gaps
 
     def export_transform(self):
         """Binary masks with exactly the target counts, and the function that folds them into a dense HF model
         (the export then holds the smaller plain model)."""
+        self.convergence()
         z = {k: v.detach().cpu() for k, v in self.masks.binarize().items()}
         self.masked.detach()
         return lambda dense: fold(dense, z, self.target)

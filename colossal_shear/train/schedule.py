@@ -5,6 +5,11 @@ import math
 import torch
 
 
+def resolve_warmup(warmup_steps: int | None, total_steps: int) -> int:
+    """The warm-up length: as given, or 2.5% of the steps."""
+    return warmup_steps if warmup_steps is not None else int(0.025 * total_steps)
+
+
 def warmup_cosine(optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.1):
     warmup_steps = max(0, min(warmup_steps, total_steps))
 
