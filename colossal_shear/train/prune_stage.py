@@ -64,7 +64,7 @@ class PruneStage(StageHooks):
         self._seed = (cfg.seed, 0, 0)
         self.masked = MaskedModel(model, self._current_z)
         self.masked.attach()
-        self.last_penalty = 0.0
+        self.last_penalty = None  # a device tensor, read back only when the step's scalars are logged
         if total_steps < ramp + SETTLE_STEPS:
             self._say(f"WARNING: {total_steps} prune steps with a {ramp}-step target ramp: the masks need about "
                       f"{SETTLE_STEPS} steps after the ramp to settle, so they will probably end off target "
@@ -87,7 +87,7 @@ class PruneStage(StageHooks):
 
     def extra_loss(self, step, inputs, outputs) -> torch.Tensor:
         loss = self.lagrangian.penalty(self.masks.expected_per_layer(), step)
-        self.last_penalty = float(loss.detach())
+        self.last_penalty = loss.detach()
         return loss
 
     def after_optimizer_step(self, step: int, applied: bool) -> None:
@@ -128,7 +128,7 @@ class PruneStage(StageHooks):
         targets = self.lagrangian.target_at(step)
         log_alpha = [g.log_alpha.detach() for g in self.masks.gates.values()]
         out = {"prune/expected_params": float(self.masks.expected_params().detach()),
-               "prune/lagrangian": self.last_penalty}
+               "prune/lagrangian": None if self.last_penalty is None else float(self.last_penalty)}
         if log_alpha:  # none when the target is the source's shape
             out["prune/log_alpha_min"] = min(float(a.min()) for a in log_alpha)
             out["prune/log_alpha_max"] = max(float(a.max()) for a in log_alpha)

@@ -34,7 +34,7 @@ from .metrics import flops_per_token, peak_flops
 from .model import build_model, load_frozen_model
 from .plugins import booster_kwargs, device_type, launch, make_optimizer, make_plugin, model_dtype
 from .preflight import Inputs, TrainingError, preflight
-from .schedule import warmup_cosine
+from .schedule import resolve_warmup, warmup_cosine
 
 
 class TrainState:
@@ -113,7 +113,7 @@ class Trainer:
         per_step = cfg.batch_size * cfg.accumulation_steps
         steps_per_epoch = max(1, -(-sum(self.data.part_sizes) // self.ranks.dp_size) // per_step)
         self.total_steps = cfg.max_steps or steps_per_epoch * cfg.num_epochs
-        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(0.025 * self.total_steps)
+        warmup = resolve_warmup(cfg.warmup_steps, self.total_steps)
 
         model = build_model(cfg, self.inputs.model_path)
         self.sampler, weights = make_sampler(cfg, self.data, self.ranks.dp_rank, self.ranks.dp_size,
