@@ -14,6 +14,11 @@ from colossal_shear.config import parse
 from colossal_shear.data.collator import block_causal_mask
 from colossal_shear.train import attention
 from colossal_shear.train.attention import AttentionError, resolve
+
+# FlexAttention run eagerly on CPU (the only way it runs here) warns about exactly that, through torch's own code
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:return_lse is deprecated:FutureWarning"),
+              pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile:UserWarning")]
 from colossal_shear.train.config import TrainConfig
 from conftest import ROOT
 from test_lm_loss import _packed_batch
