@@ -164,6 +164,15 @@ CHECKPOINT_MODULES = (
 )
 
 
+def save_keeping_os_reason(obj, f, *args, **kwargs):
+    """torch.save; to a path, through a Python file, whose OSError ("No space left on device") stays in the error's
+    __context__ where torch's own writer reports only "enforce fail at inline_container.cc"."""
+    if isinstance(f, (str, os.PathLike)):
+        with open(f, "wb") as handle:
+            return torch.save(obj, handle, *args, **kwargs)
+    return torch.save(obj, f, *args, **kwargs)
+
+
 class _CheckpointTorch(types.ModuleType):
     """`torch` as colossalai's checkpoint code sees it (everything else is delegated to torch)."""
 
@@ -183,12 +192,7 @@ class _CheckpointTorch(types.ModuleType):
             raise pickle.UnpicklingError(f"{f}: refused: it holds a pickled object, not only tensors"
                                          + (f" ({found.group(1)})" if found else "")) from None
 
-    @staticmethod
-    def save(obj, f, *args, **kwargs):
-        if isinstance(f, (str, os.PathLike)):  # through a Python file, whose OSError stays in __context__
-            with open(f, "wb") as handle:
-                return torch.save(obj, handle, *args, **kwargs)
-        return torch.save(obj, f, *args, **kwargs)
+    save = staticmethod(save_keeping_os_reason)
 
 
 @_patch

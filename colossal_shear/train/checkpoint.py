@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from colossal_shear.compat import save_keeping_os_reason
 from colossal_shear.errors import UserError
 from colossal_shear.fsutil import atomic_write_text, file_digests, publish_dir
 from .collective import gather
@@ -98,12 +99,6 @@ def _raise_agreed(error: Exception | None, what: str, where: Path, cleanup=None,
         raise error
     rank, (reason, io) = failed[0]
     raise CheckpointError((f"{what} failed: {reason}" if io else f"{what} failed on rank {rank}: {reason}") + note)
-
-
-def _save_state(obj, path: Path) -> None:
-    """torch.save through a Python file, so that a failed write keeps its OS reason."""
-    with open(path, "wb") as f:
-        torch.save(obj, f)
 
 
 def _load_state(path: Path) -> dict:
@@ -215,9 +210,10 @@ class CheckpointManager:
         # tied weights share memory, which safetensors refuses: torch shards then
         self.booster.save_model(self.model, str(tmp / "model"), shard=True, use_safetensors=not tied)
         self.booster.save_optimizer(self.optimizer, str(tmp / "optimizer"), shard=True)
-        _save_state({k: c.state_dict() for k, c in self.per_rank.items()}, tmp / RANK_STATE.format(rank=rank))
+        save_keeping_os_reason({k: c.state_dict() for k, c in self.per_rank.items()},
+                               tmp / RANK_STATE.format(rank=rank))
         if rank == 0:
-            _save_state({k: c.state_dict() for k, c in self.shared.items()}, tmp / TRAINER_STATE)
+            save_keeping_os_reason({k: c.state_dict() for k, c in self.shared.items()}, tmp / TRAINER_STATE)
 
     @staticmethod
     def _listing(root: Path) -> dict[str, int]:
