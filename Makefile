@@ -17,7 +17,7 @@ $(STAMP): requirements/base.txt requirements/no-deps.txt requirements/lock.txt p
 	$(PIP) -r requirements/base.txt -c requirements/lock.txt
 	$(PIP) --no-deps -r requirements/no-deps.txt
 	$(PIP) --no-deps -e .
-	$(PY) -m colossal_shear.compat --report
+	$(PY) -m colossal_shear.core.compat --report
 	@touch $(STAMP)
 
 demo: setup

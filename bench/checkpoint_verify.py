@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from colossal_shear.fsutil import file_digests  # noqa: E402
+from colossal_shear.core.fsutil import file_digests  # noqa: E402
 
 SEVEN_B_BYTES = 7e9 * 2 + 7e9 * 8  # bf16 weights + AdamW's two fp32 moments
 
@@ -62,8 +62,12 @@ def main() -> None:
         base = timed(one_thread, paths, args.repeats)
         rows = [("one thread, file after file (baseline)", base)]
         for threads in sorted({2, os.cpu_count() or 1, 8}):
-            rows.append((f"file_digests, {threads} threads", timed(lambda p: file_digests(p, threads), paths,
-                                                                    args.repeats)))
+            rows.append(
+                (
+                    f"file_digests, {threads} threads",
+                    timed(lambda p, threads=threads: file_digests(p, threads), paths, args.repeats),
+                )
+            )
 
     print(f"{args.files} files x {args.mib} MiB, page cache, best of {args.repeats}; {os.cpu_count()} CPUs\n")
     print("| hashing | GB/s | speed-up | 7B checkpoint (70 GB), one process |")

@@ -43,8 +43,11 @@ def make_input(directory: Path, repeat: int) -> int:
 def run_ours(inp: Path, tok: Path, out: Path, max_length: int, num_proc: int) -> int:
     from colossal_shear.data import PrepareConfig, prepare_dataset
 
-    m = prepare_dataset(PrepareConfig([str(inp)], str(tok), str(out), max_length=max_length, num_proc=num_proc,
-                                      progress=False, overwrite=True))
+    m = prepare_dataset(
+        PrepareConfig(
+            [str(inp)], str(tok), str(out), max_length=max_length, num_proc=num_proc, progress=False, overwrite=True
+        )
+    )
     return m["totals"]["tokens"]
 
 
@@ -116,11 +119,14 @@ def main() -> None:
     try:
         tok = train_sentencepiece(work / "tokenizer")
         size = make_input(work / "input", args.repeat)
-        runs = [("colossal_shear", lambda o: run_ours(work / "input", tok, o, args.max_length, args.num_proc)),
-                ("baseline-fast", lambda o: run_baseline(work / "input", tok, o, args.max_length, args.num_proc, False))]
+        runs = [
+            ("colossal_shear", lambda o: run_ours(work / "input", tok, o, args.max_length, args.num_proc)),
+            ("baseline-fast", lambda o: run_baseline(work / "input", tok, o, args.max_length, args.num_proc, False)),
+        ]
         if not args.skip_slow:
-            runs.append(("baseline-slow",
-                         lambda o: run_baseline(work / "input", tok, o, args.max_length, args.num_proc, True)))
+            runs.append(
+                ("baseline-slow", lambda o: run_baseline(work / "input", tok, o, args.max_length, args.num_proc, True))
+            )
         best: dict[str, tuple[int, float]] = {}
         for _ in range(args.trials):
             for name, fn in runs:
@@ -135,12 +141,14 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"input: bundled corpus x{args.repeat} = {size / 1e6:.2f} MB JSONL; max_length {args.max_length}; "
-          f"num_proc {args.num_proc}; best of {args.trials}; {os.cpu_count()} CPUs; python {platform.python_version()}, "
-          f"transformers {transformers.__version__}, datasets {datasets.__version__}")
+    print(
+        f"input: bundled corpus x{args.repeat} = {size / 1e6:.2f} MB JSONL; max_length {args.max_length}; "
+        f"num_proc {args.num_proc}; best of {args.trials}; {os.cpu_count()} CPUs; python {platform.python_version()}, "
+        f"transformers {transformers.__version__}, datasets {datasets.__version__}"
+    )
     ours = results[0][1] / results[0][2]
-    print(f"| pipeline | tokens | seconds | tokens/s | ours / this |")
-    print(f"|---|---:|---:|---:|---:|")
+    print("| pipeline | tokens | seconds | tokens/s | ours / this |")
+    print("|---|---:|---:|---:|---:|")
     for name, tokens, dt in results:
         rate = tokens / dt
         print(f"| {name} | {tokens:,} | {dt:.2f} | {rate:,.0f} | {ours / rate:.2f}x |")

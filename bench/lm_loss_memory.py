@@ -32,15 +32,26 @@ def worker(args) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from colossal_shear.train import attention
-    from colossal_shear.train.lm_loss import install_chunked_loss
-    from colossal_shear.train.plugins import ParallelConfig, launch, make_optimizer, make_plugin, model_dtype
+    from colossal_shear.train.config import ParallelConfig
+    from colossal_shear.train.distributed.launch import launch
+    from colossal_shear.train.distributed.plugins import make_plugin, model_dtype
+    from colossal_shear.train.losses import install_chunked_loss
+    from colossal_shear.train.optim import make_optimizer
 
     launch(seed=0)
     cfg = ParallelConfig(plugin=args.plugin, mixed_precision=args.precision)
     plugin = make_plugin(cfg)
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=args.seq, tie_word_embeddings=False, use_cache=False)
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=args.seq,
+        tie_word_embeddings=False,
+        use_cache=False,
+    )
     torch.manual_seed(0)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", torch_dtype=model_dtype(cfg)).to(device)
@@ -100,16 +111,20 @@ def main():
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
             sys.exit(f"{variant} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-        results.append(json.loads(line[len("RESULT "):]))
-    print(f"\nvocab {args.vocab:,}, {args.layers} layers, hidden {args.hidden}, untied head, {args.plugin} "
-          f"{args.precision}, batch {args.batch} × {args.seq} tokens, {args.steps} steps, one process")
+        results.append(json.loads(line[len("RESULT ") :]))
+    print(
+        f"\nvocab {args.vocab:,}, {args.layers} layers, hidden {args.hidden}, untied head, {args.plugin} "
+        f"{args.precision}, batch {args.batch} × {args.seq} tokens, {args.steps} steps, one process"
+    )
     print("| LM loss | peak memory (GB) | resident before the first step (GB) | peak / full | losses |")
     print("|---|---|---|---|---|")
     full = next((r["peak_gb"] for r in results if r["variant"] == "full"), None)
     for r in results:
         ratio = f"{r['peak_gb'] / full:.2f}" if full else "n/a"
-        print(f"| {r['variant']} | {r['peak_gb']:.2f} | {r['before_gb']:.2f} | {ratio} | "
-              f"{', '.join(f'{x:.4f}' for x in r['losses'])} |")
+        print(
+            f"| {r['variant']} | {r['peak_gb']:.2f} | {r['before_gb']:.2f} | {ratio} | "
+            f"{', '.join(f'{x:.4f}' for x in r['losses'])} |"
+        )
 
 
 if __name__ == "__main__":

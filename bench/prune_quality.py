@@ -42,8 +42,13 @@ L0_METHODS = {"l0": "constant", "l0-importance": "importance"}
 def run(cmd, log):
     t = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        proc = subprocess.run(
+            [str(c) for c in cmd],
+            cwd=ROOT,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
     if proc.returncode:
         sys.exit(f"failed ({proc.returncode}): {' '.join(map(str, cmd))}\n{Path(log).read_text()[-3000:]}")
     return time.perf_counter() - t
@@ -87,19 +92,27 @@ def main():
     ap.add_argument("--plugin", default="ddp")
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--methods", default="l0,l0-importance,importance,depth,random")
-    ap.add_argument("--heldout_records", type=int, default=6, help="held-out records per category (from the "
-                                                                          "last 20%% of each file)")
-    ap.add_argument("--report_only", action="store_true", help="only print the table of the runs finished in "
-                                                                    "--work_dir (e.g. after a time-limited run)")
-    ap.add_argument("--work_dir", default=None, help="keep intermediate outputs here (default: a temporary dir); "
-                                                     "finished runs found there are reused")
+    ap.add_argument(
+        "--heldout_records", type=int, default=6, help="held-out records per category (from the last 20%% of each file)"
+    )
+    ap.add_argument(
+        "--report_only",
+        action="store_true",
+        help="only print the table of the runs finished in --work_dir (e.g. after a time-limited run)",
+    )
+    ap.add_argument(
+        "--work_dir",
+        default=None,
+        help="keep intermediate outputs here (default: a temporary dir); finished runs found there are reused",
+    )
     args = ap.parse_args()
 
+    from assets_fetch import smollm2_dir
     from transformers import AutoConfig
 
-    from colossal_shear.assets_fetch import smollm2_dir
+    from colossal_shear.core.constants import PRUNE_TOLERANCE
     from colossal_shear.pruning.shape import PruneShape, head_dim_of
-    from colossal_shear.report import PRUNE_TOLERANCE, count_params, prune_convergence, read_scalars
+    from colossal_shear.report import count_params, prune_convergence, read_scalars
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="prune-quality-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -110,22 +123,63 @@ def main():
     if args.keep_layers != "all":
         sliced = work / "sliced"
         if not (sliced / "config.json").is_file():
-            run([py, "prune.py", "--method", "depth", "--pretrained", model, "--keep_layers", args.keep_layers,
-                 "--output_dir", sliced], work / "slice.log")
+            run(
+                [
+                    py,
+                    "prune.py",
+                    "--method",
+                    "depth",
+                    "--pretrained",
+                    model,
+                    "--keep_layers",
+                    args.keep_layers,
+                    "--output_dir",
+                    sliced,
+                ],
+                work / "slice.log",
+            )
         model = sliced
     for name, src in (("train", train_jsonl), ("heldout", held_jsonl)):
         if not (work / name / "manifest.json").is_file():
-            run([py, "data_prep/prepare_pretrain_dataset.py", "--data_input_dirs", src, "--tokenizer_dir", model,
-                 "--data_output_dirs", work / name, "--max_length", args.max_length, "--num_spliced_dataset_bins",
-                 1, "--no_progress"], work / f"prep-{name}.log")
+            run(
+                [
+                    py,
+                    "data_prep/prepare_pretrain_dataset.py",
+                    "--data_input_dirs",
+                    src,
+                    "--tokenizer_dir",
+                    model,
+                    "--data_output_dirs",
+                    work / name,
+                    "--max_length",
+                    args.max_length,
+                    "--num_spliced_dataset_bins",
+                    1,
+                    "--no_progress",
+                ],
+                work / f"prep-{name}.log",
+            )
     config = AutoConfig.from_pretrained(model)
     source = PruneShape.from_config(config)
     target = PruneShape.parse(args.target_shape, config)
     target.validate_against(source)
     vocab, head_dim, tied = config.vocab_size, head_dim_of(config), bool(config.tie_word_embeddings)
-    common = ["--dataset", work / "train", "--plugin", args.plugin, "--mixed_precision", args.precision,
-              "--batch_size", args.batch_size, "--lr", args.lr, "--warmup_steps", args.warmup_steps,
-              "--log_interval", 20]
+    common = [
+        "--dataset",
+        work / "train",
+        "--plugin",
+        args.plugin,
+        "--mixed_precision",
+        args.precision,
+        "--batch_size",
+        args.batch_size,
+        "--lr",
+        args.lr,
+        "--warmup_steps",
+        args.warmup_steps,
+        "--log_interval",
+        20,
+    ]
     evaluate = ["--eval_dataset", work / "heldout"]
 
     def trained(tb, cmd, log):
@@ -137,14 +191,29 @@ def main():
         return secs
 
     base_tb = work / "tb-base"
-    trained(base_tb, [*launch, "train.py", "--pretrained", model, *common, *evaluate, "--max_steps", 1, "--lr", 0.0],
-            work / "base.log")
-    results = {"unpruned": [dict(seed=None, params=count_params(model), shape=str(source),
-                                 loss=eval_losses(base_tb), gaps=None, seconds=0.0)]}
+    trained(
+        base_tb,
+        [*launch, "train.py", "--pretrained", model, *common, *evaluate, "--max_steps", 1, "--lr", 0.0],
+        work / "base.log",
+    )
+    results = {
+        "unpruned": [
+            dict(
+                seed=None,
+                params=count_params(model),
+                shape=str(source),
+                loss=eval_losses(base_tb),
+                gaps=None,
+                seconds=0.0,
+            )
+        ]
+    }
 
     target_params = target.num_params(vocab, head_dim, tied)
-    shapes = [PruneShape(source.hidden, source.heads, n, source.intermediate, source.kv_heads)
-              for n in range(1, source.layers + 1)]
+    shapes = [
+        PruneShape(source.hidden, source.heads, n, source.intermediate, source.kv_heads)
+        for n in range(1, source.layers + 1)
+    ]
     depth_shape = min(shapes, key=lambda s: abs(s.num_params(vocab, head_dim, tied) - target_params))
     for seed in [int(s) for s in args.seeds.split(",")]:
         for method in args.methods.split(","):
@@ -154,45 +223,132 @@ def main():
             phase1, t = work / f"phase1-{tag}", 0.0
             seeded = [*common, "--seed", seed]
             if method in L0_METHODS:
-                t += trained(work / f"tb-{tag}-1", [
-                    *launch, "train.py", "--stage", "prune", "--pretrained", model, *seeded,
-                    "--max_steps", args.prune_steps, "--target_shape", args.target_shape,
-                    "--mask_init_from", L0_METHODS[method], "--export_dir", phase1, "--overwrite"],
-                    work / f"{tag}-1.log")
+                t += trained(
+                    work / f"tb-{tag}-1",
+                    [
+                        *launch,
+                        "train.py",
+                        "--stage",
+                        "prune",
+                        "--pretrained",
+                        model,
+                        *seeded,
+                        "--max_steps",
+                        args.prune_steps,
+                        "--target_shape",
+                        args.target_shape,
+                        "--mask_init_from",
+                        L0_METHODS[method],
+                        "--export_dir",
+                        phase1,
+                        "--overwrite",
+                    ],
+                    work / f"{tag}-1.log",
+                )
                 gaps = prune_convergence(read_scalars(work / f"tb-{tag}-1"))
             else:
                 oneshot = work / f"oneshot-{tag}"
-                shape = args.target_shape if method != "depth" else ",".join(
-                    str(getattr(depth_shape, k)) for k in ("hidden", "heads", "layers", "intermediate", "kv_heads"))
+                shape = (
+                    args.target_shape
+                    if method != "depth"
+                    else ",".join(
+                        str(getattr(depth_shape, k)) for k in ("hidden", "heads", "layers", "intermediate", "kv_heads")
+                    )
+                )
                 if not (oneshot / "config.json").is_file():
-                    t += run([py, "prune.py", "--method", method, "--pretrained", model, "--target_shape", shape,
-                              "--output_dir", oneshot, "--calibration_dataset", work / "train",
-                              "--num_calibration_samples", 64, "--calibration_length", args.max_length,
-                              "--seed", seed], work / f"{tag}-oneshot.log")
-                t += trained(work / f"tb-{tag}-1", [
-                    *launch, "train.py", "--stage", "continue", "--pretrained", oneshot, *seeded,
-                    "--max_steps", args.prune_steps, "--export_dir", phase1, "--overwrite"], work / f"{tag}-1.log")
+                    t += run(
+                        [
+                            py,
+                            "prune.py",
+                            "--method",
+                            method,
+                            "--pretrained",
+                            model,
+                            "--target_shape",
+                            shape,
+                            "--output_dir",
+                            oneshot,
+                            "--calibration_dataset",
+                            work / "train",
+                            "--num_calibration_samples",
+                            64,
+                            "--calibration_length",
+                            args.max_length,
+                            "--seed",
+                            seed,
+                        ],
+                        work / f"{tag}-oneshot.log",
+                    )
+                t += trained(
+                    work / f"tb-{tag}-1",
+                    [
+                        *launch,
+                        "train.py",
+                        "--stage",
+                        "continue",
+                        "--pretrained",
+                        oneshot,
+                        *seeded,
+                        "--max_steps",
+                        args.prune_steps,
+                        "--export_dir",
+                        phase1,
+                        "--overwrite",
+                    ],
+                    work / f"{tag}-1.log",
+                )
                 gaps = None
-            t += trained(work / f"tb-{tag}-2", [
-                *launch, "train.py", "--stage", "continue", "--pretrained", phase1, *seeded, *evaluate,
-                "--seed", seed + 1000, "--max_steps", args.recover_steps], work / f"{tag}-2.log")
+            t += trained(
+                work / f"tb-{tag}-2",
+                [
+                    *launch,
+                    "train.py",
+                    "--stage",
+                    "continue",
+                    "--pretrained",
+                    phase1,
+                    *seeded,
+                    *evaluate,
+                    "--seed",
+                    seed + 1000,
+                    "--max_steps",
+                    args.recover_steps,
+                ],
+                work / f"{tag}-2.log",
+            )
             shape = PruneShape.from_config(AutoConfig.from_pretrained(phase1))
-            row = dict(seed=seed, params=count_params(phase1), shape=str(shape),
-                       loss=eval_losses(work / f"tb-{tag}-2"), gaps=gaps, seconds=t)
+            row = dict(
+                seed=seed,
+                params=count_params(phase1),
+                shape=str(shape),
+                loss=eval_losses(work / f"tb-{tag}-2"),
+                gaps=gaps,
+                seconds=t,
+            )
             results.setdefault(method, []).append(row)
-            print(f"{tag}: mean held-out loss {statistics.mean(row['loss'].values()):.4f}, params {row['params']:,}"
-                  + (", |expected - target| " + ", ".join(f"{k} {v:.3f}" for k, v in gaps.items())
-                     if gaps is not None else ""), flush=True)
+            print(
+                f"{tag}: mean held-out loss {statistics.mean(row['loss'].values()):.4f}, params {row['params']:,}"
+                + (
+                    ", |expected - target| " + ", ".join(f"{k} {v:.3f}" for k, v in gaps.items())
+                    if gaps is not None
+                    else ""
+                ),
+                flush=True,
+            )
             (work / "results.json").write_text(json.dumps(results, indent=1))
 
     cats = sorted(results["unpruned"][0]["loss"])
     tokens = (args.prune_steps + args.recover_steps) * args.batch_size * args.nproc * args.max_length
-    print(f"\nmodel {model}, source {source}, target {args.target_shape}; every method: "
-          f"{args.prune_steps} + {args.recover_steps} steps of {args.batch_size * args.nproc} x {args.max_length} "
-          f"tokens (~{tokens:,} tokens), lr {args.lr}, seeds {args.seeds}; held-out loss (lower is better), "
-          "mean over seeds (min-max)")
-    print("| method | parameters | shape | " + " | ".join(cats) + " | mean | L0 max abs(expected - target) | "
-          "seconds per run |")
+    print(
+        f"\nmodel {model}, source {source}, target {args.target_shape}; every method: "
+        f"{args.prune_steps} + {args.recover_steps} steps of {args.batch_size * args.nproc} x {args.max_length} "
+        f"tokens (~{tokens:,} tokens), lr {args.lr}, seeds {args.seeds}; held-out loss (lower is better), "
+        "mean over seeds (min-max)"
+    )
+    print(
+        "| method | parameters | shape | " + " | ".join(cats) + " | mean | L0 max abs(expected - target) | "
+        "seconds per run |"
+    )
     print("|---|---|---|" + "---|" * (len(cats) + 3))
     for method, rows in results.items():
         per_cat = {c: statistics.mean(r["loss"][c] for r in rows) for c in cats}
@@ -200,9 +356,12 @@ def main():
         spread = f" ({min(means):.3f}-{max(means):.3f})" if len(rows) > 1 else ""
         gaps = [max(r["gaps"].values()) for r in rows if r["gaps"]]
         gap = ", ".join(f"{g:.3f}" + (" NOT CONVERGED" if g > PRUNE_TOLERANCE else "") for g in gaps)
-        print(f"| {method} | {rows[0]['params']:,} | {rows[0]['shape']} | " +
-              " | ".join(f"{per_cat[c]:.3f}" for c in cats) + f" | {statistics.mean(means):.3f}{spread} | {gap} | "
-              f"{statistics.mean(r['seconds'] for r in rows):.0f} |")
+        print(
+            f"| {method} | {rows[0]['params']:,} | {rows[0]['shape']} | "
+            + " | ".join(f"{per_cat[c]:.3f}" for c in cats)
+            + f" | {statistics.mean(means):.3f}{spread} | {gap} | "
+            f"{statistics.mean(r['seconds'] for r in rows):.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from colossal_shear.embeddings import make_plan, resize_matrix  # noqa: E402
+from colossal_shear.vocab.resize import make_plan, resize_matrix  # noqa: E402
 
 
 def naive_grow(emb: torch.Tensor, head: torch.Tensor, subs: list[list[int]], steps: int):
@@ -58,21 +58,29 @@ def memory(a) -> int:
     import subprocess
     import tempfile
 
+    import assets_fetch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     from transformers.modeling_utils import no_init_weights
 
-    from colossal_shear import assets_fetch
     from colossal_shear.vocab import TokenizerConfig, init_tokenizer
 
     root = Path(tempfile.mkdtemp(prefix="resize-mem-"))
     tok_dir = assets_fetch.mistral_tokenizer_dir()
     words = root / "words.jsonl"
-    words.write_text("".join(json.dumps({"piece": w}, ensure_ascii=False) + "\n"
-                             for w in assets_fetch.jieba_words(20000)), encoding="utf-8")
+    words.write_text(
+        "".join(json.dumps({"piece": w}, ensure_ascii=False) + "\n" for w in assets_fetch.jieba_words(20000)),
+        encoding="utf-8",
+    )
     init_tokenizer(TokenizerConfig(tok_dir, root / "tok", expand_tokens_file=words, progress=False))
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=a.mem_hidden, intermediate_size=a.mem_intermediate,
-                      num_hidden_layers=a.mem_layers, num_attention_heads=a.mem_hidden // 128,
-                      num_key_value_heads=a.mem_hidden // 128, torch_dtype="bfloat16")
+    cfg = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=a.mem_hidden,
+        intermediate_size=a.mem_intermediate,
+        num_hidden_layers=a.mem_layers,
+        num_attention_heads=a.mem_hidden // 128,
+        num_key_value_heads=a.mem_hidden // 128,
+        torch_dtype="bfloat16",
+    )
     torch.set_default_dtype(torch.bfloat16)
     with no_init_weights():
         model = LlamaForCausalLM(cfg)
@@ -83,9 +91,16 @@ def memory(a) -> int:
     model.save_pretrained(root / "src")
     AutoTokenizer.from_pretrained(tok_dir).save_pretrained(root / "src")
     del model
-    cmd = [sys.executable, str(Path(__file__).resolve().parent.parent / "tokenizer" / "init_model.py"),
-           "--source_model_and_tokenizer_path", str(root / "src"), "--target_tokenizer_path", str(root / "tok"),
-           "--target_model_path", str(root / "out")]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve().parent.parent / "tokenizer" / "init_model.py"),
+        "--source_model_and_tokenizer_path",
+        str(root / "src"),
+        "--target_tokenizer_path",
+        str(root / "tok"),
+        "--target_model_path",
+        str(root / "out"),
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -102,11 +117,15 @@ def memory(a) -> int:
     print()
     print("| model | weights (bf16) | new embedding + head | peak RSS | wall |")
     print("|---|---:|---:|---:|---:|")
-    print(f"| {n_params / 1e9:.2f}B, hidden {a.mem_hidden}, {a.mem_layers} layers, 32,000 -> {rows:,} rows | "
-          f"{model_bytes / 1e9:.2f} GB | {new_bytes / 1e9:.2f} GB | {peak / 1e9:.2f} GB (measured) | {wall:.0f} s |")
-    print(f"| LLaMA-2-7B, 32,000 -> 69,120 rows | {b7 / 1e9:.2f} GB | {new7 / 1e9:.2f} GB | "
-          f"{(b7 + new7 + overhead) / 1e9:.1f} GB (weights + new rows + the {overhead / 1e9:.2f} GB measured "
-          f"overhead) | |")
+    print(
+        f"| {n_params / 1e9:.2f}B, hidden {a.mem_hidden}, {a.mem_layers} layers, 32,000 -> {rows:,} rows | "
+        f"{model_bytes / 1e9:.2f} GB | {new_bytes / 1e9:.2f} GB | {peak / 1e9:.2f} GB (measured) | {wall:.0f} s |"
+    )
+    print(
+        f"| LLaMA-2-7B, 32,000 -> 69,120 rows | {b7 / 1e9:.2f} GB | {new7 / 1e9:.2f} GB | "
+        f"{(b7 + new7 + overhead) / 1e9:.1f} GB (weights + new rows + the {overhead / 1e9:.2f} GB measured "
+        f"overhead) | |"
+    )
     import shutil
 
     shutil.rmtree(root, ignore_errors=True)
@@ -137,14 +156,19 @@ def main(argv=None) -> int:
     flat = torch.randint(0, a.vocab, (sum(lengths),), generator=g).tolist()
     subs, pos = [], 0
     for n in lengths:
-        subs.append(flat[pos:pos + n])
+        subs.append(flat[pos : pos + n])
         pos += n
 
     best = float("inf")
     for _ in range(a.repeat):
         t0 = time.perf_counter()
-        plan = make_plan({i: i for i in range(a.vocab)}, a.vocab + a.new_rows,
-                         {a.vocab + j: s for j, s in enumerate(subs)}, a.vocab, a.pad_to_multiple_of)
+        plan = make_plan(
+            {i: i for i in range(a.vocab)},
+            a.vocab + a.new_rows,
+            {a.vocab + j: s for j, s in enumerate(subs)},
+            a.vocab,
+            a.pad_to_multiple_of,
+        )
         new_emb = resize_matrix(emb, plan)
         new_head = resize_matrix(head, plan)
         best = min(best, time.perf_counter() - t0)
@@ -153,9 +177,11 @@ def main(argv=None) -> int:
     steps = a.new_rows if a.naive_rows <= 0 else min(a.naive_rows, a.new_rows)
     times, n_emb, n_head = naive_grow(emb, head, subs, steps)
     measured = sum(times)
-    check = (torch.allclose(n_emb[a.vocab:], new_emb[a.vocab:a.vocab + steps], atol=1e-5)
-             and torch.allclose(n_head[a.vocab:], new_head[a.vocab:a.vocab + steps], atol=1e-5)
-             and torch.equal(n_emb[:a.vocab], new_emb[:a.vocab]))
+    check = (
+        torch.allclose(n_emb[a.vocab :], new_emb[a.vocab : a.vocab + steps], atol=1e-5)
+        and torch.allclose(n_head[a.vocab :], new_head[a.vocab : a.vocab + steps], atol=1e-5)
+        and torch.equal(n_emb[: a.vocab], new_emb[: a.vocab])
+    )
     del n_emb, n_head
     if steps == a.new_rows:
         naive_total, how = measured, "measured in full"
@@ -166,10 +192,14 @@ def main(argv=None) -> int:
         naive_total = per_row * total_rows
         how = f"first {steps:,} rows measured ({measured:.1f} s), extrapolated: cost proportional to rows copied"
 
-    print(f"# Embedding resize: {a.vocab:,} x {a.hidden:,} embedding + untied LM head, +{a.new_rows:,} rows "
-          f"(-> {rows_out:,} padded to {a.pad_to_multiple_of}), fp32")
-    print(f"# {datetime.date.today()} | {platform.platform()} | {os.cpu_count()} CPUs, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads) | python {platform.python_version()}")
+    print(
+        f"# Embedding resize: {a.vocab:,} x {a.hidden:,} embedding + untied LM head, +{a.new_rows:,} rows "
+        f"(-> {rows_out:,} padded to {a.pad_to_multiple_of}), fp32"
+    )
+    print(
+        f"# {datetime.date.today()} | {platform.platform()} | {os.cpu_count()} CPUs, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads) | python {platform.python_version()}"
+    )
     print()
     print("| approach | time (s) | how |")
     print("|---|---:|---|")

@@ -31,17 +31,42 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from colossal_shear.constants import DTYPES, PRECISIONS
+from colossal_shear.core.constants import DTYPES, PRECISIONS
 
 SHAPES = {
-    "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                           num_key_value_heads=4, vocab_size=32000),
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000),
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
-    "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=2048),
+    "tinyllama-1.1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
+    "llama2-7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    ),
+    "smollm2-135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=2048,
+    ),
 }
 RUNS = ("plain", "plain+compile", "zero2", "zero2+compile", "gemini", "3d", "prune")
 DRY_RUN = dict(shape="tiny", seq=64, batch=2, steps=2, warmup=1, precision="fp32", compile_backend="aot_eager")
@@ -50,8 +75,9 @@ DRY_RUN = dict(shape="tiny", seq=64, batch=2, steps=2, warmup=1, precision="fp32
 def make_model(shape: str, seq: int, dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(max_position_embeddings=max(seq, 2048), attn_implementation="sdpa", use_cache=False,
-                         **SHAPES[shape])
+    config = LlamaConfig(
+        max_position_embeddings=max(seq, 2048), attn_implementation="sdpa", use_cache=False, **SHAPES[shape]
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).to(dtype), config
 
@@ -90,12 +116,15 @@ def plain_step_fn(args, device, compiled: bool):
 def booster_step_fn(args, device, plugin_name: str, compiled: bool = False, prune: bool = False):
     from colossalai.booster import Booster
 
-    from colossal_shear.train.lm_loss import install_chunked_loss
-    from colossal_shear.train.plugins import ParallelConfig, make_optimizer, make_plugin, model_dtype
+    from colossal_shear.train.config import ParallelConfig
+    from colossal_shear.train.distributed.plugins import make_plugin, model_dtype
+    from colossal_shear.train.losses import install_chunked_loss
+    from colossal_shear.train.optim import make_optimizer
 
     zero = 1 if plugin_name == "3d" and args.precision != "fp32" else 0
-    cfg = ParallelConfig(plugin=plugin_name, mixed_precision=args.precision, tp=args.tp if plugin_name == "3d" else 1,
-                         zero_stage=zero)
+    cfg = ParallelConfig(
+        plugin=plugin_name, mixed_precision=args.precision, tp=args.tp if plugin_name == "3d" else 1, zero_stage=zero
+    )
     plugin = make_plugin(cfg)
     model, _ = make_model(args.shape, args.seq, model_dtype(cfg))
     if device.type == "cuda" and not plugin_name.startswith("gemini"):
@@ -106,15 +135,20 @@ def booster_step_fn(args, device, plugin_name: str, compiled: bool = False, prun
     booster = Booster(plugin=plugin)
     masks = lagrangian = mask_opt = None
     if prune:  # what train.py --stage prune adds to a step: sampled masks via hooks, the penalty, the mask update
-        from colossal_shear.pruning.apply import MaskedModel
         from colossal_shear.pruning.lagrangian import Lagrangian
+        from colossal_shear.pruning.masked_model import MaskedModel
         from colossal_shear.pruning.masks import PruningMasks
         from colossal_shear.pruning.shape import PruneShape
 
         source = PruneShape.from_config(model.config)
         group = source.heads // source.kv_heads
-        target = PruneShape(source.hidden * 3 // 4, source.kv_heads * max(1, group // 2), source.layers * 3 // 4,
-                            source.intermediate * 2 // 3, source.kv_heads)
+        target = PruneShape(
+            source.hidden * 3 // 4,
+            source.kv_heads * max(1, group // 2),
+            source.layers * 3 // 4,
+            source.intermediate * 2 // 3,
+            source.kv_heads,
+        )
         masks = PruningMasks(model.config, target).to(device)
         lagrangian = Lagrangian(source, target, warmup_steps=10).to(device)
         mask_opt = torch.optim.AdamW(list(masks.parameters()) + list(lagrangian.parameters()), lr=1e-2)
@@ -147,7 +181,7 @@ def booster_step_fn(args, device, plugin_name: str, compiled: bool = False, prun
 
 
 def _why_not(run: str, device) -> str | None:
-    from colossal_shear.train.plugins import CUDA_ONLY
+    from colossal_shear.train.distributed.plugins import CUDA_ONLY
 
     plugin = run.split("+")[0]
     if plugin in CUDA_ONLY and device.type != "cuda":
@@ -197,8 +231,11 @@ def main():
     ap.add_argument("--compile_backend", default="inductor")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--dry_run", action="store_true",
-                    help="tiny sizes on whatever device is here: " + ", ".join(f"{k}={v}" for k, v in DRY_RUN.items()))
+    ap.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="tiny sizes on whatever device is here: " + ", ".join(f"{k}={v}" for k, v in DRY_RUN.items()),
+    )
     args = ap.parse_args()
     if args.dry_run:
         for key, value in DRY_RUN.items():
@@ -211,8 +248,8 @@ def main():
 
     from transformers import LlamaConfig
 
-    from colossal_shear.train.metrics import flops_per_token, peak_flops
-    from colossal_shear.train.plugins import launch
+    from colossal_shear.train.distributed.launch import launch
+    from colossal_shear.train.io.metrics import flops_per_token, peak_flops
 
     launch(seed=0)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -237,10 +274,12 @@ def table(results: dict, args, device, world: int, tokens: int, fpt: float, peak
     base_name = "plain+compile" if "plain+compile" in timed_runs else "plain" if "plain" in timed_runs else None
     base = tokens / timed_runs[base_name][0] if base_name else None
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    lines = [f"\nshape {args.shape}, seq {args.seq}, batch {args.batch}/device, {args.precision}, {world} process(es), "
-             f"device {name}, torch {torch.__version__}, Booster LM loss {args.lm_loss}",
-             f"| run | step time (s) | tokens/s per device | MFU | peak memory (GB) | × {base_name or 'n/a'} |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"\nshape {args.shape}, seq {args.seq}, batch {args.batch}/device, {args.precision}, {world} process(es), "
+        f"device {name}, torch {torch.__version__}, Booster LM loss {args.lm_loss}",
+        f"| run | step time (s) | tokens/s per device | MFU | peak memory (GB) | × {base_name or 'n/a'} |",
+        "|---|---|---|---|---|---|",
+    ]
     for run, value in results.items():
         if isinstance(value, str):
             lines.append(f"| {run} | {value} | | | | |")
@@ -251,8 +290,9 @@ def table(results: dict, args, device, world: int, tokens: int, fpt: float, peak
             ratio = f"{per_device / base:.2f}" if base else "n/a"
             lines.append(f"| {run} | {secs:.4f} | {per_device:,.0f} | {mfu} | {peak_gb:.2f} | {ratio} |")
     if "prune" in timed_runs and "zero2" in timed_runs:
-        lines.append(f"\nprune-stage step time / zero2 step time: "
-                     f"{timed_runs['prune'][0] / timed_runs['zero2'][0]:.3f}x")
+        lines.append(
+            f"\nprune-stage step time / zero2 step time: {timed_runs['prune'][0] / timed_runs['zero2'][0]:.3f}x"
+        )
     return "\n".join(lines)
 
 

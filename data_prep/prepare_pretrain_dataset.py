@@ -3,7 +3,8 @@
     python data_prep/prepare_pretrain_dataset.py --data_input_dirs data/en,data/zh --tokenizer_dir tok/ \
         --data_output_dirs prepared/ --max_length 4096 --num_spliced_dataset_bins 10
 
-Options: `--help` or docs/cli.md; output format and error behaviour: docs/data_prep.md. The work is done by colossal_shear.data.prepare_dataset.
+Options: `--help` or docs/cli.md; output format and error behaviour: docs/data_prep.md. The work is done by
+colossal_shear.data.prepare_dataset.
 """
 
 from __future__ import annotations
@@ -28,11 +29,24 @@ def print_summary(manifest: dict, output_dir: str) -> None:
         t.add_column(col, justify="left" if col in ("part", "category") else "right")
     for part in manifest["parts"]:
         for cat, s in part["categories"].items():
-            t.add_row(part["name"], cat, f"{s['sequences']:,}", f"{s['tokens']:,}", f"{s['loss_tokens']:,}",
-                      f"{s['documents']:,}")
+            t.add_row(
+                part["name"],
+                cat,
+                f"{s['sequences']:,}",
+                f"{s['tokens']:,}",
+                f"{s['loss_tokens']:,}",
+                f"{s['documents']:,}",
+            )
     tot = manifest["totals"]
-    t.add_row("total", "", f"{tot['sequences']:,}", f"{tot['tokens']:,}", f"{tot['loss_tokens']:,}",
-              f"{tot['documents']:,}", style="bold")
+    t.add_row(
+        "total",
+        "",
+        f"{tot['sequences']:,}",
+        f"{tot['tokens']:,}",
+        f"{tot['loss_tokens']:,}",
+        f"{tot['documents']:,}",
+        style="bold",
+    )
     console = Console()
     console.print(t)
     console.print(f"padding tokens: {tot['padding_tokens']:,}; skipped lines: {manifest['skipped'] or 0}")
@@ -45,8 +59,7 @@ def main(argv=None) -> int:
     def work(cfg: PrepareConfig):
         return prepare_dataset(dataclasses.replace(cfg, command=command)), cfg.data_output_dirs
 
-    return cli.run("data_prep/prepare_pretrain_dataset.py", work, lambda result: print_summary(*result), argv,
-                   __doc__)
+    return cli.run("data_prep/prepare_pretrain_dataset.py", work, lambda result: print_summary(*result), argv, __doc__)
 
 
 if __name__ == "__main__":

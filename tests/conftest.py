@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from colossal_shear.bundled import build_bundled
+from colossal_shear.bundled import build_bundled, corpus_files
+from colossal_shear.data import PrepareConfig, prepare_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))  # bench/assets_fetch.py: real external assets, shared with the benchmarks
 _VISIBLE_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")
 os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything initialises CUDA in this process
 
@@ -72,6 +74,27 @@ def tied_model_dir(bundled) -> Path:
     return bundled["model_tied"]
 
 
+def prepare_bundled_corpus(tokenizer_dir, out, bins: int = 2) -> Path:
+    """The bundled corpus prepared for training with a tokenizer: 64-token sequences in `bins` parts."""
+    config = PrepareConfig(
+        data_input_dirs=[str(p) for p in corpus_files()],
+        tokenizer_dir=str(tokenizer_dir),
+        data_output_dirs=str(out),
+        max_length=64,
+        num_spliced_dataset_bins=bins,
+        num_proc=1,
+        progress=False,
+    )
+    prepare_dataset(config)
+    return Path(out)
+
+
+@pytest.fixture(scope="session")
+def dataset(tokenizer_dir, tmp_path_factory) -> Path:
+    """The bundled corpus prepared with the bundled tokenizer (read-only: tests that change it copy it first)."""
+    return prepare_bundled_corpus(tokenizer_dir, tmp_path_factory.mktemp("data") / "prepared")
+
+
 def run_distributed(script, *args, nproc=2, launcher="torchrun", timeout=600, env=None, gpu=False):
     """Run a script on `nproc` processes the way users launch (torchrun or colossalai run); fail with its log. CPU
     processes unless `gpu` (for `gpu`-marked tests)."""
@@ -79,14 +102,28 @@ def run_distributed(script, *args, nproc=2, launcher="torchrun", timeout=600, en
     if launcher == "torchrun":
         cmd = [str(bindir / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", str(script), *map(str, args)]
     else:
-        cmd = [str(bindir / "colossalai"), "run", "--nproc_per_node", str(nproc), "--master_port",
-               str(_free_port()), str(script), *map(str, args)]
-    full_env = {**(gpu_env() if gpu else os.environ), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-                "PATH": f"{bindir}:{os.environ['PATH']}",
-                **(env or {})}
+        cmd = [
+            str(bindir / "colossalai"),
+            "run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(_free_port()),
+            str(script),
+            *map(str, args),
+        ]
+    full_env = {
+        **(gpu_env() if gpu else os.environ),
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{bindir}:{os.environ['PATH']}",
+        **(env or {}),
+    }
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+        )
     return proc
 
 

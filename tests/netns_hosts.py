@@ -60,8 +60,10 @@ def check_can_make_namespaces() -> None:
     probe = f"{PREFIX}{os.getpid()}-probe"
     made = _run("ip", "netns", "add", probe, check=False)
     if made.returncode != 0:
-        raise Unavailable(f"multi-host tests make network namespaces, which this machine refuses "
-                          f"({made.stderr.strip()}): run pytest as root with CAP_SYS_ADMIN and CAP_NET_ADMIN")
+        raise Unavailable(
+            f"multi-host tests make network namespaces, which this machine refuses "
+            f"({made.stderr.strip()}): run pytest as root with CAP_SYS_ADMIN and CAP_NET_ADMIN"
+        )
     _run("ip", "netns", "del", probe, check=False)
 
 
@@ -129,7 +131,7 @@ def _kill_namespace_processes(ns: str, timeout: float = 10.0) -> None:
 
 
 class Host:
-    def __init__(self, index: int, cluster: "Cluster"):
+    def __init__(self, index: int, cluster: Cluster):
         self.index, self.name = index, f"cs-node-{index}"
         self.netns = f"{cluster.prefix}-h{index}"
         self.address = f"{SUBNET}.{index + 1}"
@@ -166,12 +168,25 @@ class Cluster:
         sweep_stale()
         ssh = self.home / ".ssh"
         ssh.mkdir(parents=True, mode=0o700)
-        _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "colossal_shear multihost test", "-f", ssh / "id_ed25519")
+        _run(
+            "ssh-keygen",
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "colossal_shear multihost test",
+            "-f",
+            ssh / "id_ed25519",
+        )
         _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", self.dir / "host_key")
         shutil.copy(ssh / "id_ed25519.pub", self.dir / "authorized_keys")
-        config = [f"Host {h.name}\n  HostName {h.address}\n  User root\n  IdentityFile {ssh / 'id_ed25519'}\n"
-                  f"  IdentitiesOnly yes\n  UserKnownHostsFile {ssh / 'known_hosts'}\n  StrictHostKeyChecking yes\n"
-                  for h in self.hosts]
+        config = [
+            f"Host {h.name}\n  HostName {h.address}\n  User root\n  IdentityFile {ssh / 'id_ed25519'}\n"
+            f"  IdentitiesOnly yes\n  UserKnownHostsFile {ssh / 'known_hosts'}\n  StrictHostKeyChecking yes\n"
+            for h in self.hosts
+        ]
         (ssh / "config").write_text("".join(config))
         pub = (self.dir / "host_key.pub").read_text().split()
         (ssh / "known_hosts").write_text("".join(f"{h.name},{h.address} {pub[0]} {pub[1]}\n" for h in self.hosts))
@@ -184,8 +199,21 @@ class Cluster:
         _run("ip", "-n", self.switch, "link", "set", "br0", "up")
         for h in self.hosts:
             _run("ip", "netns", "add", h.netns)
-            _run("ip", "-n", self.switch, "link", "add", f"v{h.index}", "type", "veth", "peer", "name", "eth0",
-                 "netns", h.netns)
+            _run(
+                "ip",
+                "-n",
+                self.switch,
+                "link",
+                "add",
+                f"v{h.index}",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                h.netns,
+            )
             _run("ip", "-n", self.switch, "link", "set", f"v{h.index}", "master", "br0", "up")
             _run("ip", "-n", h.netns, "addr", "add", f"{h.address}/24", "dev", "eth0")
             _run("ip", "-n", h.netns, "link", "set", "eth0", "up")
@@ -202,18 +230,38 @@ class Cluster:
         hosts += [f"{o.address}\t{o.name}" for o in self.hosts if o is not h]
         (self.dir / f"hosts-{h.index}").write_text("\n".join(hosts) + "\n")
         cfg = self.dir / f"sshd-{h.index}.conf"
-        cfg.write_text(f"Port 22\nListenAddress 0.0.0.0\nHostKey {self.dir / 'host_key'}\nPidFile none\n"
-                       f"AuthorizedKeysFile {self.dir / 'authorized_keys'}\nStrictModes no\nUsePAM no\n"
-                       "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
-                       "KbdInteractiveAuthentication no\nPrintMotd no\nMaxStartups 100\nMaxSessions 100\n")
-        inner = (f"mount --bind {self.dir / f'hosts-{h.index}'} /etc/hosts && hostname {h.name} && "
-                 f"exec {SSHD} -D -e -f {cfg}")
+        cfg.write_text(
+            f"Port 22\nListenAddress 0.0.0.0\nHostKey {self.dir / 'host_key'}\nPidFile none\n"
+            f"AuthorizedKeysFile {self.dir / 'authorized_keys'}\nStrictModes no\nUsePAM no\n"
+            "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nPrintMotd no\nMaxStartups 100\nMaxSessions 100\n"
+        )
+        inner = (
+            f"mount --bind {self.dir / f'hosts-{h.index}'} /etc/hosts && hostname {h.name} && "
+            f"exec {SSHD} -D -e -f {cfg}"
+        )
         log = open(self.dir / f"sshd-{h.index}.log", "w")
         # ip netns exec and unshare exec in place: the Popen pid becomes sshd's own
-        h.sshd = subprocess.Popen(["ip", "netns", "exec", h.netns, "unshare", "--mount", "--uts",
-                                   "--propagation", "private", "sh", "-c", inner],
-                                  stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                  start_new_session=True)
+        h.sshd = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                h.netns,
+                "unshare",
+                "--mount",
+                "--uts",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                inner,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         log.close()
 
     def _wait_for_sshd(self, h: Host, timeout: float = 30.0) -> None:
@@ -231,8 +279,14 @@ class Cluster:
     def env(self, **extra) -> dict:
         """The launching shell's environment: venv first on PATH, the test HOME (ssh key and config)."""
         bindir = str(Path(sys.executable).parent)
-        return {**os.environ, "HOME": str(self.home), "PATH": f"{bindir}:{os.environ['PATH']}",
-                "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
+        return {
+            **os.environ,
+            "HOME": str(self.home),
+            "PATH": f"{bindir}:{os.environ['PATH']}",
+            "PYTHONPATH": str(ROOT),
+            "OMP_NUM_THREADS": "1",
+            **extra,
+        }
 
     def hostfile(self, hosts=None) -> Path:
         path = self.dir / "hostfile"
@@ -242,20 +296,32 @@ class Cluster:
     def run_on(self, host: Host, cmd, env=None, timeout=None, check=True, **kw) -> subprocess.CompletedProcess:
         """Run a command in `host` (as a user logged in there would), from the repository root."""
         try:
-            proc = subprocess.run(host.nsenter() + [str(c) for c in cmd], env=env or self.env(), capture_output=True,
-                                  text=True, timeout=timeout, cwd=ROOT, **kw)
+            proc = subprocess.run(
+                host.nsenter() + [str(c) for c in cmd],
+                env=env or self.env(),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                cwd=ROOT,
+                **kw,
+            )
         except subprocess.TimeoutExpired as e:
             self.kill_all_jobs()  # what the launcher started lives on in the hosts
-            raise AssertionError(f"on {host.name}: {' '.join(map(str, cmd))} did not finish in {timeout} s:\n"
-                                 f"{_text(e.stdout)[-6000:]}\n{_text(e.stderr)[-6000:]}") from None
+            raise AssertionError(
+                f"on {host.name}: {' '.join(map(str, cmd))} did not finish in {timeout} s:\n"
+                f"{_text(e.stdout)[-6000:]}\n{_text(e.stderr)[-6000:]}"
+            ) from None
         if check and proc.returncode != 0:
-            raise AssertionError(f"on {host.name}: {' '.join(map(str, cmd))} failed ({proc.returncode}):\n"
-                                 f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+            raise AssertionError(
+                f"on {host.name}: {' '.join(map(str, cmd))} failed ({proc.returncode}):\n"
+                f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+            )
         return proc
 
     def popen_on(self, host: Host, cmd, env=None, **kw) -> subprocess.Popen:
-        return subprocess.Popen(host.nsenter() + [str(c) for c in cmd], env=env or self.env(), cwd=ROOT,
-                                start_new_session=True, **kw)
+        return subprocess.Popen(
+            host.nsenter() + [str(c) for c in cmd], env=env or self.env(), cwd=ROOT, start_new_session=True, **kw
+        )
 
     def kill_jobs(self, host: Host) -> list[int]:
         """SIGKILL every process in `host` but its sshd listener: the host's share of a job dies at once."""
@@ -311,8 +377,13 @@ class WriteWatch:
         self.root = Path(root).resolve()
         self.events: list[tuple[str, str]] = []
         self._libc = ctypes.CDLL(None, use_errno=True)
-        self._libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int,
-                                             ctypes.c_char_p]
+        self._libc.fanotify_mark.argtypes = [
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_uint64,
+            ctypes.c_int,
+            ctypes.c_char_p,
+        ]
         self._fds = {}
         for h in cluster.hosts:
             fd = self._libc.fanotify_init(_FAN_CLASS_NOTIF | _FAN_CLOEXEC | _FAN_NONBLOCK, os.O_RDONLY)

@@ -2,51 +2,57 @@
 mask FlexAttention receives, FlexAttention's forward and flash's flattened rows against the dense block-causal
 reference. FlexAttention's gradients and flash-attn itself need a GPU: tests/test_gpu.py."""
 
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import ROOT
+from test_lm_loss import _packed_batch
 from transformers import AutoModelForCausalLM
 
-from colossal_shear.config import parse
+from colossal_shear.core.config import parse
 from colossal_shear.data.collator import block_causal_mask
 from colossal_shear.train import attention
 from colossal_shear.train.attention import AttentionError, resolve
+from colossal_shear.train.config import TrainConfig
 
 # FlexAttention run eagerly on CPU (the only way it runs here) warns about exactly that, through torch's own code
-pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
-              pytest.mark.filterwarnings("ignore:return_lse is deprecated:FutureWarning"),
-              pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile:UserWarning")]
-from colossal_shear.train.config import TrainConfig
-from conftest import ROOT
-from test_lm_loss import _packed_batch
-
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:return_lse is deprecated:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile:UserWarning"),
+]
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("choice,device,plugin,flash,expected", [
-    ("auto", "cpu", "zero2", False, "sdpa"),
-    ("auto", "cpu", "zero2", True, "sdpa"),
-    ("auto", "cuda", "zero2", True, "flash"),
-    ("auto", "cuda", "zero2", False, "flex"),
-    ("auto", "cuda", "3d", True, "sdpa"),
-    ("sdpa", "cuda", "3d", True, "sdpa"),
-    ("flex", "cuda", "ddp", False, "flex"),
-    ("flash", "cuda", "gemini", True, "flash"),
-])
+@pytest.mark.parametrize(
+    "choice,device,plugin,flash,expected",
+    [
+        ("auto", "cpu", "zero2", False, "sdpa"),
+        ("auto", "cpu", "zero2", True, "sdpa"),
+        ("auto", "cuda", "zero2", True, "flash"),
+        ("auto", "cuda", "zero2", False, "flex"),
+        ("auto", "cuda", "3d", True, "sdpa"),
+        ("sdpa", "cuda", "3d", True, "sdpa"),
+        ("flex", "cuda", "ddp", False, "flex"),
+        ("flash", "cuda", "gemini", True, "flash"),
+    ],
+)
 def test_resolve_picks_the_fastest_that_works(choice, device, plugin, flash, expected):
     assert resolve(choice, device, plugin, flash_installed=flash) == expected
 
 
-@pytest.mark.parametrize("choice,device,plugin,flash,words", [
-    ("flex", "cpu", "zero2", False, "no backward on CPU"),
-    ("flash", "cpu", "zero2", True, "needs a CUDA GPU"),
-    ("flash", "cuda", "zero2", False, "not installed"),
-    ("flex", "cuda", "3d", False, "shardformer replaces the attention forward"),
-    ("flash", "cuda", "3d", True, "shardformer replaces the attention forward"),
-])
+@pytest.mark.parametrize(
+    "choice,device,plugin,flash,words",
+    [
+        ("flex", "cpu", "zero2", False, "no backward on CPU"),
+        ("flash", "cpu", "zero2", True, "needs a CUDA GPU"),
+        ("flash", "cuda", "zero2", False, "not installed"),
+        ("flex", "cuda", "3d", False, "shardformer replaces the attention forward"),
+        ("flash", "cuda", "3d", True, "shardformer replaces the attention forward"),
+    ],
+)
 def test_resolve_refuses_with_the_reason(choice, device, plugin, flash, words):
     with pytest.raises(AttentionError, match=words):
         resolve(choice, device, plugin, flash_installed=flash)
@@ -55,12 +61,28 @@ def test_resolve_refuses_with_the_reason(choice, device, plugin, flash, words):
 def test_use_flash_attn_is_an_alias_and_refused_on_cpu(model_dir, tmp_path):
     assert parse(TrainConfig, ["--use_flash_attn"]).attn_implementation == "flash"
     assert parse(TrainConfig, []).attn_implementation == "auto"
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--pretrained", str(model_dir), "--dataset",
-                           str(tmp_path), "--attn_implementation", "flex"], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--pretrained",
+            str(model_dir),
+            "--dataset",
+            str(tmp_path),
+            "--attn_implementation",
+            "flex",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("train.py: error: --attn_implementation flex cannot train "
-                                                           "on CPU"), proc.stderr
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("train.py: error: --attn_implementation flex cannot train on CPU")
+    ), proc.stderr
 
 
 def _docs(length=300):
@@ -83,8 +105,9 @@ def test_flex_forward_matches_dense_sdpa(model_dir):
     """FlexAttention's forward (eager: compiled flex has no CPU kernel with return_lse) through the real model, with
     the BlockMask the hook builds, equals SDPA with the dense block-causal mask."""
     ref = attention.install(AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa"), "sdpa")
-    flex = attention.install(AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="flex_attention"),
-                             "flex")
+    flex = attention.install(
+        AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="flex_attention"), "flex"
+    )
     inputs = _packed_batch(ref.config.vocab_size, length=32)
     with torch.no_grad(), torch.compiler.set_stance("force_eager"):
         want, got = ref(**inputs), flex(**inputs)
@@ -118,7 +141,7 @@ def test_flash_flattened_rows_keep_the_loss(model_dir):
 def test_model_inputs_and_the_sdpa_hook_give_the_block_causal_mask(model_dir):
     """What the trainer feeds (model_inputs: document_ids for packed rows only) reaches SDPA as the dense block-causal
     mask, in the dtype attention computes in."""
-    from colossal_shear.train.data import model_inputs
+    from colossal_shear.train.batches import model_inputs
 
     inputs = _packed_batch(2048, length=32)
     batch = {**inputs, "segment_ids": inputs["document_ids"], "num_docs": torch.tensor([3, 2])}

@@ -12,9 +12,8 @@ import sys
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
-
 from conftest import ROOT, run_distributed
+from transformers import LlamaForCausalLM
 
 sys.path.insert(0, str(ROOT / "tests" / "workers"))
 from booster_steps import batch_for  # noqa: E402
@@ -58,8 +57,21 @@ def references(model_dir):
 def test_plugin_trains_like_plain_pytorch(case, model_dir, references, tmp_path):
     launcher = "colossalai" if case == "ddp" else "torchrun"  # users launch both ways
     save = tmp_path / "saved"
-    run_distributed(WORKER, "--model", model_dir, "--out", tmp_path, "--steps", STEPS, "--lr", LR,
-                    "--save_dir", save, *CASES[case], launcher=launcher)
+    run_distributed(
+        WORKER,
+        "--model",
+        model_dir,
+        "--out",
+        tmp_path,
+        "--steps",
+        STEPS,
+        "--lr",
+        LR,
+        "--save_dir",
+        save,
+        *CASES[case],
+        launcher=launcher,
+    )
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
     ref_losses, ref_state = references["dp2" if case in DATA_PARALLEL else "dp1"]

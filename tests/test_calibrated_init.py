@@ -14,21 +14,51 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from colossal_shear import calibrated_init as ci
 from colossal_shear.bundled import CORPUS_DIR
-from colossal_shear.embedding_rows import NEW_ROWS_FILE, from_ranges, old_rows, to_ranges
-from colossal_shear.embeddings import ResizeConfig, ResizeError, resize_model
 from colossal_shear.vocab import TokenizerConfig, VocabError, init_tokenizer
+from colossal_shear.vocab import calibration as ci
+from colossal_shear.vocab.resize import ResizeConfig, ResizeError, resize_model
+from colossal_shear.vocab.rows import NEW_ROWS_FILE, from_ranges, old_rows, to_ranges
 
 ROOT = Path(__file__).resolve().parent.parent
-ZH_WORDS = ["这本", "知道", "书中", "套书", "世界", "不会", "一次", "一下", "不好", "有点", "网上", "特别", "看过", "拿到",
-            "之后", "一直", "需要", "地方", "这本书很", "我觉得", "不知道", "非常喜欢", "值得一看", "是一本好书"]
+ZH_WORDS = [
+    "这本",
+    "知道",
+    "书中",
+    "套书",
+    "世界",
+    "不会",
+    "一次",
+    "一下",
+    "不好",
+    "有点",
+    "网上",
+    "特别",
+    "看过",
+    "拿到",
+    "之后",
+    "一直",
+    "需要",
+    "地方",
+    "这本书很",
+    "我觉得",
+    "不知道",
+    "非常喜欢",
+    "值得一看",
+    "是一本好书",
+]
 
 
 def resize(src, tok, dst, **kw):
     kw.setdefault("progress", False)
-    return resize_model(ResizeConfig(source_model_and_tokenizer_path=Path(src), target_tokenizer_path=Path(tok),
-                                     target_model_path=Path(dst), **kw))
+    return resize_model(
+        ResizeConfig(
+            source_model_and_tokenizer_path=Path(src),
+            target_tokenizer_path=Path(tok),
+            target_model_path=Path(dst),
+            **kw,
+        )
+    )
 
 
 def load(d):
@@ -45,8 +75,15 @@ def tok(tokenizer_dir, work):
     words = work / "zh_words.jsonl"
     words.write_text("".join(json.dumps({"piece": w}, ensure_ascii=False) + "\n" for w in ZH_WORDS), encoding="utf-8")
     out = work / "tok-zh"
-    init_tokenizer(TokenizerConfig(source_tokenizer_dir=tokenizer_dir, target_tokenizer_dir=out,
-                                   expand_tokens_file=words, num_workers=1, progress=False))
+    init_tokenizer(
+        TokenizerConfig(
+            source_tokenizer_dir=tokenizer_dir,
+            target_tokenizer_dir=out,
+            expand_tokens_file=words,
+            num_workers=1,
+            progress=False,
+        )
+    )
     return out
 
 
@@ -62,11 +99,17 @@ def calib(work):
 @pytest.fixture(scope="module")
 def calibrated(model_dir, tied_model_dir, tok, calib, work):
     out = {}
-    for name, src, extra in (("untied", model_dir, {}), ("tied", tied_model_dir, {}),
-                             ("untie", tied_model_dir, {"untie_embeddings": True})):
+    for name, src, extra in (
+        ("untied", model_dir, {}),
+        ("tied", tied_model_dir, {}),
+        ("untie", tied_model_dir, {"untie_embeddings": True}),
+    ):
         dst = work / f"cal-{name}"
-        out[name] = (src, dst, resize(src, tok, dst, init="calibrated", calibration_file=[calib],
-                                      calibration_tokens=1500, **extra))
+        out[name] = (
+            src,
+            dst,
+            resize(src, tok, dst, init="calibrated", calibration_file=[calib], calibration_tokens=1500, **extra),
+        )
     out["sub"] = (model_dir, work / "sub", resize(model_dir, tok, work / "sub"))
     return out
 
@@ -121,7 +164,7 @@ def test_tied_stays_tied_untie_unties(calibrated, tok):
 
 def _last_rows(src, tok, source):
     """Each new piece's last sub-token row under the source tokenizer (independently of calibrated_init)."""
-    from colossal_shear.embeddings import subtoken_ids
+    from colossal_shear.vocab.resize import subtoken_ids
 
     old_tok, new_tok = AutoTokenizer.from_pretrained(src), AutoTokenizer.from_pretrained(tok)
     ids = list(range(2048, len(new_tok)))
@@ -154,7 +197,8 @@ def test_fitted_loss_is_the_models_real_calibration_loss(calibrated, calib):
     assert c["loss_final"] <= c["loss_fit"] + 1e-6 and c["loss_fit"] < c["loss_subtoken_mean"]
     assert c["bias"]["spread"] < 1 and set(c["bias"]["held_out"]) == {"0.1", "0.3", "1"}
     assert _calibration_loss(calibrated["sub"][1], calib, 1500) == pytest.approx(
-        report.calibration["loss_subtoken_mean"], abs=2e-4)
+        report.calibration["loss_subtoken_mean"], abs=2e-4
+    )
     assert 0 < report.calibration["new_targets"] < 1500
     # tied: the report's final loss is the saved model's
     _, tdst, treport = calibrated["tied"]
@@ -166,8 +210,9 @@ def test_fitted_loss_is_the_models_real_calibration_loss(calibrated, calib):
 
 def test_deterministic_bytes_and_refinement(model_dir, tok, calib, work, calibrated):
     r1 = resize(model_dir, tok, work / "det1", init="calibrated", calibration_file=[calib], calibration_tokens=1500)
-    assert (work / "det1" / "model.safetensors").read_bytes() == \
-        (calibrated["untied"][1] / "model.safetensors").read_bytes()
+    assert (work / "det1" / "model.safetensors").read_bytes() == (
+        calibrated["untied"][1] / "model.safetensors"
+    ).read_bytes()
     assert r1.calibration["coefficients"] == calibrated["untied"][2].calibration["coefficients"]
     kw = dict(init="calibrated", calibration_file=[calib], calibration_tokens=1500, calibration_refine_steps=4)
     r2 = resize(model_dir, tok, work / "ref1", **kw)
@@ -233,8 +278,11 @@ def test_gradients_and_chunking_match_autograd(monkeypatch):
     floss, fgrad, fhess = fit.evaluate(theta)
 
     def ref_loss(th):
-        rows = th.reshape(4, 3)[bucket, 0:1] * A.double() + th.reshape(4, 3)[bucket, 1:2] * B.double() + \
-            th.reshape(4, 3)[bucket, 2:3] * C.double()
+        rows = (
+            th.reshape(4, 3)[bucket, 0:1] * A.double()
+            + th.reshape(4, 3)[bucket, 1:2] * B.double()
+            + th.reshape(4, 3)[bucket, 2:3] * C.double()
+        )
         full = torch.cat([head[: V - N].double(), rows])
         return torch.nn.functional.cross_entropy(H.double() @ full.T, y)
 
@@ -243,8 +291,9 @@ def test_gradients_and_chunking_match_autograd(monkeypatch):
     ref.backward()
     assert floss == pytest.approx(float(ref.detach()), abs=1e-5)
     torch.testing.assert_close(fgrad.reshape(-1), th.grad, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(fhess, torch.autograd.functional.hessian(ref_loss, theta.reshape(-1)), atol=1e-5,
-                               rtol=1e-4)
+    torch.testing.assert_close(
+        fhess, torch.autograd.functional.hessian(ref_loss, theta.reshape(-1)), atol=1e-5, rtol=1e-4
+    )
     # the fit finds the optimum: zero gradient there
     best, start, end = fit.fit()
     assert end < start and fit.evaluate(best)[1].abs().max() < 1e-5
@@ -283,14 +332,32 @@ def test_bad_calibration_inputs_are_refused(model_dir, tok, calib, work):
 
 def test_cli(model_dir, tok, calib, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    base = [sys.executable, str(ROOT / "tokenizer" / "init_model.py"), "--source_model_and_tokenizer_path",
-            str(model_dir), "--target_tokenizer_path", str(tok), "--target_model_path", str(tmp_path / "m")]
-    proc = subprocess.run(base + ["--init", "calibrated", "--calibration_file", str(calib), "--calibration_tokens",
-                                  "800"], capture_output=True, text=True, env=env, timeout=300)
+    base = [
+        sys.executable,
+        str(ROOT / "tokenizer" / "init_model.py"),
+        "--source_model_and_tokenizer_path",
+        str(model_dir),
+        "--target_tokenizer_path",
+        str(tok),
+        "--target_model_path",
+        str(tmp_path / "m"),
+    ]
+    proc = subprocess.run(
+        base + ["--init", "calibrated", "--calibration_file", str(calib), "--calibration_tokens", "800"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "calibration: 800 positions" in proc.stdout and "sub-tokens" in proc.stdout
     assert "calibration: input rows 1·mean + 0·last" in proc.stderr  # progress
-    proc = subprocess.run(base[:-1] + [str(tmp_path / "m2"), "--init", "calibrated", "--calibration_file",
-                                       str(tmp_path / "nope.txt")], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        base[:-1] + [str(tmp_path / "m2"), "--init", "calibrated", "--calibration_file", str(tmp_path / "nope.txt")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 2 and proc.stderr.startswith("init_model.py: error: calibration file not found")
     assert len(proc.stderr.strip().splitlines()) == 1

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import prepare_bundled_corpus, run_distributed
+from test_train import TRAIN, _args, tb_scalars
 from transformers import AutoModelForCausalLM
 
-from colossal_shear.bundled import build_tiny_llama, corpus_files, train_sentencepiece
-from colossal_shear.data import PrepareConfig, prepare_dataset
-from conftest import run_distributed
-from test_train import TRAIN, _args, dataset, tb_scalars  # noqa: F401 (dataset is a fixture)
+from colossal_shear.bundled import build_tiny_llama, train_sentencepiece
 
 STEPS = ("step-0000003", "step-0000006", "step-0000008")
 
@@ -64,8 +63,15 @@ def _one_error(log: str, *parts: str) -> str:
 def test_manifest_lists_every_file_and_files_follow_the_umask(saved):
     step = saved / "ckpt" / "step-0000008"
     manifest = json.loads((step / "manifest.json").read_text())
-    assert manifest["layout"] == {"world_size": 2, "plugin": "zero2", "tp": 1, "pp": 1, "sp": 1, "zero_stage": 0,
-                                  "dp_size": 2}
+    assert manifest["layout"] == {
+        "world_size": 2,
+        "plugin": "zero2",
+        "tp": 1,
+        "pp": 1,
+        "sp": 1,
+        "zero_stage": 0,
+        "dp_size": 2,
+    }
     files = sorted(str(p.relative_to(step)) for p in step.rglob("*") if p.is_file() and p.name != "manifest.json")
     assert sorted(manifest["files"]) == files
     for rel, meta in manifest["files"].items():
@@ -102,8 +108,9 @@ def test_corrupted_model_shard_is_refused_or_skipped_for_an_older_checkpoint(sav
         assert got[step] == pytest.approx(expected[step], abs=1e-6, rel=0)
 
 
-@pytest.mark.parametrize("victim", ["trainer_state.pt", "optimizer/pytorch_optim-00001.bin",
-                                    "model/model-00001.safetensors"])
+@pytest.mark.parametrize(
+    "victim", ["trainer_state.pt", "optimizer/pytorch_optim-00001.bin", "model/model-00001.safetensors"]
+)
 def test_truncated_file_is_refused_naming_it(victim, saved, model_dir, dataset, tmp_path):
     ckpt = _copy(saved, tmp_path)
     path = ckpt / "step-0000008" / victim
@@ -139,8 +146,9 @@ def test_a_rank_file_missing_is_one_error_from_every_rank(saved, model_dir, data
 def test_another_world_size_or_plugin_is_refused_before_loading(saved, model_dir, dataset, tmp_path):
     ckpt = _copy(saved, tmp_path)
     log = _fails(*_run_args(model_dir, dataset, tmp_path), "--load_checkpoint", ckpt, nproc=1)
-    _one_error(log, "world_size 2", "dp_size 2", "this run has world_size 1", "dp_size 1",
-               "resume with the same layout")
+    _one_error(
+        log, "world_size 2", "dp_size 2", "this run has world_size 1", "dp_size 1", "resume with the same layout"
+    )
     log = _fails(*_run_args(model_dir, dataset, tmp_path), "--plugin", "ddp", "--load_checkpoint", ckpt)
     _one_error(log, "plugin zero2", "this run has plugin ddp")
 
@@ -164,12 +172,18 @@ def test_a_pickled_object_in_an_optimizer_shard_is_never_unpickled(saved, model_
     torch.save(state, shard)
     manifest = json.loads((step / "manifest.json").read_text())  # consistent, as a tamperer would make it
     data = shard.read_bytes()
-    manifest["files"]["optimizer/pytorch_optim-00001.bin"] = {"size": len(data),
-                                                             "sha256": hashlib.sha256(data).hexdigest()}
+    manifest["files"]["optimizer/pytorch_optim-00001.bin"] = {
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
     (step / "manifest.json").write_text(json.dumps(manifest))
     # even where the environment turns torch.load's default back to full unpickling
-    log = _fails(*_run_args(model_dir, dataset, tmp_path), "--load_checkpoint", step,
-                 env={"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})
+    log = _fails(
+        *_run_args(model_dir, dataset, tmp_path),
+        "--load_checkpoint",
+        step,
+        env={"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"},
+    )
     assert not marker.exists(), "the pickled object was loaded"
     _one_error(log, str(shard), "refused: it holds a pickled object")
 
@@ -184,8 +198,9 @@ def small_fs(tmp_path):
     def mount(name: str, size_bytes: int) -> Path:
         path = tmp_path / name
         path.mkdir()
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)], capture_output=True, text=True
+        )
         if proc.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
         mounted.append(path)
@@ -203,8 +218,12 @@ def test_disk_full_while_saving_or_exporting(saved, small_fs, model_dir, dataset
     args = _run_args(model_dir, dataset, tmp_path)
     args[args.index("--save_dir") + 1] = ckpt
     log = _fails(*args)
-    _one_error(log, f"saving checkpoint {ckpt / 'step-0000006'} failed: No space left on device",
-               str(ckpt / ".tmp-step-0000006"), "latest still names step-0000003")
+    _one_error(
+        log,
+        f"saving checkpoint {ckpt / 'step-0000006'} failed: No space left on device",
+        str(ckpt / ".tmp-step-0000006"),
+        "latest still names step-0000003",
+    )
     assert sorted(p.name for p in ckpt.iterdir()) == ["config.yaml", "latest", "step-0000003"]  # no leftovers
     assert (ckpt / "latest").read_text() == "step-0000003"
     step = ckpt / "step-0000003"
@@ -212,8 +231,20 @@ def test_disk_full_while_saving_or_exporting(saved, small_fs, model_dir, dataset
         assert hashlib.sha256((step / rel).read_bytes()).hexdigest() == meta["sha256"], rel
 
     out = small_fs("export", one // 4)
-    log = _fails(*_args(model_dir, dataset, tmp_path, "--plugin", "ddp", "--save_dir", tmp_path / "ok",
-                        "--export_dir", out / "model", steps=1))
+    log = _fails(
+        *_args(
+            model_dir,
+            dataset,
+            tmp_path,
+            "--plugin",
+            "ddp",
+            "--save_dir",
+            tmp_path / "ok",
+            "--export_dir",
+            out / "model",
+            steps=1,
+        )
+    )
     _one_error(log, f"exporting to {out / 'model'} failed: No space left on device")
     assert list(out.iterdir()) == []
 
@@ -225,9 +256,7 @@ def vocab_3000(tmp_path_factory):
     tok = train_sentencepiece(root / "tok", vocab_size=3000)
     model = build_tiny_llama(root / "model", tok)
     data = root / "data"
-    prepare_dataset(PrepareConfig(data_input_dirs=[str(p) for p in corpus_files()], tokenizer_dir=str(tok),
-                                  data_output_dirs=str(data), max_length=64, num_spliced_dataset_bins=2, num_proc=1,
-                                  progress=False))
+    prepare_bundled_corpus(tok, data)
     return model, data
 
 

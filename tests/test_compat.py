@@ -5,18 +5,23 @@ import subprocess
 import sys
 
 import pytest
-
-from colossal_shear import compat
 from conftest import ROOT, _free_port
+
+from colossal_shear.core import compat
 
 
 def _probe(*flags) -> dict:
     env = {"PYTHONPATH": str(ROOT), "MASTER_PORT": str(_free_port()), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests/workers/compat_probe.py"), *flags], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests/workers/compat_probe.py"), *flags],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")]
     assert lines, proc.stderr[-4000:]
-    return json.loads(lines[-1][len("RESULTS "):])
+    return json.loads(lines[-1][len("RESULTS ") :])
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +34,8 @@ def test_workaround_is_needed_and_works(probes, name):
     without, with_compat = probes
     assert name in without, f"no probe exercises compat patch {name}"
     assert without[name] != "ok", (
-        f"colossalai no longer fails without compat patch {name!r}: the workaround can be removed")
+        f"colossalai no longer fails without compat patch {name!r}: the workaround can be removed"
+    )
     assert with_compat[name] == "ok", f"compat patch {name!r} does not fix: {with_compat[name]}"
 
 

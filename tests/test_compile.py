@@ -3,22 +3,28 @@
 import shutil
 
 import pytest
-
-from colossal_shear.config import parse
-from colossal_shear.train.config import TrainConfig
 from conftest import run_distributed
 from test_train import TRAIN, _args, dataset, tb_scalars  # noqa: F401 (fixture)
 
+from colossal_shear.core.config import parse
+from colossal_shear.train.config import TrainConfig
 
-@pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None,
-                    reason="torch.compile's inductor needs a C compiler (gcc) on CPU")
+
+@pytest.mark.skipif(
+    shutil.which("gcc") is None and shutil.which("cc") is None,
+    reason="torch.compile's inductor needs a C compiler (gcc) on CPU",
+)
 @pytest.mark.parametrize("plugin", ["zero2"])
 def test_compiled_losses_match_eager(plugin, model_dir, dataset, tmp_path):  # noqa: F811
     losses, kernels = {}, {}
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         cache = tmp_path / name / "inductor"  # inductor writes its generated kernels here: proof it compiled
-        run_distributed(TRAIN, *_args(model_dir, dataset, tmp_path / name, "--plugin", plugin, *extra, steps=3),
-                        timeout=900, env={"TORCHINDUCTOR_CACHE_DIR": str(cache)})
+        run_distributed(
+            TRAIN,
+            *_args(model_dir, dataset, tmp_path / name, "--plugin", plugin, *extra, steps=3),
+            timeout=900,
+            env={"TORCHINDUCTOR_CACHE_DIR": str(cache)},
+        )
         losses[name] = tb_scalars(tmp_path / name / "tb")
         kernels[name] = list(cache.rglob("*.py")) if cache.exists() else []
     assert kernels["compiled"] and not kernels["eager"]

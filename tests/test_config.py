@@ -6,13 +6,13 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, run_distributed
 
 from colossal_shear import cli
-from colossal_shear.config import ConfigError, flat_fields, parse, to_yaml
+from colossal_shear.core.config import ConfigError, flat_fields, parse, to_yaml
+from colossal_shear.core.errors import UserError
 from colossal_shear.data.config import PrepareConfig
-from colossal_shear.errors import UserError
 from colossal_shear.train.config import TrainConfig
-from conftest import ROOT, run_distributed
 
 
 @pytest.mark.parametrize("script", list(cli.CLIS))
@@ -20,27 +20,43 @@ def test_help_works_for_every_cli(script):
     cmd = ["-m", script[:-3].replace("/", ".")] if script.startswith("colossal_shear/") else [str(ROOT / script)]
     proc = subprocess.run([sys.executable, *cmd, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    for f in flat_fields(cli.config_class(script)):
+    for f in flat_fields(cli.CLIS[script]):
         assert f"--{f.name}" in proc.stdout
     assert "--config" in proc.stdout
 
 
 def test_docs_cli_md_is_generated_from_the_dataclasses():
-    assert (ROOT / "docs" / "cli.md").read_text() == cli.cli_docs(), \
-        "docs/cli.md is stale: python -m colossal_shear.config > docs/cli.md"
+    assert (ROOT / "docs" / "cli.md").read_text() == cli.cli_docs(), (
+        "docs/cli.md is stale: python -m colossal_shear.cli > docs/cli.md"
+    )
 
 
 def test_readme_names_only_flags_that_exist():
     """The README explains flags in prose; every `--flag` it names must be a real option of some CLI (or of the
     launchers and tools it shows)."""
-    known = {f"--{f.name}" for s in cli.CLIS for f in flat_fields(cli.config_class(s))}
+    known = {f"--{f.name}" for s in cli.CLIS for f in flat_fields(cli.CLIS[s])}
     for s in cli.CLIS:
-        for f in flat_fields(cli.config_class(s)):
+        for f in flat_fields(cli.CLIS[s]):
             known |= set(f.meta.get("aliases", ())) | set(f.meta.get("const_flags", {}))
             if f.hint is bool:
                 known.add(f.meta.get("negative") or f"--no_{f.name}")
-    known |= {"--config", "--help", "--nproc_per_node", "--hostfile", "--master_addr", "--master_port", "--standalone",
-              "--report", "--ssh-port", "--index-url", "--no-deps", "--dry_run", "--steps", "--include", "--exclude"}
+    known |= {
+        "--config",
+        "--help",
+        "--nproc_per_node",
+        "--hostfile",
+        "--master_addr",
+        "--master_port",
+        "--standalone",
+        "--report",
+        "--ssh-port",
+        "--index-url",
+        "--no-deps",
+        "--dry_run",
+        "--steps",
+        "--include",
+        "--exclude",
+    }
     readme = (ROOT / "README.md").read_text()
     named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", readme))
     assert named <= known, f"README names flags no CLI has: {sorted(named - known)}"
@@ -48,8 +64,10 @@ def test_readme_names_only_flags_that_exist():
 
 def test_yaml_values_are_converted_to_the_fields_types(tmp_path):
     cfg_file = tmp_path / "run.yaml"
-    cfg_file.write_text("lr: 1e-3\nmax_steps: '3'\nbatch_size: 2.0\noverwrite: yes\ndataset: data/a\n"
-                        "parallel:\n  plugin: ddp\n  tp: '1'\ntensorboard_dir: ~\nmixed_precision: fp32\n")
+    cfg_file.write_text(
+        "lr: 1e-3\nmax_steps: '3'\nbatch_size: 2.0\noverwrite: yes\ndataset: data/a\n"
+        "parallel:\n  plugin: ddp\n  tp: '1'\ntensorboard_dir: ~\nmixed_precision: fp32\n"
+    )
     cfg = parse(TrainConfig, ["--config", cfg_file])
     assert (cfg.lr, cfg.max_steps, cfg.batch_size, cfg.overwrite, cfg.dataset) == (1e-3, 3, 2, True, ["data/a"])
     assert (cfg.parallel.plugin, cfg.parallel.tp, cfg.parallel.mixed_precision) == ("ddp", 1, "fp32")
@@ -63,17 +81,20 @@ def test_yaml_values_are_converted_to_the_fields_types(tmp_path):
     assert parse(TrainConfig, ["--config", saved]) == cfg
 
 
-@pytest.mark.parametrize("text, match", [
-    ("lr: fast\n", r"run.yaml: lr: expected float, got 'fast'"),
-    ("max_steps: 2.5\n", r"run.yaml: max_steps: expected int, got 2.5"),
-    ("overwrite: maybe\n", r"run.yaml: overwrite: expected bool, got 'maybe'"),
-    ("plugin: fsdp\n", r"run.yaml: plugin: 'fsdp' is not one of gemini, gemini_auto, zero2"),
-    ("learning_rate: 1\n", r"run.yaml: unknown option 'learning_rate'"),
-    ("parallel:\n  lr: 1\n", r"run.yaml: unknown option parallel.lr"),
-    ("- lr\n", r"expected a mapping of option: value, got list"),
-    ("lr: [1\n", r"not valid YAML"),
-    ("batch_size: 0\n", r"--batch_size must be at least 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("lr: fast\n", r"run.yaml: lr: expected float, got 'fast'"),
+        ("max_steps: 2.5\n", r"run.yaml: max_steps: expected int, got 2.5"),
+        ("overwrite: maybe\n", r"run.yaml: overwrite: expected bool, got 'maybe'"),
+        ("plugin: fsdp\n", r"run.yaml: plugin: 'fsdp' is not one of gemini, gemini_auto, zero2"),
+        ("learning_rate: 1\n", r"run.yaml: unknown option 'learning_rate'"),
+        ("parallel:\n  lr: 1\n", r"run.yaml: unknown option parallel.lr"),
+        ("- lr\n", r"expected a mapping of option: value, got list"),
+        ("lr: [1\n", r"not valid YAML"),
+        ("batch_size: 0\n", r"--batch_size must be at least 1, got 0"),
+    ],
+)
 def test_bad_yaml_is_one_line_naming_the_key(tmp_path, text, match):
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text(text)
@@ -96,26 +117,39 @@ def test_aliases_and_section_keys(tmp_path):
 
 
 def test_cli_flag_errors_are_one_line_exit_2(tmp_path):
-    for args, match in ((["--lr", "abc"], "argument --lr: expected float, got 'abc'"),
-                        (["--plugin", "fsdp"], "argument --plugin: 'fsdp' is not one of"),
-                        (["--learning_rate", "1"], "unrecognized arguments: --learning_rate")):
-        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
-                              cwd=ROOT, timeout=120)
+    for args, match in (
+        (["--lr", "abc"], "argument --lr: expected float, got 'abc'"),
+        (["--plugin", "fsdp"], "argument --plugin: 'fsdp' is not one of"),
+        (["--learning_rate", "1"], "unrecognized arguments: --learning_rate"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=ROOT, timeout=120
+        )
         assert proc.returncode == 2, proc.stderr
         assert match in proc.stderr
         assert "Traceback" not in proc.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text("max_steps: many\n")
-    proc = subprocess.run([sys.executable, str(ROOT / "prune.py"), "--config", bad], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "prune.py"), "--config", bad], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == f"prune.py: error: {bad}: unknown option 'max_steps'"
 
 
 def test_user_error_in_a_two_process_run_is_printed_once(model_dir, tmp_path):
     with pytest.raises(AssertionError) as err:
-        run_distributed(ROOT / "train.py", "--pretrained", model_dir, "--dataset", tmp_path / "missing",
-                        "--plugin", "ddp", "--mixed_precision", "fp32")
+        run_distributed(
+            ROOT / "train.py",
+            "--pretrained",
+            model_dir,
+            "--dataset",
+            tmp_path / "missing",
+            "--plugin",
+            "ddp",
+            "--mixed_precision",
+            "fp32",
+        )
     log = str(err.value)
     assert log.count("train.py: error:") == 1, log
     assert "not a prepared dataset" in log
@@ -123,14 +157,21 @@ def test_user_error_in_a_two_process_run_is_printed_once(model_dir, tmp_path):
 
 
 def test_user_errors_share_one_base_class():
+    from colossal_shear.core.errors import TrainingError, VocabError
     from colossal_shear.data.prepared import DatasetMismatch
     from colossal_shear.data.records import DataPrepError
     from colossal_shear.pruning.shape import PruneError
-    from colossal_shear.train.checkpoint import CheckpointError
-    from colossal_shear.train.plugins import PluginError
-    from colossal_shear.train.preflight import TrainingError
-    from colossal_shear.vocab.errors import VocabError
+    from colossal_shear.train.distributed.plugins import PluginError
+    from colossal_shear.train.io.checkpoint import CheckpointError
 
-    for cls in (DatasetMismatch, DataPrepError, PruneError, CheckpointError, PluginError, TrainingError, VocabError,
-                ConfigError):
+    for cls in (
+        DatasetMismatch,
+        DataPrepError,
+        PruneError,
+        CheckpointError,
+        PluginError,
+        TrainingError,
+        VocabError,
+        ConfigError,
+    ):
         assert issubclass(cls, UserError), cls

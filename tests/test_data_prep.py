@@ -35,6 +35,7 @@ L = 64
 
 # ----------------------------------------------------------------------------------------------------------- helpers
 
+
 def write_jsonl(path: Path, records, gz: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = "".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in records).encode()
@@ -115,7 +116,8 @@ def output_sequences(parts) -> dict:
         for row in part:
             n = row["num_tokens"]
             got.setdefault(row["category"], []).append(
-                (tuple(row["input_ids"][:n]), tuple(row["labels"][:n]), tuple(row["doc_lengths"])))
+                (tuple(row["input_ids"][:n]), tuple(row["labels"][:n]), tuple(row["doc_lengths"]))
+            )
     return {c: sorted(v) for c, v in got.items()}
 
 
@@ -146,19 +148,31 @@ def corpus(tmp_path_factory):
 def prepared(corpus, tokenizer_dir, tmp_path_factory):
     """One run through the worker pool, with tiny batches and buffers so batch seams and spills are exercised."""
     d, records = corpus
-    out, manifest = run(tmp_path_factory.mktemp("prepared"), [str(d)], tokenizer_dir=str(tokenizer_dir),
-                        num_proc=2, batch_lines=3, buffer_size=8, seed=7)
+    out, manifest = run(
+        tmp_path_factory.mktemp("prepared"),
+        [str(d)],
+        tokenizer_dir=str(tokenizer_dir),
+        num_proc=2,
+        batch_lines=3,
+        buffer_size=8,
+        seed=7,
+    )
     return out, manifest, load_parts(out), records
 
 
 # ------------------------------------------------------------------------------------------------------------ tests
 
+
 def test_packer_splits_across_batches_and_counts_documents():
     p = CategoryPacker(max_length=4, pad_id=0)
     lens = [3, 1, 6, 2]  # stream of 12 tokens -> rows [3,1] [4] [2,2]
     ids = np.arange(1, 13, dtype=np.int32)
-    rows = [p.add(ids[:3], ids[:3], np.array([3])), p.add(ids[3:4], ids[3:4], np.array([1])),
-            p.add(ids[4:12], ids[4:12], np.array([6, 2])), p.finish()]
+    rows = [
+        p.add(ids[:3], ids[:3], np.array([3])),
+        p.add(ids[3:4], ids[3:4], np.array([1])),
+        p.add(ids[4:12], ids[4:12], np.array([6, 2])),
+        p.finish(),
+    ]
     blocks = [r for r in rows if r is not None]
     got_ids = np.concatenate([b.input_ids for b in blocks])
     assert got_ids.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]
@@ -194,7 +208,7 @@ def test_conservation_labels_and_boundaries(prepared, tok):
             # each segment's labels: -100 only on a prefix (BOS + source), never after target tokens
             starts = np.cumsum([0] + row["doc_lengths"][:-1])
             for s, ln in zip(starts, row["doc_lengths"]):
-                lab = row["labels"][s:s + ln]
+                lab = row["labels"][s : s + ln]
                 masked = [x == IGNORE_INDEX for x in lab]
                 assert masked == sorted(masked, reverse=True)
 
@@ -223,8 +237,8 @@ def test_text_records_and_unknown_category(prepared, tok):
     doc = [tok.bos_token_id] + text_ids + [tok.eos_token_id]
     flat = [(i, l) for r in rows for i, l in zip(r["input_ids"][: r["num_tokens"]], r["labels"][: r["num_tokens"]])]
     ids = [i for i, _ in flat]
-    k = next(j for j in range(len(ids)) if ids[j:j + len(doc)] == doc)
-    assert [l for _, l in flat[k:k + len(doc)]] == [IGNORE_INDEX] + text_ids + [tok.eos_token_id]
+    k = next(j for j in range(len(ids)) if ids[j : j + len(doc)] == doc)
+    assert [l for _, l in flat[k : k + len(doc)]] == [IGNORE_INDEX] + text_ids + [tok.eos_token_id]
 
 
 def test_buckets_and_manifest_counts(prepared):
@@ -322,8 +336,15 @@ def test_bad_line_names_file_and_line_and_leaves_no_output(tmp_path, tokenizer_d
 
 
 def test_skip_invalid_counts_per_reason(tmp_path, tokenizer_dir):
-    lines = [json.dumps({"target": "fine", "category": "c"}), "{not json", "[1]", json.dumps({"target": None}),
-             json.dumps({"target": 1}), "", json.dumps({"text": "also fine"})]
+    lines = [
+        json.dumps({"target": "fine", "category": "c"}),
+        "{not json",
+        "[1]",
+        json.dumps({"target": None}),
+        json.dumps({"target": 1}),
+        "",
+        json.dumps({"text": "also fine"}),
+    ]
     path = tmp_path / "in.jsonl"
     path.write_bytes(("\n".join(lines) + "\n").encode() + b'{"target": "\xff"}\n')
     out, manifest = run(tmp_path, [str(path)], tokenizer_dir=str(tokenizer_dir), skip_invalid=True)
@@ -379,9 +400,24 @@ def test_refuses_to_overwrite_and_overwrite_replaces(tmp_path, tokenizer_dir):
 def test_cli_write_jsonl_and_refusal(tmp_path, tokenizer_dir, corpus):
     d, _ = corpus
     out = tmp_path / "cli-out"
-    cmd = [sys.executable, str(ROOT / "data_prep" / "prepare_pretrain_dataset.py"), "--data_input_dirs", str(d),
-           "--tokenizer_dir", str(tokenizer_dir), "--data_output_dirs", str(out), "--max_length", str(L),
-           "--num_spliced_dataset_bins", "2", "--num_proc", "2", "--write_jsonl", "--no_progress"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "data_prep" / "prepare_pretrain_dataset.py"),
+        "--data_input_dirs",
+        str(d),
+        "--tokenizer_dir",
+        str(tokenizer_dir),
+        "--data_output_dirs",
+        str(out),
+        "--max_length",
+        str(L),
+        "--num_spliced_dataset_bins",
+        "2",
+        "--num_proc",
+        "2",
+        "--write_jsonl",
+        "--no_progress",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -14,12 +14,11 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from colossal_shear import embeddings
-from colossal_shear.bundled import CORPUS_DIR
-from colossal_shear.embeddings import ResizeConfig, ResizeError, make_plan, resize_matrix, resize_model
+from colossal_shear.bundled import CORPUS_DIR, build_tiny_llama
 from colossal_shear.vocab import TokenizerConfig, init_tokenizer, read_id_map
+from colossal_shear.vocab import resize as embeddings
+from colossal_shear.vocab.resize import ResizeConfig, ResizeError, make_plan, resize_matrix, resize_model
 from colossal_shear.vocab.toy import build_byte_level_tokenizer
-from colossal_shear.bundled import build_tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 EN = CORPUS_DIR / "en.jsonl"
@@ -27,8 +26,9 @@ WORDS = ["人工智能", "深度学习", "翻译", "知识", " tokenizer", "hell
 
 
 def tok_cfg(src, dst, **kw):
-    return TokenizerConfig(source_tokenizer_dir=Path(src), target_tokenizer_dir=Path(dst), num_workers=1,
-                           progress=False, **kw)
+    return TokenizerConfig(
+        source_tokenizer_dir=Path(src), target_tokenizer_dir=Path(dst), num_workers=1, progress=False, **kw
+    )
 
 
 def pieces_file(path: Path, words) -> Path:
@@ -37,8 +37,14 @@ def pieces_file(path: Path, words) -> Path:
 
 
 def resize(src, tok, dst, **kw) -> embeddings.ResizeReport:
-    return resize_model(ResizeConfig(source_model_and_tokenizer_path=Path(src), target_tokenizer_path=Path(tok),
-                                     target_model_path=Path(dst), **kw))
+    return resize_model(
+        ResizeConfig(
+            source_model_and_tokenizer_path=Path(src),
+            target_tokenizer_path=Path(tok),
+            target_model_path=Path(dst),
+            **kw,
+        )
+    )
 
 
 def load(d, dtype=torch.float32):
@@ -106,7 +112,7 @@ def test_pruning_logits_over_kept_tokens_are_bit_identical(models, tokenizers, t
 
 
 def test_tied_stays_tied_and_untied_stays_untied(models):
-    for (kind, tied), (_, dst) in models.items():
+    for (_kind, tied), (_, dst) in models.items():
         m = load(dst)
         assert m.config.tie_word_embeddings is tied
         assert (m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()) is tied
@@ -115,7 +121,7 @@ def test_tied_stays_tied_and_untied_stays_untied(models):
 
 
 def test_config_sizes_and_special_ids(models, tokenizers):
-    for (kind, tied), (src, dst) in models.items():
+    for (kind, _tied), (_src, dst) in models.items():
         cfg = json.loads((dst / "config.json").read_text())
         tok = AutoTokenizer.from_pretrained(dst)
         assert cfg["vocab_size"] % 64 == 0 and cfg["vocab_size"] - 64 < len(tok) <= cfg["vocab_size"]
@@ -128,8 +134,13 @@ def test_config_sizes_and_special_ids(models, tokenizers):
 
 def test_tokenizer_files_travel_with_the_model(models, tokenizers):
     for (kind, _), (_, dst) in models.items():
-        for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                     "id_map.json"):
+        for name in (
+            "tokenizer.model",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "id_map.json",
+        ):
             assert (dst / name).read_bytes() == (tokenizers[kind] / name).read_bytes(), name
         tok = AutoTokenizer.from_pretrained(dst)
         m = load(dst)
@@ -253,8 +264,10 @@ def test_byte_level_model_pruned_and_expanded(work):
     resize(src, pruned, work / "bl-model-pruned")
     cfg = json.loads((work / "bl-model-pruned" / "config.json").read_text())
     tok = AutoTokenizer.from_pretrained(work / "bl-model-pruned")
-    assert tok.convert_ids_to_tokens([cfg["bos_token_id"], cfg["eos_token_id"]]) == ["<|begin_of_text|>",
-                                                                                       "<|end_of_text|>"]
+    assert tok.convert_ids_to_tokens([cfg["bos_token_id"], cfg["eos_token_id"]]) == [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+    ]
     assert cfg["bos_token_id"] < 1024
     expanded = work / "bl-exp"
     init_tokenizer(tok_cfg(tok_dir, expanded, expand_tokens_file=pieces_file(work / "bl.jsonl", WORDS)))
@@ -311,9 +324,18 @@ def test_errors(model_dir, tokenizer_dir, tokenizers, work):
 
 def test_cli(model_dir, tokenizers, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(ROOT / "tokenizer" / "init_model.py"), "--source_model_and_tokenizer_path",
-           str(model_dir), "--target_tokenizer_path", str(tokenizers["expanded"]), "--target_model_path",
-           str(tmp_path / "m"), "--pad_to_multiple_of", "128"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tokenizer" / "init_model.py"),
+        "--source_model_and_tokenizer_path",
+        str(model_dir),
+        "--target_tokenizer_path",
+        str(tokenizers["expanded"]),
+        "--target_model_path",
+        str(tmp_path / "m"),
+        "--pad_to_multiple_of",
+        "128",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "copied 2,048 rows" in proc.stdout

@@ -10,8 +10,14 @@ from conftest import ROOT
 
 def test_gpu_check_dry_run_prints_the_table():
     env = {**os.environ, "PY": sys.executable, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(["bash", str(ROOT / "bench/gpu_check.sh"), "--dry_run"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "bench/gpu_check.sh"), "--dry_run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     out = proc.stdout
     assert "gpu test: needs" in out  # the gpu tests were collected and skipped with the reason
@@ -24,7 +30,8 @@ def test_gpu_check_dry_run_prints_the_table():
 
 def test_gpu_check_refuses_without_a_gpu():
     env = {**os.environ, "PY": sys.executable}
-    proc = subprocess.run(["bash", str(ROOT / "bench/gpu_check.sh")], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "bench/gpu_check.sh")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 2
     assert "sees no CUDA GPU" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr

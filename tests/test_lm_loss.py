@@ -10,13 +10,12 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT, run_distributed
 from transformers import AutoModelForCausalLM
 
-from colossal_shear.pruning.distill import kd_loss
 from colossal_shear.train import attention
-from colossal_shear.train.distill import Distillation
-from colossal_shear.train.lm_loss import chunked_cross_entropy, chunked_kd_loss, install_chunked_loss
-from conftest import ROOT, run_distributed
+from colossal_shear.train.losses import chunked_cross_entropy, chunked_kd_loss, install_chunked_loss, kd_loss
+from colossal_shear.train.stages.distill import Distillation
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -48,8 +47,7 @@ def test_chunked_cross_entropy_sum_over_num_items_and_no_labels():
     none = chunked_cross_entropy(h, w, torch.full_like(labels, -100))
     assert none.item() == 0.0
     with torch.no_grad():  # evaluation: no gradient buffers
-        torch.testing.assert_close(chunked_cross_entropy(h, w, labels), ref * 40 / (labels[:, 1:] != -100).sum(),
-                                   **TOL)
+        torch.testing.assert_close(chunked_cross_entropy(h, w, labels), ref * 40 / (labels[:, 1:] != -100).sum(), **TOL)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
@@ -102,8 +100,9 @@ def test_model_loss_and_grads_match_reference(fixture, request):
 
 def test_distillation_hook_chunked_matches_full(model_dir, tied_model_dir):
     """The distillation stage hook on the chunked output (hidden states) equals it on full logits."""
-    teacher = attention.install(AutoModelForCausalLM.from_pretrained(tied_model_dir, attn_implementation="sdpa"),
-                                "sdpa").requires_grad_(False)
+    teacher = attention.install(
+        AutoModelForCausalLM.from_pretrained(tied_model_dir, attn_implementation="sdpa"), "sdpa"
+    ).requires_grad_(False)
     inputs = _packed_batch(teacher.config.vocab_size)
     terms, grads = [], []
     for chunked in (False, True):
@@ -121,8 +120,11 @@ def test_distillation_hook_chunked_matches_full(model_dir, tied_model_dir):
         torch.testing.assert_close(grads[1][name], g, **TOL, msg=name)
 
 
-@pytest.mark.parametrize("case", [["--plugin", "ddp"], ["--plugin", "zero2"], ["--plugin", "3d", "--tp", "2"],
-                                  ["--plugin", "3d"]], ids=["ddp", "zero2", "3d_tp2", "3d_dp2"])
+@pytest.mark.parametrize(
+    "case",
+    [["--plugin", "ddp"], ["--plugin", "zero2"], ["--plugin", "3d", "--tp", "2"], ["--plugin", "3d"]],
+    ids=["ddp", "zero2", "3d_tp2", "3d_dp2"],
+)
 def test_plugins_train_the_same_with_chunked_loss(case, model_dir, tmp_path):
     """Under each plugin, 3 fp32 steps with the chunked loss follow the steps with the model's own loss. Under 3d
     with tp the head is vocabulary-parallel and shardformer's forward (its own loss) runs: the worker reports it."""
@@ -155,12 +157,20 @@ def test_padded_head_of_3d_keeps_the_real_vocabulary(model_dir):
 def test_memory_bench_shows_the_chunked_loss_holding_less():
     """bench/lm_loss_memory.py at a small size (65,536 vocabulary, 2 × 1,024 tokens: 512 MB of fp32 logits): the
     chunked loss peaks well below the full one, with the same losses."""
-    proc = subprocess.run([sys.executable, str(ROOT / "bench/lm_loss_memory.py"), "--vocab", "65536", "--seq", "1024",
-                           "--steps", "1"], capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench/lm_loss_memory.py"), "--vocab", "65536", "--seq", "1024", "--steps", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = {line.split("|")[1].strip(): line.split("|")[2:] for line in proc.stdout.splitlines()
-            if line.startswith("| full") or line.startswith("| chunked")}
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[2:]
+        for line in proc.stdout.splitlines()
+        if line.startswith("| full") or line.startswith("| chunked")
+    }
     full, chunked = float(rows["full"][0]), float(rows["chunked"][0])
     assert chunked < full - 0.5, proc.stdout
     assert rows["full"][3] == rows["chunked"][3], proc.stdout  # the same losses

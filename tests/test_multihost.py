@@ -14,15 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
-from transformers import AutoConfig, AutoModelForCausalLM
-
-from colossal_shear.bundled import corpus_files
-from colossal_shear.data import PrepareConfig, prepare_dataset
-from colossal_shear.pruning.shape import PruneShape
 from conftest import ROOT, run_distributed
 from netns_hosts import Cluster, Unavailable, WriteWatch, check_can_make_namespaces, ensure_sshd
 from test_network import PROBE
 from test_train import tb_scalars
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from colossal_shear.pruning.shape import PruneShape
 
 pytestmark = pytest.mark.multihost
 
@@ -43,30 +41,56 @@ def cluster():
     hosts.close()
 
 
-@pytest.fixture(scope="module")
-def dataset(tokenizer_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("mh-data") / "prepared"
-    prepare_dataset(PrepareConfig(data_input_dirs=[str(p) for p in corpus_files()], tokenizer_dir=str(tokenizer_dir),
-                                  data_output_dirs=str(out), max_length=64, num_spliced_dataset_bins=2, num_proc=1,
-                                  progress=False))
-    return out
-
-
 def _args(model_dir, dataset, out, *extra):
-    return ["--pretrained", model_dir, "--dataset", dataset, "--plugin", "zero2", "--mixed_precision", "fp32",
-            "--batch_size", 2, "--max_steps", 1000, "--lr", 3e-3, "--warmup_steps", 2, "--save_interval", 3,
-            "--save_dir", out / "ckpt", "--tensorboard_dir", out / "tb", *extra]
+    return [
+        "--pretrained",
+        model_dir,
+        "--dataset",
+        dataset,
+        "--plugin",
+        "zero2",
+        "--mixed_precision",
+        "fp32",
+        "--batch_size",
+        2,
+        "--max_steps",
+        1000,
+        "--lr",
+        3e-3,
+        "--warmup_steps",
+        2,
+        "--save_interval",
+        3,
+        "--save_dir",
+        out / "ckpt",
+        "--tensorboard_dir",
+        out / "tb",
+        *extra,
+    ]
 
 
 def _launch_cmd(cluster, args, nproc=1):
-    return ["colossalai", "run", "--nproc_per_node", nproc, "--hostfile", cluster.hostfile(), "--master_addr",
-            MASTER, "--master_port", next(_ports), "train.py", *args]
+    return [
+        "colossalai",
+        "run",
+        "--nproc_per_node",
+        nproc,
+        "--hostfile",
+        cluster.hostfile(),
+        "--master_addr",
+        MASTER,
+        "--master_port",
+        next(_ports),
+        "train.py",
+        *args,
+    ]
 
 
 def launch(cluster, *args, env=None, check=True):
     """What a user on the first host types; returns the finished launcher (fails the test with its log)."""
-    return cluster.run_on(cluster.hosts[0], _launch_cmd(cluster, args), env=cluster.env(**(env or {})),
-                          timeout=300, check=check)
+    return cluster.run_on(
+        cluster.hosts[0], _launch_cmd(cluster, args), env=cluster.env(**(env or {})), timeout=300, check=check
+    )
 
 
 def assert_losses(got_dir, expected, steps):
@@ -93,11 +117,16 @@ def test_two_hosts_train_like_one_host_and_resume_exactly(cluster, model_dir, da
     assert_losses(tmp_path / "tb", reference, range(1, 7))
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step-0000006"
 
-    launch(cluster, *_args(model_dir, dataset, tmp_path, "--stop_at_step", STEPS, "--load_checkpoint",
-                           tmp_path / "ckpt"))
+    launch(
+        cluster, *_args(model_dir, dataset, tmp_path, "--stop_at_step", STEPS, "--load_checkpoint", tmp_path / "ckpt")
+    )
     assert_losses(tmp_path / "tb", reference, range(1, STEPS + 1))
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.yaml", "latest", "step-0000006",
-                                                                     "step-0000009"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "config.yaml",
+        "latest",
+        "step-0000006",
+        "step-0000009",
+    ]
 
 
 def test_interface_choice_inside_the_hosts(cluster):
@@ -107,14 +136,18 @@ def test_interface_choice_inside_the_hosts(cluster):
     for host in cluster.hosts:
         proc = cluster.run_on(host, [sys.executable, "-c", PROBE, MASTER, "10.99.0.1"], timeout=60)
         got[host.name] = json.loads(proc.stdout)
-    assert got["cs-node-2"][MASTER] == ("Choice(ifname='eth0', address='10.231.0.3', reason='it routes to "
-                                        "MASTER_ADDR cs-node-1 (10.231.0.2)')")
-    assert got["cs-node-1"][MASTER].startswith("Choice(ifname='eth0', address='10.231.0.2', reason='the only "
-                                               "interface up (MASTER_ADDR cs-node-1 (127.0.1.1) resolves to loopback")
+    assert got["cs-node-2"][MASTER] == (
+        "Choice(ifname='eth0', address='10.231.0.3', reason='it routes to MASTER_ADDR cs-node-1 (10.231.0.2)')"
+    )
+    assert got["cs-node-1"][MASTER].startswith(
+        "Choice(ifname='eth0', address='10.231.0.2', reason='the only "
+        "interface up (MASTER_ADDR cs-node-1 (127.0.1.1) resolves to loopback"
+    )
     for host in cluster.hosts:
         assert got[host.name]["10.99.0.1"].startswith(
             f"NetworkError: MASTER_ADDR '10.99.0.1' (10.99.0.1: Network is unreachable) is unreachable from host "
-            f"'{host.name}'"), got
+            f"'{host.name}'"
+        ), got
 
 
 class Running:
@@ -123,8 +156,13 @@ class Running:
 
     def __init__(self, cluster, args, env=None):
         self.cluster, self.output = cluster, b""
-        self.proc = cluster.popen_on(cluster.hosts[0], _launch_cmd(cluster, args), env=cluster.env(**(env or {})),
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.proc = cluster.popen_on(
+            cluster.hosts[0],
+            _launch_cmd(cluster, args),
+            env=cluster.env(**(env or {})),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         os.set_blocking(self.proc.stdout.fileno(), False)
 
     @property
@@ -174,8 +212,11 @@ LOOPBACK_REFUSED = re.compile(r"Connection refused, remote=\[127\.0\.1\.1\]")
 def test_without_the_interface_choice_gloo_connects_to_loopback(cluster, model_dir, dataset, tmp_path):
     """The original failure, with the choice switched off: a rank is sent to a peer's loopback address. The
     launcher is stopped at that evidence (gloo retries until its timeout, then each side fails in turn)."""
-    run = Running(cluster, _args(model_dir, dataset, tmp_path, "--stop_at_step", 1),
-                  env={"COLOSSAL_SHEAR_AUTO_IFNAME": "0", "COLOSSAL_SHEAR_DIST_TIMEOUT": "5"})
+    run = Running(
+        cluster,
+        _args(model_dir, dataset, tmp_path, "--stop_at_step", 1),
+        env={"COLOSSAL_SHEAR_AUTO_IFNAME": "0", "COLOSSAL_SHEAR_DIST_TIMEOUT": "5"},
+    )
     try:
         found = run.until(lambda: LOOPBACK_REFUSED.search(run.text))
     finally:
@@ -220,8 +261,12 @@ def test_lost_host_ends_the_job_within_a_minute_then_it_resumes(cluster, model_d
 
     resumed_from = int(latest.read_text().strip().removeprefix("step-"))
     assert resumed_from in (3, 6), f"killed too late (last checkpoint step {resumed_from})"
-    launch(cluster, *_args(model_dir, dataset, tmp_path / "resumed", "--stop_at_step", STEPS, "--load_checkpoint",
-                           tmp_path / "ckpt"))
+    launch(
+        cluster,
+        *_args(
+            model_dir, dataset, tmp_path / "resumed", "--stop_at_step", STEPS, "--load_checkpoint", tmp_path / "ckpt"
+        ),
+    )
     got = tb_scalars(tmp_path / "resumed" / "tb")
     assert sorted(got) == list(range(resumed_from + 1, STEPS + 1))
     assert_losses(tmp_path / "resumed" / "tb", reference, range(resumed_from + 1, STEPS + 1))
@@ -250,17 +295,30 @@ def test_prune_stage_on_two_hosts_writes_each_file_once(cluster, model_dir, data
     target = "48,2,3,128"
     watch = WriteWatch(cluster, tmp_path)
     try:
-        launch(cluster, "--stage", "prune", "--target_shape", target, "--lagrangian_warmup_steps", 2,
-               "--export_dir", tmp_path / "export",
-               *_args(model_dir, dataset, tmp_path, "--max_steps", 4, "--save_interval", 2))
+        launch(
+            cluster,
+            "--stage",
+            "prune",
+            "--target_shape",
+            target,
+            "--lagrangian_warmup_steps",
+            2,
+            "--export_dir",
+            tmp_path / "export",
+            *_args(model_dir, dataset, tmp_path, "--max_steps", 4, "--save_interval", 2),
+        )
     finally:
         writes = watch.close()
     config = AutoConfig.from_pretrained(tmp_path / "export")
     assert PruneShape.from_config(config) == PruneShape.parse(target, AutoConfig.from_pretrained(model_dir))
     AutoModelForCausalLM.from_pretrained(tmp_path / "export")
 
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.yaml", "latest", "step-0000002",
-                                                                     "step-0000004"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "config.yaml",
+        "latest",
+        "step-0000002",
+        "step-0000004",
+    ]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directories left behind"
     canonical = {}
     for path, hosts in writes.items():  # directories written as .tmp-NAME, files as .NAME.tmp-XXXX, then renamed

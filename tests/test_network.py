@@ -8,12 +8,12 @@ import sys
 from datetime import timedelta
 
 import pytest
+from conftest import ROOT
+from netns_hosts import Unavailable, empty_netns
 
 from colossal_shear.bundled import corpus_files
 from colossal_shear.data import PrepareConfig, prepare_dataset
-from colossal_shear.train import network
-from conftest import ROOT
-from netns_hosts import Unavailable, empty_netns
+from colossal_shear.train.distributed import network
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +45,11 @@ def test_configure_sets_what_is_unset_and_says_it_once_per_host():
     assert (env["GLOO_SOCKET_IFNAME"], env["NCCL_SOCKET_IFNAME"]) == ("eth7", "lo")  # a given name is kept
     assert len(lines) == 1  # only local rank 0 speaks
 
-    for off in ({"COLOSSAL_SHEAR_AUTO_IFNAME": "0"}, {"WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"},
-                {"GLOO_SOCKET_IFNAME": "a", "NCCL_SOCKET_IFNAME": "b"}):
+    for off in (
+        {"COLOSSAL_SHEAR_AUTO_IFNAME": "0"},
+        {"WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"},
+        {"GLOO_SOCKET_IFNAME": "a", "NCCL_SOCKET_IFNAME": "b"},
+    ):
         env = {**base, "LOCAL_RANK": "0", **off}
         assert network.configure(env, log=lines.append) is None
         assert env.get("GLOO_SOCKET_IFNAME") == off.get("GLOO_SOCKET_IFNAME")
@@ -75,32 +78,73 @@ print(json.dumps(out))
 
 
 def test_unresolvable_or_unreachable_master_is_a_clear_error(isolated):
-    proc = subprocess.run([*isolated, sys.executable, "-c", PROBE, "cs-no-such-host.invalid", "10.231.9.9"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=60, env={"PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [*isolated, sys.executable, "-c", PROBE, "cs-no-such-host.invalid", "10.231.9.9"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        env={"PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["cs-no-such-host.invalid"].startswith(
-        "NetworkError: MASTER_ADDR 'cs-no-such-host.invalid' does not resolve on host"), out
-    assert out["10.231.9.9"].startswith("NetworkError: MASTER_ADDR '10.231.9.9' (10.231.9.9: Network is unreachable) "
-                                        "is unreachable from host"), out
+        "NetworkError: MASTER_ADDR 'cs-no-such-host.invalid' does not resolve on host"
+    ), out
+    assert out["10.231.9.9"].startswith(
+        "NetworkError: MASTER_ADDR '10.231.9.9' (10.231.9.9: Network is unreachable) is unreachable from host"
+    ), out
 
 
 @pytest.fixture(scope="module")
 def dataset(tokenizer_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("net-data") / "prepared"
-    prepare_dataset(PrepareConfig(data_input_dirs=[str(corpus_files()[0])], tokenizer_dir=str(tokenizer_dir),
-                                  data_output_dirs=str(out), max_length=64, num_spliced_dataset_bins=1, num_proc=1,
-                                  progress=False))
+    prepare_dataset(
+        PrepareConfig(
+            data_input_dirs=[str(corpus_files()[0])],
+            tokenizer_dir=str(tokenizer_dir),
+            data_output_dirs=str(out),
+            max_length=64,
+            num_spliced_dataset_bins=1,
+            num_proc=1,
+            progress=False,
+        )
+    )
     return out
 
 
 def test_train_stops_with_one_line_when_master_addr_does_not_resolve(isolated, model_dir, dataset):
     """A launcher that sets the torch variables itself (no torchrun rendezvous to fail first): exit 2, one line."""
-    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
-           "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "cs-no-such-host.invalid", "MASTER_PORT": "29500"}
-    proc = subprocess.run([*isolated, sys.executable, str(ROOT / "train.py"), "--pretrained", str(model_dir),
-                           "--dataset", str(dataset), "--plugin", "ddp", "--mixed_precision", "fp32"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    env = {
+        "PYTHONPATH": str(ROOT),
+        "PATH": "/usr/bin:/bin",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "cs-no-such-host.invalid",
+        "MASTER_PORT": "29500",
+    }
+    proc = subprocess.run(
+        [
+            *isolated,
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--pretrained",
+            str(model_dir),
+            "--dataset",
+            str(dataset),
+            "--plugin",
+            "ddp",
+            "--mixed_precision",
+            "fp32",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error:")]
     assert len(errors) == 1 and "MASTER_ADDR 'cs-no-such-host.invalid' does not resolve" in errors[0], proc.stderr

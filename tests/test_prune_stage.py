@@ -5,39 +5,64 @@ import math
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
-
-from colossal_shear.bundled import corpus_files
-from colossal_shear.data import PrepareConfig, prepare_dataset
-from colossal_shear.pruning.shape import PruneShape
-from colossal_shear.report import make_report
 from conftest import ROOT, run_distributed
 from test_train import tb_scalars
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from colossal_shear.pruning.shape import PruneShape
+from colossal_shear.report import make_report
 
 TRAIN = ROOT / "train.py"
 TARGET = "48,2,3,128"
 
 
-@pytest.fixture(scope="module")
-def dataset(tokenizer_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("prune-data") / "prepared"
-    prepare_dataset(PrepareConfig(data_input_dirs=[str(p) for p in corpus_files()], tokenizer_dir=str(tokenizer_dir),
-                                  data_output_dirs=str(out), max_length=64, num_spliced_dataset_bins=2, num_proc=1,
-                                  progress=False))
-    return out
-
-
 def _prune_args(model_dir, dataset, tmp, plugin, *extra):
-    return ["--stage", "prune", "--pretrained", model_dir, "--dataset", dataset, "--eval_dataset", dataset,
-            "--eval_interval", 2, "--dynamic_loading", "--reference_loss", "code=7,en=7,zh=7.2",
-            "--plugin", plugin, "--mixed_precision", "fp32", "--batch_size", 2, "--max_steps", 6, "--lr", 1e-3,
-            "--warmup_steps", 1, "--target_shape", TARGET, "--lagrangian_warmup_steps", 2, "--save_interval", 3,
-            "--save_dir", tmp / "ckpt", "--tensorboard_dir", tmp / "tb", "--export_dir", tmp / "export", *extra]
+    return [
+        "--stage",
+        "prune",
+        "--pretrained",
+        model_dir,
+        "--dataset",
+        dataset,
+        "--eval_dataset",
+        dataset,
+        "--eval_interval",
+        2,
+        "--dynamic_loading",
+        "--reference_loss",
+        "code=7,en=7,zh=7.2",
+        "--plugin",
+        plugin,
+        "--mixed_precision",
+        "fp32",
+        "--batch_size",
+        2,
+        "--max_steps",
+        6,
+        "--lr",
+        1e-3,
+        "--warmup_steps",
+        1,
+        "--target_shape",
+        TARGET,
+        "--lagrangian_warmup_steps",
+        2,
+        "--save_interval",
+        3,
+        "--save_dir",
+        tmp / "ckpt",
+        "--tensorboard_dir",
+        tmp / "tb",
+        "--export_dir",
+        tmp / "export",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("plugin,tied", [("ddp", False), ("zero2", True)])
-def test_prune_stage_resumes_exactly_and_exports_the_target_shape(plugin, tied, model_dir, tied_model_dir, dataset,
-                                                                  tmp_path):
+def test_prune_stage_resumes_exactly_and_exports_the_target_shape(
+    plugin, tied, model_dir, tied_model_dir, dataset, tmp_path
+):
     model_dir = tied_model_dir if tied else model_dir
     full, part = tmp_path / "full", tmp_path / "part"
     proc = run_distributed(TRAIN, *_prune_args(model_dir, dataset, full, plugin))
@@ -75,10 +100,34 @@ def test_prune_stage_resumes_exactly_and_exports_the_target_shape(plugin, tied, 
 def test_default_pruning_converges_within_200_steps_with_log_alpha_clamped(model_dir, dataset, tmp_path):
     """Default pruning hyperparameters (one process: the masks are replicated, so one rank shows the dynamics)."""
     tb = tmp_path / "tb" / "prune"
-    proc = run_distributed(TRAIN, "--stage", "prune", "--pretrained", model_dir, "--dataset", dataset, "--plugin",
-                           "ddp", "--mixed_precision", "fp32", "--batch_size", 2, "--max_steps", 200, "--lr", 1e-3,
-                           "--target_shape", TARGET, "--log_interval", 50, "--tensorboard_dir", tb,
-                           "--export_dir", tmp_path / "export", nproc=1)
+    proc = run_distributed(
+        TRAIN,
+        "--stage",
+        "prune",
+        "--pretrained",
+        model_dir,
+        "--dataset",
+        dataset,
+        "--plugin",
+        "ddp",
+        "--mixed_precision",
+        "fp32",
+        "--batch_size",
+        2,
+        "--max_steps",
+        200,
+        "--lr",
+        1e-3,
+        "--target_shape",
+        TARGET,
+        "--log_interval",
+        50,
+        "--tensorboard_dir",
+        tb,
+        "--export_dir",
+        tmp_path / "export",
+        nproc=1,
+    )
     assert "WARNING" not in proc.stderr
     gaps = {}
     for dim in ("hidden", "layers", "heads", "intermediate"):  # TARGET shrinks these (kv_heads stays)
@@ -98,10 +147,32 @@ def test_default_pruning_converges_within_200_steps_with_log_alpha_clamped(model
 
 def test_dynamic_loading_follows_the_update_rule(model_dir, dataset, tmp_path):
     """Reference losses from --reference_model; after each eval, w = (1-c) softmax(ln w + L - L_ref) + c/k."""
-    run_distributed(TRAIN, "--pretrained", model_dir, "--dataset", dataset, "--eval_dataset", dataset,
-                    "--eval_interval", 2, "--dynamic_loading", "--reference_model", model_dir, "--plugin", "ddp",
-                    "--mixed_precision", "fp32", "--batch_size", 2, "--max_steps", 4, "--lr", 3e-3,
-                    "--tensorboard_dir", tmp_path / "tb")
+    run_distributed(
+        TRAIN,
+        "--pretrained",
+        model_dir,
+        "--dataset",
+        dataset,
+        "--eval_dataset",
+        dataset,
+        "--eval_interval",
+        2,
+        "--dynamic_loading",
+        "--reference_model",
+        model_dir,
+        "--plugin",
+        "ddp",
+        "--mixed_precision",
+        "fp32",
+        "--batch_size",
+        2,
+        "--max_steps",
+        4,
+        "--lr",
+        3e-3,
+        "--tensorboard_dir",
+        tmp_path / "tb",
+    )
     cats = ["code", "en", "zh"]
     ref = {c: tb_scalars(tmp_path / "tb", f"domain_reference/{c}")[0] for c in cats}
     manifest = json.loads((dataset / "manifest.json").read_text())
@@ -118,9 +189,31 @@ def test_dynamic_loading_follows_the_update_rule(model_dir, dataset, tmp_path):
 
 
 def test_distillation_from_an_identical_teacher_starts_at_zero(model_dir, dataset, tmp_path):
-    run_distributed(TRAIN, "--pretrained", model_dir, "--dataset", dataset, "--teacher", model_dir,
-                    "--kd_weight", 0.5, "--kd_temperature", 2.0, "--plugin", "zero2", "--mixed_precision", "fp32",
-                    "--batch_size", 2, "--max_steps", 3, "--lr", 1e-2, "--tensorboard_dir", tmp_path / "tb")
+    run_distributed(
+        TRAIN,
+        "--pretrained",
+        model_dir,
+        "--dataset",
+        dataset,
+        "--teacher",
+        model_dir,
+        "--kd_weight",
+        0.5,
+        "--kd_temperature",
+        2.0,
+        "--plugin",
+        "zero2",
+        "--mixed_precision",
+        "fp32",
+        "--batch_size",
+        2,
+        "--max_steps",
+        3,
+        "--lr",
+        1e-2,
+        "--tensorboard_dir",
+        tmp_path / "tb",
+    )
     kd = tb_scalars(tmp_path / "tb", "train/kd_loss")
     assert abs(kd[1]) < 1e-5, "teacher == student must give KL 0"
     assert kd[3] > 1e-4, "the student moved away from the teacher, KL must grow"

@@ -13,10 +13,21 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from colossal_shear.pruning import (HardConcrete, Lagrangian, MaskedModel, PruneShape, PruningMasks, depth_masks, fold,
-                                    importance_masks, kd_loss, random_masks, save_folded)
+from colossal_shear.pruning import (
+    HardConcrete,
+    Lagrangian,
+    MaskedModel,
+    PruneShape,
+    PruningMasks,
+    depth_masks,
+    fold,
+    importance_masks,
+    random_masks,
+    save_folded,
+)
 from colossal_shear.pruning.masks import KINDS
 from colossal_shear.pruning.oneshot import calibration_batches
+from colossal_shear.train.losses import kd_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = PruneShape(hidden=64, heads=4, layers=4, intermediate=192, kv_heads=2)
@@ -43,9 +54,8 @@ def ids():
 
 
 def _masked_logits(model, z, ids):
-    with MaskedModel(model, lambda: z):
-        with torch.no_grad():
-            return model(ids).logits
+    with MaskedModel(model, lambda: z), torch.no_grad():
+        return model(ids).logits
 
 
 def _random_z(gen, n_groups, per_group, soft, hidden_keep=48, layers_keep=3, neurons_keep=128, soft_hidden=False):
@@ -77,20 +87,31 @@ def test_shape_from_config_parse_and_kv_default(model, tmp_path):
     assert PruneShape.parse("48,2,3,128,1", model.config) == PruneShape(48, 2, 3, 128, 1)
     assert PruneShape.parse(" 48, 4, 3, 128 ", model.config).kv_heads == 2  # GQA: source KV heads divide 4
     assert PruneShape.parse("48,2,3,128", model.config).kv_heads == 2  # 2 % 2 == 0: one query head per group
-    mha = LlamaConfig(hidden_size=64, num_attention_heads=8, num_key_value_heads=8, num_hidden_layers=2,
-                      intermediate_size=96)
+    mha = LlamaConfig(
+        hidden_size=64, num_attention_heads=8, num_key_value_heads=8, num_hidden_layers=2, intermediate_size=96
+    )
     assert PruneShape.parse("64,6,2,96", mha).kv_heads == 6  # multi-head stays multi-head
-    gqa = LlamaConfig(hidden_size=64, num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=2,
-                      intermediate_size=96)
+    gqa = LlamaConfig(
+        hidden_size=64, num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=2, intermediate_size=96
+    )
     assert PruneShape.parse("64,6,2,96", gqa).kv_heads == 3  # 4 does not divide 6: keep the group size 2
     with pytest.raises(ValueError, match="kv_heads"):
-        PruneShape.parse("64,3,2,96", LlamaConfig(hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
-                                                  num_hidden_layers=2, intermediate_size=96))
+        PruneShape.parse(
+            "64,3,2,96",
+            LlamaConfig(
+                hidden_size=64, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=2, intermediate_size=96
+            ),
+        )
     with pytest.raises(ValueError, match="4 or 5 integers"):
         PruneShape.parse("48,2,x,128", model.config)
     # a config.json or a model directory
-    cfg = {"hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1, "num_hidden_layers": 2,
-           "intermediate_size": 64}
+    cfg = {
+        "hidden_size": 32,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "num_hidden_layers": 2,
+        "intermediate_size": 64,
+    }
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "config.json").write_text(json.dumps(cfg))
     assert PruneShape.parse(str(tmp_path / "t"), model.config) == PruneShape(32, 2, 2, 64, 1)
@@ -99,13 +120,16 @@ def test_shape_from_config_parse_and_kv_default(model, tmp_path):
         PruneShape.parse(str(tmp_path / "missing"), model.config)
 
 
-@pytest.mark.parametrize("shape, message", [
-    (PruneShape(80, 4, 4, 192, 2), "hidden 80 is larger"),
-    (PruneShape(64, 4, 5, 192, 2), "layers 5 is larger"),
-    (PruneShape(64, 3, 4, 192, 2), "not divisible"),
-    (PruneShape(64, 4, 4, 192, 1), "more than the source's 2"),
-    (PruneShape(64, 0, 4, 192, 1), "must be positive"),
-])
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        (PruneShape(80, 4, 4, 192, 2), "hidden 80 is larger"),
+        (PruneShape(64, 4, 5, 192, 2), "layers 5 is larger"),
+        (PruneShape(64, 3, 4, 192, 2), "not divisible"),
+        (PruneShape(64, 4, 4, 192, 1), "more than the source's 2"),
+        (PruneShape(64, 0, 4, 192, 1), "must be positive"),
+    ],
+)
 def test_shape_validate_rejects(shape, message):
     with pytest.raises(ValueError, match=message):
         shape.validate_against(SOURCE)
@@ -208,8 +232,9 @@ def test_masks_change_the_output_and_detach_restores(model, ids):
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-@pytest.mark.parametrize("n_groups, per_group", [(1, 1), (2, 1), (1, 2)], ids=["1group1head", "2groups1head",
-                                                                                "1group2heads"])
+@pytest.mark.parametrize(
+    "n_groups, per_group", [(1, 1), (2, 1), (1, 2)], ids=["1group1head", "2groups1head", "1group2heads"]
+)
 @pytest.mark.parametrize("soft", [False, True], ids=["binary", "soft"])
 def test_masked_and_folded_logits_agree(model, tied_model, ids, tied, n_groups, per_group, soft):
     m = tied_model if tied else model
@@ -271,8 +296,14 @@ def test_save_folded_round_trip(model, tied_model, ids, tmp_path, tokenizer_dir)
         z = _random_z(torch.Generator().manual_seed(11), 1, 2, soft=True)
         out = save_folded(m, z, tmp_path / name, tokenizer_dir=tokenizer_dir)
         cfg = json.loads((out / "config.json").read_text())
-        assert (cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_hidden_layers"], cfg["intermediate_size"],
-                cfg["num_key_value_heads"], cfg["head_dim"]) == (48, 2, 3, 128, 1, 16)
+        assert (
+            cfg["hidden_size"],
+            cfg["num_attention_heads"],
+            cfg["num_hidden_layers"],
+            cfg["intermediate_size"],
+            cfg["num_key_value_heads"],
+            cfg["head_dim"],
+        ) == (48, 2, 3, 128, 1, 16)
         assert cfg["tie_word_embeddings"] == (name == "tied")
         assert (out / "model.safetensors").is_file() and (out / "tokenizer.model").is_file()
         loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False).eval()
@@ -286,8 +317,9 @@ def test_save_folded_round_trip(model, tied_model, ids, tmp_path, tokenizer_dir)
 
 
 # ------------------------------------------------------------------------------------------------ masks
-@pytest.mark.parametrize("target", [PruneShape(48, 2, 3, 128, 1), PruneShape(40, 2, 2, 100, 2),
-                                    PruneShape(64, 2, 4, 192, 1)], ids=str)
+@pytest.mark.parametrize(
+    "target", [PruneShape(48, 2, 3, 128, 1), PruneShape(40, 2, 2, 100, 2), PruneShape(64, 2, 4, 192, 1)], ids=str
+)
 def test_binarize_exact_counts_and_valid_gqa(model, target, ids):
     masks = PruningMasks(model.config, target)
     gen = torch.Generator().manual_seed(0)
@@ -324,13 +356,15 @@ def wide_model(tmp_path_factory, tokenizer_dir):
     """8 query heads in 2 KV groups (4 per group): pruning query heads inside groups has real choices."""
     from colossal_shear.bundled import TinyLlamaShape, build_tiny_llama
 
-    shape = TinyLlamaShape(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=8,
-                           num_key_value_heads=2)
+    shape = TinyLlamaShape(
+        hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2
+    )
     return _load(build_tiny_llama(tmp_path_factory.mktemp("wide") / "m", tokenizer_dir, shape=shape, seed=1))
 
 
-@pytest.mark.parametrize("target", [PruneShape(48, 6, 2, 48, 2), PruneShape(64, 2, 1, 64, 1),
-                                    PruneShape(56, 4, 2, 32, 2)], ids=str)
+@pytest.mark.parametrize(
+    "target", [PruneShape(48, 6, 2, 48, 2), PruneShape(64, 2, 1, 64, 1), PruneShape(56, 4, 2, 32, 2)], ids=str
+)
 def test_binarize_within_groups_on_a_wider_model(wide_model, target, ids):
     masks = PruningMasks(wide_model.config, target)
     gen = torch.Generator().manual_seed(2)
@@ -356,8 +390,7 @@ def test_binarize_within_groups_on_a_wider_model(wide_model, target, ids):
 def test_expected_shape_and_params(model):
     target = PruneShape(48, 2, 3, 128, 1)
     masks = PruningMasks(model.config, target)
-    assert masks.target_shape() == {"hidden": 48.0, "layers": 3.0, "heads": 2.0, "kv_heads": 1.0,
-                                    "intermediate": 128.0}
+    assert masks.target_shape() == {"hidden": 48.0, "layers": 3.0, "heads": 2.0, "kv_heads": 1.0, "intermediate": 128.0}
     with torch.no_grad():
         for gate in masks.gates.values():
             gate.log_alpha.fill_(30.0)
@@ -394,8 +427,13 @@ def test_lagrangian_ramp_and_penalty():
     assert lag.target_at(5) == {"hidden": 56.0, "layers": 3.5, "intermediate": 144.0}
     assert lag.target_at(10) == lag.target_at(1000) == {"hidden": 48.0, "layers": 3.0, "intermediate": 96.0}
     assert Lagrangian(SOURCE, target, warmup_steps=0).target_at(0)["hidden"] == 48.0
-    expected = {"hidden": torch.tensor(60.0, requires_grad=True), "layers": torch.tensor(4.0),
-                "heads": torch.tensor(4.0), "kv_heads": torch.tensor(2.0), "intermediate": torch.tensor(150.0)}
+    expected = {
+        "hidden": torch.tensor(60.0, requires_grad=True),
+        "layers": torch.tensor(4.0),
+        "heads": torch.tensor(4.0),
+        "kv_heads": torch.tensor(2.0),
+        "intermediate": torch.tensor(150.0),
+    }
     assert float(lag.penalty(expected, 10).detach()) == 0.0  # multipliers start at 0
     with torch.no_grad():
         lag.lambda_1.copy_(torch.tensor([1.0, 2.0, 0.5]))
@@ -410,10 +448,10 @@ def test_lagrangian_ramp_and_penalty():
     assert torch.allclose(lag.lambda_1.grad, torch.tensor(diffs))
     assert torch.allclose(lag.lambda_2.grad, torch.tensor(diffs) ** 2)
     # at the ramp's start the target is the source: a model of the source's size costs nothing
-    src = {k: torch.tensor(float(getattr(SOURCE, k))) for k in ("hidden", "layers", "heads", "kv_heads",
-                                                                "intermediate")}
+    src = {
+        k: torch.tensor(float(getattr(SOURCE, k))) for k in ("hidden", "layers", "heads", "kv_heads", "intermediate")
+    }
     assert float(lag.penalty(src, 0).detach()) == 0.0
-
 
 
 def test_lagrangian_quadratic_term_is_per_layer_then_averaged(model):
@@ -447,6 +485,7 @@ def test_log_alpha_is_clamped_to_the_reference_range(model):
         assert float(la.min()) >= math.log(0.01) - 1e-6 and float(la.max()) <= math.log(100) + 1e-6, kind
     assert masks.gates["hidden"].log_alpha[:3].tolist() == pytest.approx([math.log(0.01), math.log(100), 1.0])
     assert masks.gates["layer"].log_alpha.tolist() == pytest.approx([math.log(100)] * 4)  # init 5 -> 4.6
+
 
 # ------------------------------------------------------------------------------------------------ distillation
 def test_kd_loss():
@@ -482,8 +521,9 @@ def test_kd_loss():
 # ------------------------------------------------------------------------------------------------ one-shot
 @pytest.fixture(scope="module")
 def calibration(tokenizer_dir):
-    return calibration_batches(AutoTokenizer.from_pretrained(tokenizer_dir), None, num_samples=8, length=32,
-                               batch_size=4)
+    return calibration_batches(
+        AutoTokenizer.from_pretrained(tokenizer_dir), None, num_samples=8, length=32, batch_size=4
+    )
 
 
 def test_importance_masks_follow_activations(model, calibration, ids):
@@ -539,8 +579,13 @@ def test_random_masks(model, ids):
 def test_calibration_batches_from_jsonl(tokenizer_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     path = tmp_path / "cal.jsonl"
-    path.write_text(json.dumps({"text": "hello world " * 40}) + "\n\n"
-                    + json.dumps({"source": "Q: ", "target": "an answer"}) + "\n", encoding="utf-8")
+    path.write_text(
+        json.dumps({"text": "hello world " * 40})
+        + "\n\n"
+        + json.dumps({"source": "Q: ", "target": "an answer"})
+        + "\n",
+        encoding="utf-8",
+    )
     batches = calibration_batches(tok, path, num_samples=10, length=16, batch_size=4)
     assert len(batches) == 1 and batches[0]["input_ids"].shape[0] == 2
     assert batches[0]["attention_mask"][0].sum() == 16  # cut to the calibration length
@@ -563,10 +608,28 @@ def _prune_main():
 def test_cli_subprocess(model_dir, tmp_path):
     out = tmp_path / "pruned"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "prune.py"), "--method", "importance", "--pretrained",
-                           str(model_dir), "--target_shape", "48,2,3,128,1", "--output_dir", str(out),
-                           "--num_calibration_samples", "8", "--calibration_length", "32"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "prune.py"),
+            "--method",
+            "importance",
+            "--pretrained",
+            str(model_dir),
+            "--target_shape",
+            "48,2,3,128,1",
+            "--output_dir",
+            str(out),
+            "--num_calibration_samples",
+            "8",
+            "--calibration_length",
+            "32",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "parameters" in proc.stdout and "459,328" in proc.stdout
     small = AutoModelForCausalLM.from_pretrained(out)
@@ -578,8 +641,10 @@ def test_cli_subprocess(model_dir, tmp_path):
 def test_cli_in_process_and_errors(model_dir, tmp_path, capsys):
     main = _prune_main()
     out = tmp_path / "depth"
-    assert main(["--method", "depth", "--pretrained", str(model_dir), "--keep_layers", "0,2,3",
-                 "--output_dir", str(out)]) == 0
+    assert (
+        main(["--method", "depth", "--pretrained", str(model_dir), "--keep_layers", "0,2,3", "--output_dir", str(out)])
+        == 0
+    )
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
     assert "kept layers: [0, 2, 3]" in capsys.readouterr().out
     cases = [
@@ -596,6 +661,20 @@ def test_cli_in_process_and_errors(model_dir, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("prune.py: error:") and message in err and err.count("\n") == 1, (args, err)
     assert not (tmp_path / "never").exists()
-    assert main(["--method", "random", "--pretrained", str(model_dir), "--target_shape", "48,2,3,128,1",
-                 "--output_dir", str(out), "--overwrite"]) == 0
+    assert (
+        main(
+            [
+                "--method",
+                "random",
+                "--pretrained",
+                str(model_dir),
+                "--target_shape",
+                "48,2,3,128,1",
+                "--output_dir",
+                str(out),
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "config.json").read_text())["hidden_size"] == 48

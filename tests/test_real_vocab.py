@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import assets_fetch
 import pytest
 import sentencepiece as spm
 from transformers import AutoTokenizer
 
-from colossal_shear import assets_fetch
 from colossal_shear.bundled import CORPUS_DIR, corpus_records
 from colossal_shear.vocab import TokenizerConfig, init_tokenizer, read_id_map
 from colossal_shear.vocab.hf_fast_edit import byte_level
@@ -40,8 +40,9 @@ def texts():
 
 
 def cfg(src, dst, **kw):
-    return TokenizerConfig(source_tokenizer_dir=Path(src), target_tokenizer_dir=Path(dst), num_workers=1,
-                           progress=False, **kw)
+    return TokenizerConfig(
+        source_tokenizer_dir=Path(src), target_tokenizer_dir=Path(dst), num_workers=1, progress=False, **kw
+    )
 
 
 def fast_round_trip(tok, t):

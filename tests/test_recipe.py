@@ -5,19 +5,29 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import ROOT, _free_port
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from colossal_shear.pruning.shape import PruneShape
-from conftest import ROOT, _free_port
 
 
 def test_recipe_runs_every_stage_and_skips_finished_ones(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "PARENT_SAVE_DIR": str(out), "ALIGN_STEPS": "2", "PRUNE_STEPS": "4", "CONTINUE_STEPS": "2",
-           "REPLAY_STEPS": "2", "NUM_NEW_PIECES": "16", "MASTER_PORT": str(_free_port()),
-           "PYTHON": sys.executable, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    first = subprocess.run(["bash", str(ROOT / "train.example.sh")], env=env, capture_output=True, text=True,
-                           timeout=900)
+    env = {
+        **os.environ,
+        "PARENT_SAVE_DIR": str(out),
+        "ALIGN_STEPS": "2",
+        "PRUNE_STEPS": "4",
+        "CONTINUE_STEPS": "2",
+        "REPLAY_STEPS": "2",
+        "NUM_NEW_PIECES": "16",
+        "MASTER_PORT": str(_free_port()),
+        "PYTHON": sys.executable,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    first = subprocess.run(
+        ["bash", str(ROOT / "train.example.sh")], env=env, capture_output=True, text=True, timeout=900
+    )
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
     base = AutoTokenizer.from_pretrained(out / "base" / "tiny-llama")
@@ -31,14 +41,19 @@ def test_recipe_runs_every_stage_and_skips_finished_ones(tmp_path):
     assert (pruned.hidden, pruned.heads, pruned.layers, pruned.intermediate) == (48, 2, 3, 128)
     assert PruneShape.from_config(AutoConfig.from_pretrained(out / "replay" / "export")) == pruned
     report = (out / "report.md").read_text()
-    for row in ("tokens per character (before vocab change)", "parameters (after pruning)", "loss (prune)",
-                "loss (replay)"):
+    for row in (
+        "tokens per character (before vocab change)",
+        "parameters (after pruning)",
+        "loss (prune)",
+        "loss (replay)",
+    ):
         assert row in report
     assert (out / "expected_sparsity.png").is_file() and (out / "domain_weights.png").is_file()
     assert f"final model: {out}/replay/export" in first.stdout
 
-    again = subprocess.run(["bash", str(ROOT / "train.example.sh")], env=env, capture_output=True, text=True,
-                           timeout=300)
+    again = subprocess.run(
+        ["bash", str(ROOT / "train.example.sh")], env=env, capture_output=True, text=True, timeout=300
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     for stage in ("align", "prune", "continue", "replay"):
         assert f"stage {stage}: done" in again.stdout

@@ -20,8 +20,9 @@ def test_report_from_tensorboard_logs(tmp_path, model_dir, tokenizer_dir):
         w.close()
     texts = tmp_path / "eval.jsonl"
     texts.write_text('{"text": "hello world"}\n{"source": "q", "target": "你好"}\n', encoding="utf-8")
-    report, summary = make_report(tb, tmp_path / "out", models={"base": model_dir},
-                                  tokenizers={"base": tokenizer_dir}, eval_texts=texts)
+    report, summary = make_report(
+        tb, tmp_path / "out", models={"base": model_dir}, tokenizers={"base": tokenizer_dir}, eval_texts=texts
+    )
     text = report.read_text()
     rows = dict(summary)
     assert rows["loss (prune)"].startswith("4.9000 → 4.7000 over 3 steps")

@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from colossal_shear import constants, embeddings, fsutil, report
+from colossal_shear import report
 from colossal_shear.bundled import corpus_files, corpus_records, corpus_texts
+from colossal_shear.core import constants, fsutil
 from colossal_shear.data.prepare import _line_batches
 from colossal_shear.data.records import AMBIGUOUS_TEXT, DataPrepError, Record, RecordError, iter_texts
 from colossal_shear.data.tokenization import DocumentTokenizer, set_worker_tokenizer, tokenize_lines
 from colossal_shear.pruning import oneshot
 from colossal_shear.vocab import VocabError
+from colossal_shear.vocab import resize as embeddings
 from colossal_shear.vocab.corpus import iter_corpus
 
 # (record, source, target): what each record means under the one rule
@@ -81,8 +83,14 @@ def test_one_reader_same_text_everywhere(tmp_path, tokenizer_dir, monkeypatch, g
     expected, _, _ = DocumentTokenizer(tok).documents([Record(s, t, None) for _, s, t in RECORDS])
     assert ids == expected.tolist()  # data preparation splits each record into the same source and target
     assert cats == ["en", "qa", "zh", "unknown", "unknown", "unknown"]
-    assert [(t.category, t.line) for t in iter_texts(path)] == [("en", 1), ("qa", 3), ("zh", 5), (None, 7),
-                                                                 (None, 9), (None, 11)]
+    assert [(t.category, t.line) for t in iter_texts(path)] == [
+        ("en", 1),
+        ("qa", 3),
+        ("zh", 5),
+        (None, 7),
+        (None, 9),
+        (None, 11),
+    ]
 
 
 def test_the_bundled_corpus_reads_the_same(tmp_path):
@@ -151,9 +159,8 @@ def test_publish_creates_and_refuses_or_replaces(tmp_path):
         assert tmp.parent == out.parent and tmp.name.startswith(".out.tmp-")
         build(tmp, "one")
     assert (out / "sub" / "f.txt").read_text() == "one" and not leftovers(out.parent, "out")
-    with pytest.raises(FileExistsError, match="exists and is not empty"):
-        with fsutil.atomic_dir(out) as tmp:
-            build(tmp, "two")
+    with pytest.raises(FileExistsError, match="exists and is not empty"), fsutil.atomic_dir(out) as tmp:
+        build(tmp, "two")
     assert (out / "sub" / "f.txt").read_text() == "one" and not leftovers(out.parent, "out")
     with fsutil.atomic_dir(out, overwrite=True) as tmp:
         build(tmp, "three")
@@ -173,14 +180,12 @@ def test_an_error_while_writing_leaves_the_old_target_and_no_temporary(tmp_path,
     out = tmp_path / "out"
     with fsutil.atomic_dir(out) as tmp:
         build(tmp, "old")
-    with pytest.raises(KeyboardInterrupt):
-        with fsutil.atomic_dir(out, overwrite=overwrite) as tmp:
-            build(tmp, "new")
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), fsutil.atomic_dir(out, overwrite=overwrite) as tmp:
+        build(tmp, "new")
+        raise KeyboardInterrupt
     assert (out / "sub" / "f.txt").read_text() == "old" and not leftovers(tmp_path, "out")
-    with pytest.raises(RuntimeError):
-        with fsutil.atomic_dir(tmp_path / "never") as tmp:
-            raise RuntimeError("bad input found late")
+    with pytest.raises(RuntimeError), fsutil.atomic_dir(tmp_path / "never") as tmp:
+        raise RuntimeError("bad input found late")
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
@@ -196,9 +201,8 @@ def test_a_failing_swap_rolls_back(tmp_path, monkeypatch):
         real_rename(src, dst)
 
     monkeypatch.setattr(fsutil.os, "rename", rename)
-    with pytest.raises(OSError, match="simulated"):
-        with fsutil.atomic_dir(out, overwrite=True) as tmp:
-            build(tmp, "new")
+    with pytest.raises(OSError, match="simulated"), fsutil.atomic_dir(out, overwrite=True) as tmp:
+        build(tmp, "new")
     assert (out / "sub" / "f.txt").read_text() == "old" and not leftovers(tmp_path, "out")
 
 

@@ -7,28 +7,19 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, run_distributed
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from colossal_shear.bundled import build_tiny_llama, corpus_files, train_sentencepiece
+from colossal_shear.core.config import parse
+from colossal_shear.core.errors import ConfigError, UserError
 from colossal_shear.data import PrepareConfig, prepare_dataset
 from colossal_shear.data.collator import block_causal_mask, collate
 from colossal_shear.data.sampler import BucketSampler
-from colossal_shear.config import parse
-from colossal_shear.errors import ConfigError, UserError
 from colossal_shear.train.config import TrainConfig
 from colossal_shear.train.preflight import preflight
-from conftest import ROOT, run_distributed
 
 TRAIN = ROOT / "train.py"
-
-
-@pytest.fixture(scope="module")
-def dataset(tokenizer_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "prepared"
-    prepare_dataset(PrepareConfig(data_input_dirs=[str(p) for p in corpus_files()], tokenizer_dir=str(tokenizer_dir),
-                                  data_output_dirs=str(out), max_length=64, num_spliced_dataset_bins=2, num_proc=1,
-                                  progress=False))
-    return out
 
 
 def tb_scalars(logdir, tag="train/loss") -> dict:
@@ -40,9 +31,29 @@ def tb_scalars(logdir, tag="train/loss") -> dict:
 
 
 def _args(model_dir, dataset, tmp, *extra, steps=6):
-    return ["--pretrained", model_dir, "--dataset", dataset, "--mixed_precision", "fp32", "--batch_size", 2,
-            "--max_steps", steps, "--lr", 3e-3, "--warmup_steps", 2, "--save_interval", 3,
-            "--save_dir", tmp / "ckpt", "--tensorboard_dir", tmp / "tb", *extra]
+    return [
+        "--pretrained",
+        model_dir,
+        "--dataset",
+        dataset,
+        "--mixed_precision",
+        "fp32",
+        "--batch_size",
+        2,
+        "--max_steps",
+        steps,
+        "--lr",
+        3e-3,
+        "--warmup_steps",
+        2,
+        "--save_interval",
+        3,
+        "--save_dir",
+        tmp / "ckpt",
+        "--tensorboard_dir",
+        tmp / "tb",
+        *extra,
+    ]
 
 
 RESUME_CASES = {
@@ -72,8 +83,22 @@ def test_stopped_and_resumed_run_follows_uninterrupted_run(case, model_dir, data
 def test_export_freeze_and_eval(model_dir, dataset, tmp_path):
     """Align stage: only embeddings and LM head move; the export is a plain HF model that loads in one call."""
     export = tmp_path / "export"
-    proc = run_distributed(TRAIN, *_args(model_dir, dataset, tmp_path, "--plugin", "ddp", "--freeze_non_embeds_params",
-                                         "--export_dir", export, "--eval_dataset", dataset, steps=3))
+    proc = run_distributed(
+        TRAIN,
+        *_args(
+            model_dir,
+            dataset,
+            tmp_path,
+            "--plugin",
+            "ddp",
+            "--freeze_non_embeds_params",
+            "--export_dir",
+            export,
+            "--eval_dataset",
+            dataset,
+            steps=3,
+        ),
+    )
     assert "eval step 3 |" in proc.stdout
     src = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
     out_model = AutoModelForCausalLM.from_pretrained(export)
@@ -91,8 +116,25 @@ def test_export_freeze_and_eval(model_dir, dataset, tmp_path):
 
 def test_nan_steps_are_skipped_then_stop_with_a_clear_error(model_dir, dataset, tmp_path):
     with pytest.raises(AssertionError) as err:
-        run_distributed(TRAIN, *_args(model_dir, dataset, tmp_path, "--plugin", "ddp", "--lr", "1e30",
-                                      "--grad_clip", 0, "--max_bad_steps", 2, "--warmup_steps", 0, steps=8))
+        run_distributed(
+            TRAIN,
+            *_args(
+                model_dir,
+                dataset,
+                tmp_path,
+                "--plugin",
+                "ddp",
+                "--lr",
+                "1e30",
+                "--grad_clip",
+                0,
+                "--max_bad_steps",
+                2,
+                "--warmup_steps",
+                0,
+                steps=8,
+            ),
+        )
     assert "2 consecutive steps had a NaN/inf loss" in str(err.value)
     skipped = tb_scalars(tmp_path / "tb", "train/skipped_steps")
     assert max(skipped.values()) == 2
@@ -103,8 +145,9 @@ def test_packed_documents_do_not_attend_to_each_other(model_dir):
     g = torch.Generator().manual_seed(0)
     a, b = torch.randint(3, 2000, (10,), generator=g), torch.randint(3, 2000, (7,), generator=g)
     packed = torch.cat([a, b, torch.zeros(3, dtype=torch.long)])
-    batch = collate({"input_ids": [packed.tolist()], "labels": [packed.tolist()], "doc_lengths": [[10, 7]],
-                     "category": ["x"]})
+    batch = collate(
+        {"input_ids": [packed.tolist()], "labels": [packed.tolist()], "doc_lengths": [[10, 7]], "category": ["x"]}
+    )
     assert batch["position_ids"][0].tolist() == list(range(10)) + list(range(7)) + list(range(3))
     mask = block_causal_mask(batch["segment_ids"], torch.float32)
     with torch.no_grad():
@@ -121,8 +164,12 @@ def test_sampler_keeps_bucket_order_shards_ranks_and_resumes():
     taken = [s.take(6) for s in ranks]  # one epoch: 12 sequences over 2 ranks
     order = [taken[i % 2][i // 2] for i in range(12)]
     assert sorted(order) == list(range(12))
-    assert [min(range(12), key=lambda k: k) for _ in [0]] and all(
-        (0 <= x < 5) for x in order[:5]) and all(5 <= x < 9 for x in order[5:9]) and all(x >= 9 for x in order[9:])
+    assert (
+        [min(range(12), key=lambda k: k) for _ in [0]]
+        and all((0 <= x < 5) for x in order[:5])
+        and all(5 <= x < 9 for x in order[5:9])
+        and all(x >= 9 for x in order[9:])
+    )
     fresh = BucketSampler(sizes, 0, 2, seed=7)
     fresh.take(2)
     state = fresh.state_dict()
@@ -140,9 +187,17 @@ def other_dataset(tmp_path_factory):
     tok = train_sentencepiece(root / "tok", vocab_size=1500)
     build_tiny_llama(root / "tiny", tok)
     out = root / "prepared"
-    prepare_dataset(PrepareConfig(data_input_dirs=[str(corpus_files()[0])], tokenizer_dir=str(tok),
-                                  data_output_dirs=str(out), max_length=64, num_spliced_dataset_bins=1, num_proc=1,
-                                  progress=False))
+    prepare_dataset(
+        PrepareConfig(
+            data_input_dirs=[str(corpus_files()[0])],
+            tokenizer_dir=str(tok),
+            data_output_dirs=str(out),
+            max_length=64,
+            num_spliced_dataset_bins=1,
+            num_proc=1,
+            progress=False,
+        )
+    )
     return out
 
 
@@ -165,11 +220,31 @@ def test_preflight_errors(model_dir, dataset, other_dataset, tmp_path, monkeypat
     check("no config.json", "--pretrained", tmp_path)
     check("--stage prune needs --target_shape", "--stage", "prune", "--export_dir", tmp_path / "x")
     check("larger than the source", "--stage", "prune", "--target_shape", "128,4,4,192", "--export_dir", tmp_path / "x")
-    check("--stage prune runs under ddp, zero2", "--stage", "prune", "--target_shape", "48,2,3,128", "--plugin", "3d",
-          "--tp", 2, "--export_dir", tmp_path / "x", world=2)
+    check(
+        "--stage prune runs under ddp, zero2",
+        "--stage",
+        "prune",
+        "--target_shape",
+        "48,2,3,128",
+        "--plugin",
+        "3d",
+        "--tp",
+        2,
+        "--export_dir",
+        tmp_path / "x",
+        world=2,
+    )
     check("needs --eval_dataset and --eval_interval", "--dynamic_loading", "--reference_loss", "en=1")
-    check("--reference_loss names ['en']", "--dynamic_loading", "--reference_loss", "en=1", "--eval_dataset",
-          dataset, "--eval_interval", 2)
+    check(
+        "--reference_loss names ['en']",
+        "--dynamic_loading",
+        "--reference_loss",
+        "en=1",
+        "--eval_dataset",
+        dataset,
+        "--eval_interval",
+        2,
+    )
     check("--teacher", "--teacher", tmp_path)
     check("--teacher vocab size 1500 differs", "--teacher", other_dataset.parent / "tiny")
 
@@ -177,11 +252,24 @@ def test_preflight_errors(model_dir, dataset, other_dataset, tmp_path, monkeypat
 def test_positions_and_cli_error_exit(model_dir, tokenizer_dir, tmp_path):
     """max_length beyond the model's positions, through the real CLI: exit code 2 and one clear line."""
     long = tmp_path / "long"
-    prepare_dataset(PrepareConfig(data_input_dirs=[str(corpus_files()[0])], tokenizer_dir=str(tokenizer_dir),
-                                  data_output_dirs=str(long), max_length=1024, num_spliced_dataset_bins=1,
-                                  num_proc=1, progress=False))
-    proc = subprocess.run([sys.executable, str(TRAIN), "--pretrained", str(model_dir), "--dataset", str(long)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    prepare_dataset(
+        PrepareConfig(
+            data_input_dirs=[str(corpus_files()[0])],
+            tokenizer_dir=str(tokenizer_dir),
+            data_output_dirs=str(long),
+            max_length=1024,
+            num_spliced_dataset_bins=1,
+            num_proc=1,
+            progress=False,
+        )
+    )
+    proc = subprocess.run(
+        [sys.executable, str(TRAIN), "--pretrained", str(model_dir), "--dataset", str(long)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert "larger than the model's 512 positions" in proc.stderr
 
@@ -211,9 +299,29 @@ def test_tied_embeddings_checkpoint_resume_and_export(tied_model_dir, dataset, t
 
 def test_load_checkpoint_from_a_hf_directory_loads_weights_only(model_dir, tied_model_dir, dataset, tmp_path):
     """--load_checkpoint HF_DIR starts from those weights (fresh optimizer, step 0) instead of --pretrained's."""
-    run_distributed(TRAIN, "--pretrained", model_dir, "--load_checkpoint", tied_model_dir, "--dataset", dataset,
-                    "--plugin", "ddp", "--mixed_precision", "fp32", "--batch_size", 2, "--max_steps", 1, "--lr", 0.0,
-                    "--export_dir", tmp_path / "export", "--tensorboard_dir", tmp_path / "tb")
+    run_distributed(
+        TRAIN,
+        "--pretrained",
+        model_dir,
+        "--load_checkpoint",
+        tied_model_dir,
+        "--dataset",
+        dataset,
+        "--plugin",
+        "ddp",
+        "--mixed_precision",
+        "fp32",
+        "--batch_size",
+        2,
+        "--max_steps",
+        1,
+        "--lr",
+        0.0,
+        "--export_dir",
+        tmp_path / "export",
+        "--tensorboard_dir",
+        tmp_path / "tb",
+    )
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
     assert exported.config.tie_word_embeddings
     src = AutoModelForCausalLM.from_pretrained(tied_model_dir).state_dict()
@@ -228,12 +336,21 @@ def test_natural_yaml_trains_and_the_saved_config_reproduces_the_run(model_dir, 
     flags, natural, again = tmp_path / "flags", tmp_path / "natural", tmp_path / "again"
     run_distributed(TRAIN, *_args(model_dir, dataset, flags, "--plugin", "ddp", steps=3))
     cfg = tmp_path / "natural.yaml"
-    cfg.write_text(f"pretrained: {model_dir}\ndataset: {dataset}\nparallel:\n  plugin: ddp\n  mixed_precision: fp32\n"
-                   f"batch_size: 2\nmax_steps: '3'\nlr: 3e-3\nwarmup_steps: 2.0\nsave_interval: 3\n"
-                   f"save_dir: {natural / 'ckpt'}\ntensorboard_dir: {natural / 'tb'}\noverwrite: no\n")
+    cfg.write_text(
+        f"pretrained: {model_dir}\ndataset: {dataset}\nparallel:\n  plugin: ddp\n  mixed_precision: fp32\n"
+        f"batch_size: 2\nmax_steps: '3'\nlr: 3e-3\nwarmup_steps: 2.0\nsave_interval: 3\n"
+        f"save_dir: {natural / 'ckpt'}\ntensorboard_dir: {natural / 'tb'}\noverwrite: no\n"
+    )
     run_distributed(TRAIN, "--config", cfg)
-    run_distributed(TRAIN, "--config", natural / "ckpt" / "config.yaml", "--save_dir", again / "ckpt",
-                    "--tensorboard_dir", again / "tb")
+    run_distributed(
+        TRAIN,
+        "--config",
+        natural / "ckpt" / "config.yaml",
+        "--save_dir",
+        again / "ckpt",
+        "--tensorboard_dir",
+        again / "tb",
+    )
     expected = tb_scalars(flags / "tb")
     assert sorted(expected) == [1, 2, 3]
     for run in (natural, again):
@@ -245,13 +362,29 @@ def test_a_new_stage_plugs_in_as_a_hook(model_dir, dataset, tmp_path):
     """A StageHooks subclass added to the Trainer gets every call in order, its state is checkpointed and resumed,
     and its export transform shapes the export, with no change to the loop."""
     worker = ROOT / "tests" / "workers" / "hooked_train.py"
-    args = _args(model_dir, dataset, tmp_path, "--plugin", "zero2", "--accumulation_steps", 2, "--export_dir",
-                 tmp_path / "export", steps=4)
+    args = _args(
+        model_dir,
+        dataset,
+        tmp_path,
+        "--plugin",
+        "zero2",
+        "--accumulation_steps",
+        2,
+        "--export_dir",
+        tmp_path / "export",
+        steps=4,
+    )
     log = tmp_path / "hooks"
     run_distributed(worker, *args, "--stop_at_step", 2, env={"HOOK_LOG": str(log)})
     first = json.loads((tmp_path / "hooks.rank-1.json").read_text())
-    assert first["calls"][:6] == ["start", "before_forward 0 0", "extra_loss 0", "after_backward 0",
-                                  "before_forward 0 1", "extra_loss 0"]
+    assert first["calls"][:6] == [
+        "start",
+        "before_forward 0 0",
+        "extra_loss 0",
+        "after_backward 0",
+        "before_forward 0 1",
+        "extra_loss 0",
+    ]
     assert first["calls"][6:8] == ["after_backward 0", "after_optimizer_step 0 True"]
     assert first["counter"] == 2
     run_distributed(worker, *args, "--load_checkpoint", tmp_path / "ckpt", env={"HOOK_LOG": str(log)})

@@ -8,20 +8,35 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, prepare_bundled_corpus, run_distributed
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from colossal_shear.bundled import corpus_files
-from colossal_shear.data import PrepareConfig, prepare_dataset
-from colossal_shear.embeddings import ResizeConfig, resize_model
-from colossal_shear.config import parse
+from colossal_shear.core.config import parse
+from colossal_shear.core.errors import TrainingError
 from colossal_shear.train.config import TrainConfig
-from colossal_shear.train.preflight import TrainingError, preflight
+from colossal_shear.train.preflight import preflight
 from colossal_shear.vocab import TokenizerConfig, init_tokenizer
-from conftest import ROOT, run_distributed
+from colossal_shear.vocab.resize import ResizeConfig, resize_model
 
 TRAIN = ROOT / "train.py"
-WORDS = ["这本", "知道", "书中", "套书", "世界", "不会", "一次", "一下", "不好", "有点", "网上", "特别", "看过", "拿到",
-         "之后", "一直"]
+WORDS = [
+    "这本",
+    "知道",
+    "书中",
+    "套书",
+    "世界",
+    "不会",
+    "一次",
+    "一下",
+    "不好",
+    "有点",
+    "网上",
+    "特别",
+    "看过",
+    "拿到",
+    "之后",
+    "一直",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,16 +45,21 @@ def expanded(tokenizer_dir, model_dir, tied_model_dir, tmp_path_factory):
     words = root / "words.jsonl"
     words.write_text("".join(json.dumps({"piece": w}, ensure_ascii=False) + "\n" for w in WORDS), encoding="utf-8")
     tok = root / "tok"
-    init_tokenizer(TokenizerConfig(source_tokenizer_dir=tokenizer_dir, target_tokenizer_dir=tok,
-                                   expand_tokens_file=words, num_workers=1, progress=False))
+    init_tokenizer(
+        TokenizerConfig(
+            source_tokenizer_dir=tokenizer_dir,
+            target_tokenizer_dir=tok,
+            expand_tokens_file=words,
+            num_workers=1,
+            progress=False,
+        )
+    )
     out = {"tok": tok, "root": root}
     for name, src in (("untied", model_dir), ("tied", tied_model_dir)):
         resize_model(ResizeConfig(src, tok, root / name, progress=False))
         out[name] = (src, root / name)
     data = root / "data"
-    prepare_dataset(PrepareConfig(data_input_dirs=[str(p) for p in corpus_files()], tokenizer_dir=str(tok),
-                                  data_output_dirs=str(data), max_length=64, num_spliced_dataset_bins=1, num_proc=1,
-                                  progress=False))
+    prepare_bundled_corpus(tok, data, bins=1)
     out["data"] = data
     out["n_tok"] = len(AutoTokenizer.from_pretrained(tok))
     return out
@@ -49,16 +69,42 @@ def _state(d):
     return AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32).state_dict()
 
 
-@pytest.mark.parametrize("plugin,kind,precision", [("zero2", "tied", "fp32"), ("ddp", "untied", "fp32"),
-                                                   ("zero2", "untied", "bf16")])
+@pytest.mark.parametrize(
+    "plugin,kind,precision", [("zero2", "tied", "fp32"), ("ddp", "untied", "fp32"), ("zero2", "untied", "bf16")]
+)
 def test_only_new_rows_train(expanded, plugin, kind, precision, tmp_path):
     """bf16 under zero2: the fp32 master copy of a bf16 weight is exact, so the old rows stay the bf16 values."""
     _, start = expanded[kind]
     export = tmp_path / "export"
-    run_distributed(TRAIN, "--pretrained", start, "--dataset", expanded["data"], "--stage", "align",
-                    "--train_embeddings", "new", "--plugin", plugin, "--mixed_precision", precision, "--batch_size", 2,
-                    "--max_steps", 3, "--lr", 1e-2, "--warmup_steps", 0, "--weight_decay", 0.1,
-                    "--save_interval", 0, "--export_dir", export)
+    run_distributed(
+        TRAIN,
+        "--pretrained",
+        start,
+        "--dataset",
+        expanded["data"],
+        "--stage",
+        "align",
+        "--train_embeddings",
+        "new",
+        "--plugin",
+        plugin,
+        "--mixed_precision",
+        precision,
+        "--batch_size",
+        2,
+        "--max_steps",
+        3,
+        "--lr",
+        1e-2,
+        "--warmup_steps",
+        0,
+        "--weight_decay",
+        0.1,
+        "--save_interval",
+        0,
+        "--export_dir",
+        export,
+    )
     before, after = _state(start), _state(export)
     if precision == "bf16":
         before = {k: v.to(torch.bfloat16).float() for k, v in before.items()}
@@ -87,18 +133,42 @@ def test_train_embeddings_all_moves_old_rows_with_the_same_flags(expanded, tmp_p
     """The control: the same run training all rows changes old rows, so the test above can fail."""
     _, start = expanded["untied"]
     export = tmp_path / "export"
-    run_distributed(TRAIN, "--pretrained", start, "--dataset", expanded["data"], "--stage", "align",
-                    "--plugin", "ddp", "--mixed_precision", "fp32", "--batch_size", 2, "--max_steps", 2,
-                    "--lr", 1e-2, "--warmup_steps", 0, "--save_interval", 0, "--export_dir", export)
-    assert not torch.equal(_state(start)["model.embed_tokens.weight"][:2048],
-                           _state(export)["model.embed_tokens.weight"][:2048])
+    run_distributed(
+        TRAIN,
+        "--pretrained",
+        start,
+        "--dataset",
+        expanded["data"],
+        "--stage",
+        "align",
+        "--plugin",
+        "ddp",
+        "--mixed_precision",
+        "fp32",
+        "--batch_size",
+        2,
+        "--max_steps",
+        2,
+        "--lr",
+        1e-2,
+        "--warmup_steps",
+        0,
+        "--save_interval",
+        0,
+        "--export_dir",
+        export,
+    )
+    assert not torch.equal(
+        _state(start)["model.embed_tokens.weight"][:2048], _state(export)["model.embed_tokens.weight"][:2048]
+    )
 
 
 def test_preflight_errors(expanded, model_dir, monkeypatch):
     def check(match, model, *extra, world=1):
         monkeypatch.setenv("WORLD_SIZE", str(world))
-        cfg = parse(TrainConfig, ["--pretrained", model, "--dataset", expanded["data"], "--train_embeddings", "new",
-                                  *extra])
+        cfg = parse(
+            TrainConfig, ["--pretrained", model, "--dataset", expanded["data"], "--train_embeddings", "new", *extra]
+        )
         with pytest.raises(TrainingError, match=match):
             preflight(cfg)
 

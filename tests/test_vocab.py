@@ -14,8 +14,7 @@ import sentencepiece as spm
 from transformers import AutoTokenizer
 
 from colossal_shear.bundled import CORPUS_DIR, corpus_records
-from colossal_shear.vocab import TokenizerConfig, VocabError, init_tokenizer, read_id_map
-from colossal_shear.vocab import sentencepiece_edit
+from colossal_shear.vocab import TokenizerConfig, VocabError, init_tokenizer, read_id_map, sentencepiece_edit
 from colossal_shear.vocab.bpe import RankBPE, ScoreBPE
 from colossal_shear.vocab.frequencies import count_tokens
 from colossal_shear.vocab.hf_fast_edit import byte_level
@@ -68,8 +67,9 @@ def work(tmp_path_factory):
 def expanded(tokenizer_dir, work):
     """The fixture tokenizer expanded with WORDS (JSONL)."""
     out = work / "expanded"
-    report = init_tokenizer(cfg(tokenizer_dir, out, expand_tokens_file=write_pieces(work / "w.jsonl", WORDS),
-                                eval_file=[EN, ZH, CODE]))
+    report = init_tokenizer(
+        cfg(tokenizer_dir, out, expand_tokens_file=write_pieces(work / "w.jsonl", WORDS), eval_file=[EN, ZH, CODE])
+    )
     return out, report
 
 
@@ -99,8 +99,7 @@ def test_expansion_keeps_every_existing_id(tokenizer_dir, expanded):
     a, b = AutoTokenizer.from_pretrained(tokenizer_dir), AutoTokenizer.from_pretrained(out)
     assert b.convert_ids_to_tokens(list(range(n))) == a.convert_ids_to_tokens(list(range(n)))
     # requested pieces come first, in file order, then the intermediates
-    assert [new.id_to_piece(n + i) for i in range(report.pieces.added)] == [
-        w.replace(" ", "\u2581") for w in WORDS]
+    assert [new.id_to_piece(n + i) for i in range(report.pieces.added)] == [w.replace(" ", "\u2581") for w in WORDS]
     assert len(b) == new.get_piece_size() == report.vocab_after == n + report.pieces.added + report.pieces.intermediates
 
 
@@ -142,7 +141,8 @@ def test_settings_and_special_tokens_survive(tokenizer_dir, expanded, pruned):
         s = sp(d)
         assert (s.bos_id(), s.eos_id(), s.unk_id()) == (1, 2, 0)
         assert json.loads((d / "special_tokens_map.json").read_text()) == json.loads(
-            (tokenizer_dir / "special_tokens_map.json").read_text())
+            (tokenizer_dir / "special_tokens_map.json").read_text()
+        )
 
 
 def test_existing_text_never_tokenizes_worse(tokenizer_dir, work, monkeypatch):
@@ -151,8 +151,22 @@ def test_existing_text_never_tokenizes_worse(tokenizer_dir, work, monkeypatch):
     most texts longer, which shows the check can fail."""
     old = sp(tokenizer_dir)
     corpus = texts()
-    pieces = ["e\u2581t", "d\u2581t", "t\u2581t", "e\u2581s", "n\u2581t", "e\u2581a", "s\u2581t", "e\u2581o", "人工智能",
-              "ing\u2581the", "tion\u2581of", "\u2581of\u2581the", "();\n", "    return"]
+    pieces = [
+        "e\u2581t",
+        "d\u2581t",
+        "t\u2581t",
+        "e\u2581s",
+        "n\u2581t",
+        "e\u2581a",
+        "s\u2581t",
+        "e\u2581o",
+        "人工智能",
+        "ing\u2581the",
+        "tion\u2581of",
+        "\u2581of\u2581the",
+        "();\n",
+        "    return",
+    ]
     f = write_pieces(work / "straddle.txt", pieces, jsonl=False)
 
     init_tokenizer(cfg(tokenizer_dir, work / "low", expand_tokens_file=f))
@@ -184,7 +198,7 @@ def test_scores_are_below_every_existing_piece_even_near_minus_1e9():
 
 def test_reference_bpe_matches_sentencepiece(tokenizer_dir):
     """The planner's Python BPE must be the tokenizer's BPE, or reachability decisions would be wrong."""
-    from colossal_shear.vocab.api import open_tokenizer
+    from colossal_shear.vocab.tokenizer import open_tokenizer
 
     v = open_tokenizer(tokenizer_dir)
     bpe, s = ScoreBPE(v.normal_scores()), sp(tokenizer_dir)
@@ -245,7 +259,7 @@ def test_pruning_keeps_order_specials_and_tokenization(tokenizer_dir, pruned):
 
 
 def test_keep_top_k_and_min_count(tokenizer_dir, tmp_path):
-    from colossal_shear.vocab.api import open_tokenizer
+    from colossal_shear.vocab.tokenizer import open_tokenizer
 
     v = open_tokenizer(tokenizer_dir)
     counts = count_tokens([EN], v.encoder_spec(tokenizer_dir), len(v), 1, False).counts
@@ -271,8 +285,14 @@ def test_prune_plain_text_corpus_and_combined_expand(tokenizer_dir, tmp_path):
     plain = tmp_path / "corpus.txt"
     plain.write_text("\n".join(r["target"] for r in corpus_records() if r["category"] == "code"), encoding="utf-8")
     out = tmp_path / "both"
-    r = init_tokenizer(cfg(tokenizer_dir, out, prune_corpus=[plain],
-                           expand_tokens_file=write_pieces(tmp_path / "p.txt", ["人工智能"], jsonl=False)))
+    r = init_tokenizer(
+        cfg(
+            tokenizer_dir,
+            out,
+            prune_corpus=[plain],
+            expand_tokens_file=write_pieces(tmp_path / "p.txt", ["人工智能"], jsonl=False),
+        )
+    )
     s = sp(out)
     id_map = read_id_map(out / "id_map.json")
     assert s.get_piece_size() == len(id_map) + r.pieces.added + r.pieces.intermediates
@@ -313,8 +333,9 @@ def test_byte_level_expansion(byte_dir, tmp_path):
     assert r.pieces.rejected_invalid == 1  # '12345': the pre-tokenizer splits digits in threes
     for w in ["人工智能", "自然语言处理", "hello", " tokenizer"]:
         wid = new.convert_tokens_to_ids(byte_level(w))
-        assert wid >= n and wid in new.encode("我们" + w if w[0] != " " and ord(w[0]) > 127 else w,
-                                              add_special_tokens=False)
+        assert wid >= n and wid in new.encode(
+            "我们" + w if w[0] != " " and ord(w[0]) > 127 else w, add_special_tokens=False
+        )
     for t in ROUND_TRIP:
         assert new.decode(new.encode(t, add_special_tokens=False)) == t
     for t in texts():  # never more tokens; unchanged where no new token is used
@@ -369,9 +390,17 @@ def test_reference_bpe_matches_tokenizers(byte_dir):
 
 def test_report_counts(tokenizer_dir, tmp_path):
     lines = [
-        '{"piece": "人工智能"}', '{"piece": "翻译"}', '{"piece": "人工智能"}', '{"piece": " the"}',
-        '{"piece": ""}', '{"piece": "   "}', '{"piece": "\\u2581\\u2581"}', '{"piece": "a\\u0007b"}',
-        '{"piece": "<s>"}', '', '{"piece": "发展", "freq": 3}',
+        '{"piece": "人工智能"}',
+        '{"piece": "翻译"}',
+        '{"piece": "人工智能"}',
+        '{"piece": " the"}',
+        '{"piece": ""}',
+        '{"piece": "   "}',
+        '{"piece": "\\u2581\\u2581"}',
+        '{"piece": "a\\u0007b"}',
+        '{"piece": "<s>"}',
+        "",
+        '{"piece": "发展", "freq": 3}',
     ]
     f = tmp_path / "p.jsonl"
     f.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -399,7 +428,7 @@ def test_report_counts(tokenizer_dir, tmp_path):
 
 
 def test_counting_in_worker_processes_matches(tokenizer_dir):
-    from colossal_shear.vocab.api import open_tokenizer
+    from colossal_shear.vocab.tokenizer import open_tokenizer
 
     v = open_tokenizer(tokenizer_dir)
     one = count_tokens([EN, ZH], v.encoder_spec(tokenizer_dir), len(v), 1, False)
@@ -510,19 +539,37 @@ def test_existing_target_refused_unless_overwrite(tokenizer_dir, tmp_path):
 
 def _cli(*args):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, str(ROOT / "tokenizer" / "init_tokenizer.py"), *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tokenizer" / "init_tokenizer.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 def test_cli(tokenizer_dir, tmp_path):
     f = write_pieces(tmp_path / "pieces.txt", ["人工智能", "深度学习", "人工智能"], jsonl=False)
     out = tmp_path / "cli"
-    proc = _cli("--source_tokenizer_dir", tokenizer_dir, "--target_tokenizer_dir", out, "--expand_tokens_file", f,
-                "--eval_file", ZH, "--num_workers", "2", "--no_progress")
+    proc = _cli(
+        "--source_tokenizer_dir",
+        tokenizer_dir,
+        "--target_tokenizer_dir",
+        out,
+        "--expand_tokens_file",
+        f,
+        "--eval_file",
+        ZH,
+        "--num_workers",
+        "2",
+        "--no_progress",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "added                  2" in proc.stdout and "skipped: duplicates    1" in proc.stdout
     assert "zh" in proc.stdout and (out / "id_map.json").exists()
     assert AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("深度学习") == 2049
     proc = _cli("--source_tokenizer_dir", tokenizer_dir, "--target_tokenizer_dir", out, "--expand_tokens_file", f)
-    assert proc.returncode == 2 and proc.stderr.startswith("init_tokenizer.py: error: ") and "--overwrite" in proc.stderr
+    assert (
+        proc.returncode == 2 and proc.stderr.startswith("init_tokenizer.py: error: ") and "--overwrite" in proc.stderr
+    )
     assert "Traceback" not in proc.stderr

@@ -16,8 +16,7 @@ from colossal_shear.vocab import init_tokenizer  # noqa: E402
 
 
 def main(argv=None) -> int:
-    return cli.run("tokenizer/init_tokenizer.py", init_tokenizer, lambda report: print(report.format()), argv,
-                   __doc__)
+    return cli.run("tokenizer/init_tokenizer.py", init_tokenizer, lambda report: print(report.format()), argv, __doc__)
 
 
 if __name__ == "__main__":

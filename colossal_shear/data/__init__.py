@@ -6,11 +6,11 @@
 See docs/data_prep.md for the output format and the contract with the trainer.
 """
 
-from .config import PrepareConfig, default_num_proc
-from .manifest import read_manifest, part_paths, tokenizer_fingerprint
-from .prepare import prepare_dataset
-from .records import DataPrepError, RecordError
-from .tokenization import IGNORE_INDEX, padding_id
+from colossal_shear.data.config import PrepareConfig, default_num_proc
+from colossal_shear.data.manifest import part_paths, read_manifest, tokenizer_fingerprint
+from colossal_shear.data.prepare import prepare_dataset
+from colossal_shear.data.records import DataPrepError, RecordError
+from colossal_shear.data.tokenization import IGNORE_INDEX, padding_id
 
 __all__ = [
     "PrepareConfig",

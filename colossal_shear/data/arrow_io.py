@@ -9,23 +9,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .packing import PackedRows
+from colossal_shear.data.packing import PackedRows
 
-SPILL_SCHEMA = pa.schema([
-    ("input_ids", pa.list_(pa.int32())),
-    ("labels", pa.list_(pa.int32())),
-    ("doc_lengths", pa.list_(pa.int32())),
-    ("num_tokens", pa.int32()),
-    ("loss_tokens", pa.int32()),
-    ("documents", pa.int32()),
-])
+SPILL_SCHEMA = pa.schema(
+    [
+        ("input_ids", pa.list_(pa.int32())),
+        ("labels", pa.list_(pa.int32())),
+        ("doc_lengths", pa.list_(pa.int32())),
+        ("num_tokens", pa.int32()),
+        ("loss_tokens", pa.int32()),
+        ("documents", pa.int32()),
+    ]
+)
 OUTPUT_COLUMNS = ("input_ids", "labels", "doc_lengths", "doc_categories", "category", "num_tokens")
 
 
@@ -34,8 +36,16 @@ def features():
     from datasets import Features, List, Value
 
     ints = List(Value("int32"))
-    return Features({"input_ids": ints, "labels": ints, "doc_lengths": ints, "doc_categories": List(Value("string")),
-                     "category": Value("string"), "num_tokens": Value("int32")})
+    return Features(
+        {
+            "input_ids": ints,
+            "labels": ints,
+            "doc_lengths": ints,
+            "doc_categories": List(Value("string")),
+            "category": Value("string"),
+            "num_tokens": Value("int32"),
+        }
+    )
 
 
 def _fixed_lists(block: np.ndarray) -> pa.ListArray:
@@ -51,11 +61,17 @@ def _ragged_lists(values: np.ndarray, counts: np.ndarray) -> pa.ListArray:
 
 
 def packed_to_batch(rows: PackedRows) -> pa.RecordBatch:
-    return pa.RecordBatch.from_arrays([
-        _fixed_lists(rows.input_ids), _fixed_lists(rows.labels),
-        _ragged_lists(rows.segment_lengths, rows.segment_counts),
-        pa.array(rows.num_tokens), pa.array(rows.loss_tokens), pa.array(rows.documents),
-    ], schema=SPILL_SCHEMA)
+    return pa.RecordBatch.from_arrays(
+        [
+            _fixed_lists(rows.input_ids),
+            _fixed_lists(rows.labels),
+            _ragged_lists(rows.segment_lengths, rows.segment_counts),
+            pa.array(rows.num_tokens),
+            pa.array(rows.loss_tokens),
+            pa.array(rows.documents),
+        ],
+        schema=SPILL_SCHEMA,
+    )
 
 
 class SpillStore:
@@ -97,7 +113,7 @@ class SpillStore:
             w.close()
         self._writers.clear()
 
-    def table(self, category: str) -> "SpilledRows":
+    def table(self, category: str) -> SpilledRows:
         return SpilledRows(self._files[category])
 
 
@@ -130,19 +146,26 @@ class PartStats:
         self.categories: dict[str, dict[str, int]] = {}
 
     def add(self, category: str, table: pa.Table) -> None:
-        s = self.categories.setdefault(category, {"sequences": 0, "tokens": 0, "loss_tokens": 0, "documents": 0,
-                                                  "segments": 0})
+        s = self.categories.setdefault(
+            category, {"sequences": 0, "tokens": 0, "loss_tokens": 0, "documents": 0, "segments": 0}
+        )
         s["sequences"] += table.num_rows
         for key, col in (("tokens", "num_tokens"), ("loss_tokens", "loss_tokens"), ("documents", "documents")):
             s[key] += int(pc.sum(table[col]).as_py() or 0)
         s["segments"] += int(pc.sum(pc.list_value_length(table["doc_lengths"])).as_py() or 0)
 
 
-def part_chunks(tables: dict[str, SpilledRows], categories: list[str], codes: np.ndarray, rows: np.ndarray,
-                chunk_rows: int, stats: PartStats) -> Iterator[pa.Table]:
+def part_chunks(
+    tables: dict[str, SpilledRows],
+    categories: list[str],
+    codes: np.ndarray,
+    rows: np.ndarray,
+    chunk_rows: int,
+    stats: PartStats,
+) -> Iterator[pa.Table]:
     """The rows of one part in the given order, as output tables of at most `chunk_rows` sequences."""
     for lo in range(0, len(rows), chunk_rows):
-        c, r = codes[lo:lo + chunk_rows], rows[lo:lo + chunk_rows]
+        c, r = codes[lo : lo + chunk_rows], rows[lo : lo + chunk_rows]
         pieces, positions = [], []
         for code in np.unique(c):
             sel = np.nonzero(c == code)[0]
@@ -152,11 +175,20 @@ def part_chunks(tables: dict[str, SpilledRows], categories: list[str], codes: np
             segs = pc.list_value_length(taken["doc_lengths"]).to_numpy(zero_copy_only=False)
             doc_categories = pa.ListArray.from_arrays(
                 pa.array(np.concatenate([[0], np.cumsum(segs)]).astype(np.int32)),
-                pa.array(np.full(int(segs.sum()), cat, dtype=object), pa.string()))
-            pieces.append(pa.table({
-                "input_ids": taken["input_ids"], "labels": taken["labels"], "doc_lengths": taken["doc_lengths"],
-                "doc_categories": doc_categories, "category": pa.array([cat] * taken.num_rows, pa.string()),
-                "num_tokens": taken["num_tokens"]}))
+                pa.array(np.full(int(segs.sum()), cat, dtype=object), pa.string()),
+            )
+            pieces.append(
+                pa.table(
+                    {
+                        "input_ids": taken["input_ids"],
+                        "labels": taken["labels"],
+                        "doc_lengths": taken["doc_lengths"],
+                        "doc_categories": doc_categories,
+                        "category": pa.array([cat] * taken.num_rows, pa.string()),
+                        "num_tokens": taken["num_tokens"],
+                    }
+                )
+            )
             positions.append(sel)
         chunk = pa.concat_tables(pieces)
         yield chunk.take(pa.array(np.argsort(np.concatenate(positions), kind="stable")))
@@ -189,8 +221,11 @@ def write_part(part_dir: Path, scratch_file: Path, chunks: Iterator[pa.Table], j
     finally:
         if jsonl is not None:
             jsonl.close()
-    ds = Dataset(MemoryMappedTable.from_file(str(scratch_file)), info=DatasetInfo(features=feats),
-                 fingerprint=digest.hexdigest()[:32])
+    ds = Dataset(
+        MemoryMappedTable.from_file(str(scratch_file)),
+        info=DatasetInfo(features=feats),
+        fingerprint=digest.hexdigest()[:32],
+    )
     ds.save_to_disk(str(part_dir))
     del ds
     scratch_file.unlink()

@@ -34,12 +34,13 @@ def assign_bins(counts: dict[str, int], parts: int, seed: int) -> dict[str, list
         perm = _rng(seed, zlib.crc32(cat.encode("utf-8"))).permutation(n)
         bin_of = (np.arange(n, dtype=np.int64) * parts) // max(n, 1)
         edges = np.searchsorted(bin_of, np.arange(parts + 1))
-        out[cat] = [perm[edges[k]:edges[k + 1]] for k in range(parts)]
+        out[cat] = [perm[edges[k] : edges[k + 1]] for k in range(parts)]
     return out
 
 
-def part_rows(bins: dict[str, list[np.ndarray]], categories: list[str], part: int, seed: int
-              ) -> tuple[np.ndarray, np.ndarray]:
+def part_rows(
+    bins: dict[str, list[np.ndarray]], categories: list[str], part: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The rows of part `part`, shuffled with the seed so categories interleave: (category codes into
     `categories`, row indices within that category)."""
     codes = np.concatenate([np.full(len(bins[c][part]), i, np.int64) for i, c in enumerate(categories)])

@@ -6,7 +6,7 @@ import os
 import shlex
 from dataclasses import dataclass, fields
 
-from colossal_shear.config import option
+from colossal_shear.core.config import option
 
 
 def default_num_proc() -> int:
@@ -18,14 +18,20 @@ class PrepareConfig:
     """JSONL records (source, target, category) -> packed, loss-masked, bucketed Arrow parts + manifest.json.
     Flag names of Colossal-LLaMA-2's script are kept where they exist."""
 
-    data_input_dirs: list[str] = option(help="directories of .jsonl/.jsonl.gz files (not recursive) and/or single "
-                                             "files, comma-separated or space-separated", sep=",")
+    data_input_dirs: list[str] = option(
+        help="directories of .jsonl/.jsonl.gz files (not recursive) and/or single "
+        "files, comma-separated or space-separated",
+        sep=",",
+    )
     tokenizer_dir: str = option(help="Hugging Face tokenizer directory (must define EOS)")
     data_output_dirs: str = option(help="the one output directory (arrow/part-XXXXX, manifest.json)")
     max_length: int = option(4096, "tokens per packed sequence")
     num_spliced_dataset_bins: int = option(10, "bins per category; part k holds bin k of every category")
-    num_proc: int = option(help="tokenisation processes (1: in this process)", default_factory=default_num_proc,
-                           default_text="the machine's cores, at most 4")
+    num_proc: int = option(
+        help="tokenisation processes (1: in this process)",
+        default_factory=default_num_proc,
+        default_text="the machine's cores, at most 4",
+    )
     seed: int = option(42, "seed of the bin assignment and shuffles")
     write_jsonl: bool = option(False, "also write jsonl/part-XXXXX.jsonl")
     skip_invalid: bool = option(False, "skip bad lines and count them per reason in the manifest instead of stopping")
@@ -33,8 +39,9 @@ class PrepareConfig:
     buffer_size: int = option(1024, "packed sequences held in memory before spilling to disk")
     batch_lines: int = option(256, "input lines per tokenisation task")
     progress: bool = option(True, "progress bars on stderr")
-    command: str | None = option(None, "the command recorded in the manifest (default: the equivalent CLI command)",
-                                 cli=False)
+    command: str | None = option(
+        None, "the command recorded in the manifest (default: the equivalent CLI command)", cli=False
+    )
 
     def __post_init__(self):
         if isinstance(self.data_input_dirs, (str, os.PathLike)):
@@ -43,8 +50,13 @@ class PrepareConfig:
             self.data_input_dirs = [os.fspath(p) for p in self.data_input_dirs]
         self.tokenizer_dir = os.fspath(self.tokenizer_dir)
         self.data_output_dirs = os.fspath(self.data_output_dirs)
-        for name, low in (("max_length", 2), ("num_spliced_dataset_bins", 1), ("num_proc", 1), ("buffer_size", 1),
-                          ("batch_lines", 1)):
+        for name, low in (
+            ("max_length", 2),
+            ("num_spliced_dataset_bins", 1),
+            ("num_proc", 1),
+            ("buffer_size", 1),
+            ("batch_lines", 1),
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")

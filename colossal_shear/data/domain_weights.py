@@ -26,13 +26,21 @@ def parse_reference_losses(text: str) -> dict[str, float]:
 
 
 class DomainWeights:
-    def __init__(self, categories: list[str], initial: list[float], reference: dict[str, float],
-                 eta: float = 1.0, smoothing: float = 1e-4):
+    def __init__(
+        self,
+        categories: list[str],
+        initial: list[float],
+        reference: dict[str, float],
+        eta: float = 1.0,
+        smoothing: float = 1e-4,
+    ):
         missing = [c for c in categories if c not in reference]
         extra = [c for c in reference if c not in categories]
         if missing or extra:
-            raise ValueError(f"reference losses must name exactly the dataset's categories {categories}: "
-                             f"missing {missing}, unknown {extra}")
+            raise ValueError(
+                f"reference losses must name exactly the dataset's categories {categories}: "
+                f"missing {missing}, unknown {extra}"
+            )
         self.categories = list(categories)
         w = torch.tensor(initial, dtype=torch.float64)
         self.weights = w / w.sum()
@@ -66,8 +74,9 @@ class DomainSampler:
     per pass; the category draws use a generator whose state is checkpointed, so resume is exact.
     """
 
-    def __init__(self, sequence_categories: list[str], weights: DomainWeights, dp_rank: int = 0, dp_size: int = 1,
-                 seed: int = 42):
+    def __init__(
+        self, sequence_categories: list[str], weights: DomainWeights, dp_rank: int = 0, dp_size: int = 1, seed: int = 42
+    ):
         self.weights = weights
         self.seed, self.dp_rank = seed, dp_rank
         self.pools = []
@@ -100,8 +109,12 @@ class DomainSampler:
         return out
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "passes": list(self.passes),
-                "positions": list(self.positions), "weights": self.weights.state_dict()}
+        return {
+            "generator": self.generator.get_state(),
+            "passes": list(self.passes),
+            "positions": list(self.positions),
+            "weights": self.weights.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])

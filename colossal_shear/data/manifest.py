@@ -43,7 +43,9 @@ def read_manifest(path: str | os.PathLike) -> dict:
     """Load the manifest of a prepared dataset; `path` is the output directory or the manifest file itself."""
     p = manifest_path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"no {MANIFEST_NAME} at {p}: not a directory written by data_prep/prepare_pretrain_dataset.py")
+        raise FileNotFoundError(
+            f"no {MANIFEST_NAME} at {p}: not a directory written by data_prep/prepare_pretrain_dataset.py"
+        )
     with open(p, encoding="utf-8") as f:
         manifest = json.load(f)
     if not isinstance(manifest, dict) or "parts" not in manifest or "tokenizer" not in manifest:

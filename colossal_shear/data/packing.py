@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .tokenization import IGNORE_INDEX
+from colossal_shear.data.tokenization import IGNORE_INDEX
 
 
 @dataclass

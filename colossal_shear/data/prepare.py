@@ -13,18 +13,25 @@ import logging
 import os
 import shutil
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
-from ..fsutil import atomic_dir
-from .arrow_io import OUTPUT_COLUMNS, PartStats, SpillStore, part_chunks, write_part
-from .buckets import assign_bins, num_parts, part_rows
-from .config import PrepareConfig
-from .manifest import FORMAT, tokenizer_fingerprint, write_manifest
-from .packing import CategoryPacker
-from .records import DataPrepError, LineReader, discover_inputs
-from .tokenization import (DocumentTokenizer, OrderedPool, init_worker, load_tokenizer, padding_id,
-                           set_worker_tokenizer, tokenize_lines)
+from colossal_shear.core.fsutil import atomic_dir
+from colossal_shear.data.arrow_io import OUTPUT_COLUMNS, PartStats, SpillStore, part_chunks, write_part
+from colossal_shear.data.buckets import assign_bins, num_parts, part_rows
+from colossal_shear.data.config import PrepareConfig
+from colossal_shear.data.manifest import FORMAT, tokenizer_fingerprint, write_manifest
+from colossal_shear.data.packing import CategoryPacker
+from colossal_shear.data.records import DataPrepError, LineReader, discover_inputs
+from colossal_shear.data.tokenization import (
+    DocumentTokenizer,
+    OrderedPool,
+    init_worker,
+    load_tokenizer,
+    padding_id,
+    set_worker_tokenizer,
+    tokenize_lines,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +48,9 @@ def _check_output(out: Path, overwrite: bool, inputs: list[Path]) -> None:
         resolved = out.resolve()
         for f in inputs:
             if resolved in f.resolve().parents:
-                raise DataPrepError(f"{f}: input file is inside the output directory {out}, which --overwrite "
-                                    "would delete")
+                raise DataPrepError(
+                    f"{f}: input file is inside the output directory {out}, which --overwrite would delete"
+                )
 
 
 def _line_batches(files: list[Path], batch_lines: int) -> Iterator[tuple[tuple, tuple]]:
@@ -101,8 +109,10 @@ def _run(config, files, tokenizer, doc_tokenizer, fingerprint, pad_id, tmp: Path
 
     set_worker_tokenizer(doc_tokenizer)  # inherited by forked workers; spawned ones load it from tokenizer_dir
     try:
-        with OrderedPool(tokenize_lines, config.num_proc, init_worker, (config.tokenizer_dir,)) as pool, \
-                _progress(config.progress, total=total_bytes, unit="B", unit_scale=True, desc="tokenise+pack") as bar:
+        with (
+            OrderedPool(tokenize_lines, config.num_proc, init_worker, (config.tokenizer_dir,)) as pool,
+            _progress(config.progress, total=total_bytes, unit="B", unit_scale=True, desc="tokenise+pack") as bar,
+        ):
             seen = 0
             for batch, (index, position) in pool.map(_line_batches(files, config.batch_lines)):
                 if batch.errors:
@@ -144,8 +154,12 @@ def _run(config, files, tokenizer, doc_tokenizer, fingerprint, pad_id, tmp: Path
             codes, rows = part_rows(bins, categories, k, config.seed)
             stats = PartStats()
             chunks = part_chunks(tables, categories, codes, rows, WRITE_CHUNK_ROWS, stats)
-            n = write_part(tmp / "arrow" / name, tmp / ".spill" / f"{name}.arrow", chunks,
-                           tmp / "jsonl" / f"{name}.jsonl" if config.write_jsonl else None)
+            n = write_part(
+                tmp / "arrow" / name,
+                tmp / ".spill" / f"{name}.arrow",
+                chunks,
+                tmp / "jsonl" / f"{name}.jsonl" if config.write_jsonl else None,
+            )
             part_entries.append({"name": name, "sequences": n, "categories": dict(sorted(stats.categories.items()))})
             bar.update(n)
         bar.close()
@@ -195,8 +209,11 @@ def _manifest(config: PrepareConfig, fingerprint, tokenizer, pad_id, per_file, p
     return {
         "format": FORMAT,
         "tokenizer": fingerprint,
-        "special_tokens": {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                           "pad_token_id": pad_id},
+        "special_tokens": {
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": pad_id,
+        },
         "max_length": config.max_length,
         "num_spliced_dataset_bins": config.num_spliced_dataset_bins,
         "seed": config.seed,

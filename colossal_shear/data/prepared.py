@@ -7,9 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from colossal_shear.errors import UserError
-
-from .manifest import MANIFEST_NAME, read_manifest, tokenizer_fingerprint
+from colossal_shear.core.errors import UserError
+from colossal_shear.data.manifest import MANIFEST_NAME, read_manifest, tokenizer_fingerprint
 
 
 class DatasetMismatch(UserError, ValueError):
@@ -47,9 +46,11 @@ def open_prepared(paths, tokenizer, max_length: int | None = None, model_positio
         got = manifest["tokenizer"]
         if got["hash"] != expected["hash"] or got["vocab_size"] != expected["vocab_size"]:
             raise DatasetMismatch(
-                f"{root}: prepared with tokenizer {got['name']!r} (vocab {got['vocab_size']}, hash {got['hash'][:12]}), "
+                f"{root}: prepared with tokenizer {got['name']!r} (vocab {got['vocab_size']}, "
+                f"hash {got['hash'][:12]}), "
                 f"but the model's tokenizer is {expected['name']!r} (vocab {expected['vocab_size']}, hash "
-                f"{expected['hash'][:12]}): re-run data_prep with the model's tokenizer")
+                f"{expected['hash'][:12]}): re-run data_prep with the model's tokenizer"
+            )
         lengths.add(int(manifest["max_length"]))
         for part in manifest["parts"]:
             for c in part["categories"]:
@@ -60,11 +61,14 @@ def open_prepared(paths, tokenizer, max_length: int | None = None, model_positio
         raise DatasetMismatch(f"the datasets were packed to different lengths {sorted(lengths)}: use one max_length")
     packed = lengths.pop()
     if max_length is not None and max_length != packed:
-        raise DatasetMismatch(f"--max_length {max_length} differs from the dataset's packed length {packed}: "
-                              "re-run data_prep with --max_length to change it (sequences are never truncated)")
+        raise DatasetMismatch(
+            f"--max_length {max_length} differs from the dataset's packed length {packed}: "
+            "re-run data_prep with --max_length to change it (sequences are never truncated)"
+        )
     if model_positions is not None and packed > model_positions:
-        raise DatasetMismatch(f"sequence length {packed} is larger than the model's {model_positions} positions "
-                              "(max_position_embeddings)")
+        raise DatasetMismatch(
+            f"sequence length {packed} is larger than the model's {model_positions} positions (max_position_embeddings)"
+        )
     parts = [p for p in parts if len(p)]
     if not parts:
         raise DatasetMismatch(f"{', '.join(map(str, paths))}: no sequences")

@@ -28,11 +28,12 @@ from __future__ import annotations
 import gzip
 import json
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, Sequence
+from typing import BinaryIO
 
-from colossal_shear.errors import UserError
+from colossal_shear.core.errors import UserError
 
 INPUT_SUFFIXES = (".jsonl", ".jsonl.gz")  # what data preparation takes from an input directory
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")  # what `is_jsonl` takes as JSONL without looking inside
@@ -126,8 +127,9 @@ class LineReader:
             self._raw: BinaryIO = open(self.path, "rb")
         except OSError as e:
             raise DataPrepError(f"{self.path}: cannot read: {e.strerror or e}") from None
-        self._stream: BinaryIO = (gzip.GzipFile(fileobj=self._raw, mode="rb") if self.path.name.endswith(".gz")
-                                  else self._raw)
+        self._stream: BinaryIO = (
+            gzip.GzipFile(fileobj=self._raw, mode="rb") if self.path.name.endswith(".gz") else self._raw
+        )
 
     @property
     def position(self) -> int:
@@ -135,8 +137,7 @@ class LineReader:
 
     def __iter__(self) -> Iterator[tuple[int, bytes]]:
         try:
-            for number, line in enumerate(self._stream, start=1):
-                yield number, line
+            yield from enumerate(self._stream, start=1)
         except (OSError, EOFError, gzip.BadGzipFile) as e:  # truncated or corrupt gzip, an I/O error
             raise DataPrepError(f"{self.path}: cannot read: {e}") from e
 
@@ -145,7 +146,7 @@ class LineReader:
             self._stream.close()
         self._raw.close()
 
-    def __enter__(self) -> "LineReader":
+    def __enter__(self) -> LineReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -153,8 +154,13 @@ class LineReader:
 
 
 def _type_name(v) -> str:
-    return "null" if v is None else {dict: "object", list: "array", bool: "boolean", str: "string"}.get(
-        type(v), "number" if isinstance(v, (int, float)) else type(v).__name__)
+    return (
+        "null"
+        if v is None
+        else {dict: "object", list: "array", bool: "boolean", str: "string"}.get(
+            type(v), "number" if isinstance(v, (int, float)) else type(v).__name__
+        )
+    )
 
 
 def decode_line(raw: bytes, file: str, line: int) -> str:
@@ -162,8 +168,9 @@ def decode_line(raw: bytes, file: str, line: int) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise RecordError(f"{file}:{line}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})",
-                          INVALID_UTF8, file, line) from None
+        raise RecordError(
+            f"{file}:{line}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})", INVALID_UTF8, file, line
+        ) from None
     return text[1:] if line == 1 and text.startswith("\ufeff") else text
 
 
@@ -174,8 +181,9 @@ def parse_json_object(text: str, file: str, line: int) -> dict | None:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        raise RecordError(f"{file}:{line}: invalid JSON: {e.msg} (column {e.colno})", INVALID_JSON, file,
-                          line) from None
+        raise RecordError(
+            f"{file}:{line}: invalid JSON: {e.msg} (column {e.colno})", INVALID_JSON, file, line
+        ) from None
     if not isinstance(obj, dict):
         raise RecordError(f"{file}:{line}: expected a JSON object, got {_type_name(obj)}", NOT_AN_OBJECT, file, line)
     return obj
@@ -186,23 +194,30 @@ def _optional_string(obj: dict, key: str, file: str, line: int) -> str | None:
     if value is None or value == "":
         return None
     if not isinstance(value, str):
-        raise RecordError(f"{file}:{line}: expected a string, got {_type_name(value)} (field '{key}')", WRONG_TYPE,
-                          file, line)
+        raise RecordError(
+            f"{file}:{line}: expected a string, got {_type_name(value)} (field '{key}')", WRONG_TYPE, file, line
+        )
     return value
 
 
 def record_from_object(obj: dict, file: str, line: int) -> Record:
     """Apply the record rule (module docstring) to one parsed JSON object."""
     if "text" in obj and "target" in obj:
-        raise RecordError(f"{file}:{line}: ambiguous record: both 'text' and 'target' are given (field 'text'); "
-                          "'text' is another name for 'target': give one of them", AMBIGUOUS_TEXT, file, line)
+        raise RecordError(
+            f"{file}:{line}: ambiguous record: both 'text' and 'target' are given (field 'text'); "
+            "'text' is another name for 'target': give one of them",
+            AMBIGUOUS_TEXT,
+            file,
+            line,
+        )
     key = "text" if "text" in obj else "target"
     if key not in obj:
         raise RecordError(f"{file}:{line}: missing field (field 'target'; or give 'text')", MISSING_FIELD, file, line)
     target = obj[key]
     if not isinstance(target, str):
-        raise RecordError(f"{file}:{line}: expected a string, got {_type_name(target)} (field '{key}')", WRONG_TYPE,
-                          file, line)
+        raise RecordError(
+            f"{file}:{line}: expected a string, got {_type_name(target)} (field '{key}')", WRONG_TYPE, file, line
+        )
     source = _optional_string(obj, "source", file, line) or ""
     return Record(source, target, _optional_string(obj, "category", file, line))
 

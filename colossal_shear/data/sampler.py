@@ -52,12 +52,18 @@ class BucketSampler:
         return out
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "dp_size": self.dp_size,
-                "part_sizes": self.part_sizes}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "dp_size": self.dp_size,
+            "part_sizes": self.part_sizes,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["part_sizes"] != self.part_sizes or state["dp_size"] != self.dp_size:
             raise ValueError(
                 "the checkpoint's data position belongs to another dataset or data-parallel size "
-                f"(parts {state['part_sizes']} on {state['dp_size']} ranks, now {self.part_sizes} on {self.dp_size})")
+                f"(parts {state['part_sizes']} on {state['dp_size']} ranks, now {self.part_sizes} on {self.dp_size})"
+            )
         self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]

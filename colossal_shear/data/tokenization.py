@@ -12,12 +12,19 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .records import UNENCODABLE_TEXT, UNKNOWN_CATEGORY, DataPrepError, Record, RecordError, parse_record
+from colossal_shear.data.records import (
+    UNENCODABLE_TEXT,
+    UNKNOWN_CATEGORY,
+    DataPrepError,
+    Record,
+    RecordError,
+    parse_record,
+)
 
 IGNORE_INDEX = -100
 
@@ -44,8 +51,10 @@ class DocumentTokenizer:
     def __init__(self, tokenizer):
         if tokenizer.eos_token_id is None:
             name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-            raise DataPrepError(f"tokenizer {name} has no EOS token (eos_token_id is None): every document must end "
-                                "with EOS; set eos_token in its tokenizer_config.json")
+            raise DataPrepError(
+                f"tokenizer {name} has no EOS token (eos_token_id is None): every document must end "
+                "with EOS; set eos_token in its tokenizer_config.json"
+            )
         self.tokenizer = tokenizer
         self.bos = tokenizer.bos_token_id  # None: documents start without BOS (e.g. Qwen-style tokenizers)
         self.eos = int(tokenizer.eos_token_id)
@@ -139,13 +148,18 @@ def tokenize_lines(task: tuple[str, list[tuple[int, bytes]]]) -> TokenizedBatch:
                 _WORKER.documents([rec])
                 keep.append(rec)
             except Exception as e:  # noqa: BLE001 - reported with file and line
-                errors.append(RecordError(f"{file}:{number}: text cannot be tokenised: {e} (field 'target' or "
-                                          "'source')", UNENCODABLE_TEXT, file, number))
+                errors.append(
+                    RecordError(
+                        f"{file}:{number}: text cannot be tokenised: {e} (field 'target' or 'source')",
+                        UNENCODABLE_TEXT,
+                        file,
+                        number,
+                    )
+                )
         errors.sort(key=lambda e: e.line)
         records = keep
         ids, labels, lengths = _WORKER.documents(records)
-    return TokenizedBatch(ids, labels, lengths, [r.category or UNKNOWN_CATEGORY for r in records], errors,
-                          len(lines))
+    return TokenizedBatch(ids, labels, lengths, [r.category or UNKNOWN_CATEGORY for r in records], errors, len(lines))
 
 
 class OrderedPool:
@@ -160,7 +174,7 @@ class OrderedPool:
         self.window = window or 2 * num_proc
         self._pool = None
 
-    def __enter__(self) -> "OrderedPool":
+    def __enter__(self) -> OrderedPool:
         if self.num_proc <= 1:
             self.initializer(*self.initargs, False)
         else:

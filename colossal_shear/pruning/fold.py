@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..fsutil import atomic_dir, copy_tokenizer_files
-from .apply import decoder_of, unwrap
-from .masks import effective_heads
-from .shape import PruneShape, head_dim_of
+from colossal_shear.core.fsutil import atomic_dir, copy_tokenizer_files
+from colossal_shear.pruning.masked_model import decoder_of, unwrap
+from colossal_shear.pruning.masks import effective_heads
+from colossal_shear.pruning.shape import PruneShape, head_dim_of
 
 
 def _kept(v: torch.Tensor) -> torch.Tensor:
@@ -34,8 +34,13 @@ def folded_layout(config, z: dict) -> dict:
     s = PruneShape.from_config(config)
     ones = lambda *shape: torch.ones(shape)  # noqa: E731
     zc = {k: v.detach().float().cpu() for k, v in z.items() if v is not None}
-    expected = {"hidden": (s.hidden,), "layer": (s.layers,), "group": (s.layers, s.kv_heads),
-                "head": (s.layers, s.heads), "intermediate": (s.layers, s.intermediate)}
+    expected = {
+        "hidden": (s.hidden,),
+        "layer": (s.layers,),
+        "group": (s.layers, s.kv_heads),
+        "head": (s.layers, s.heads),
+        "intermediate": (s.layers, s.intermediate),
+    }
     for k, v in zc.items():
         if k not in expected:
             raise ValueError(f"unknown mask kind {k!r} (expected {', '.join(expected)})")
@@ -64,20 +69,36 @@ def folded_layout(config, z: dict) -> dict:
         if len(groups) == 0:
             raise ValueError(f"layer {i} keeps no attention head (remove the layer with the layer mask instead)")
         if len(per_group) != 1:
-            raise ValueError(f"layer {i}: kept KV groups keep different numbers of query heads {sorted(per_group)}; "
-                             "grouped-query attention needs the same number in every group")
+            raise ValueError(
+                f"layer {i}: kept KV groups keep different numbers of query heads {sorted(per_group)}; "
+                "grouped-query attention needs the same number in every group"
+            )
         if neurons.numel() == 0:
             raise ValueError(f"layer {i} keeps no MLP neuron (remove the layer with the layer mask instead)")
         counts.add((len(groups), per_group.pop(), int(neurons.numel())))
         per_layer.append({"layer": i, "groups": groups, "heads": _kept(heads[i]), "neurons": neurons})
     if len(counts) != 1:
-        raise ValueError("kept layers have different shapes (kv groups, heads per group, neurons): "
-                         f"{sorted(counts)}; a Hugging Face Llama config needs one shape for every layer")
+        raise ValueError(
+            "kept layers have different shapes (kv groups, heads per group, neurons): "
+            f"{sorted(counts)}; a Hugging Face Llama config needs one shape for every layer"
+        )
     n_groups, per_group, n_neurons = counts.pop()
-    shape = PruneShape(hidden=int(kept_hidden.numel()), heads=n_groups * per_group, layers=len(kept_layers),
-                       intermediate=n_neurons, kv_heads=n_groups)
-    return {"shape": shape, "hidden": hidden, "layer": layer, "heads": heads, "intermediate": inter,
-            "kept_hidden": kept_hidden, "layers": per_layer}
+    shape = PruneShape(
+        hidden=int(kept_hidden.numel()),
+        heads=n_groups * per_group,
+        layers=len(kept_layers),
+        intermediate=n_neurons,
+        kv_heads=n_groups,
+    )
+    return {
+        "shape": shape,
+        "hidden": hidden,
+        "layer": layer,
+        "heads": heads,
+        "intermediate": inter,
+        "kept_hidden": kept_hidden,
+        "layers": per_layer,
+    }
 
 
 @torch.no_grad()
@@ -98,8 +119,10 @@ def fold(model: nn.Module, z: dict, target: PruneShape | None = None) -> nn.Modu
     kh = lay["kept_hidden"]
     hidden_scale = lay["hidden"][kh]
     if tied and not torch.all(hidden_scale == 1):
-        raise ValueError("a tied model needs hidden mask values of exactly 0 or 1: a scale on hidden channels cannot "
-                         "be folded into a matrix that is both the embedding and the LM head")
+        raise ValueError(
+            "a tied model needs hidden mask values of exactly 0 or 1: a scale on hidden channels cannot "
+            "be folded into a matrix that is both the embedding and the LM head"
+        )
 
     def dev(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return t.to(like.device)
@@ -140,8 +163,9 @@ def fold(model: nn.Module, z: dict, target: PruneShape | None = None) -> nn.Modu
         sd[p + "self_attn.q_proj.weight"] = scaled(attn.q_proj.weight, rows=q_rows, cols=kh)
         sd[p + "self_attn.k_proj.weight"] = scaled(attn.k_proj.weight, rows=kv_rows, cols=kh)
         sd[p + "self_attn.v_proj.weight"] = scaled(attn.v_proj.weight, rows=kv_rows, cols=kh)
-        sd[p + "self_attn.o_proj.weight"] = scaled(attn.o_proj.weight, rows=kh, cols=q_rows, row_scale=out_scale,
-                                                   col_scale=head_scale)
+        sd[p + "self_attn.o_proj.weight"] = scaled(
+            attn.o_proj.weight, rows=kh, cols=q_rows, row_scale=out_scale, col_scale=head_scale
+        )
         for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
             bias = getattr(attn, name).bias
             if bias is not None:
@@ -151,8 +175,9 @@ def fold(model: nn.Module, z: dict, target: PruneShape | None = None) -> nn.Modu
         n = info["neurons"]
         sd[p + "mlp.gate_proj.weight"] = scaled(mlp.gate_proj.weight, rows=n, cols=kh)
         sd[p + "mlp.up_proj.weight"] = scaled(mlp.up_proj.weight, rows=n, cols=kh)
-        sd[p + "mlp.down_proj.weight"] = scaled(mlp.down_proj.weight, rows=kh, cols=n, row_scale=out_scale,
-                                                col_scale=lay["intermediate"][i][n])
+        sd[p + "mlp.down_proj.weight"] = scaled(
+            mlp.down_proj.weight, rows=kh, cols=n, row_scale=out_scale, col_scale=lay["intermediate"][i][n]
+        )
         for name in ("gate_proj", "up_proj"):
             bias = getattr(mlp, name).bias
             if bias is not None:
@@ -183,8 +208,10 @@ def _build(cls, config, state: dict, device) -> nn.Module:
     missing = set(new.state_dict()) - set(state)
     extra = set(state) - set(new.state_dict())
     if missing or extra:
-        raise ValueError(f"cannot fold a {cls.__name__}: weights missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(extra)[:5]} (only LLaMA-style models are supported)")
+        raise ValueError(
+            f"cannot fold a {cls.__name__}: weights missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(extra)[:5]} (only LLaMA-style models are supported)"
+        )
     new.load_state_dict(state, strict=True, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         new.tie_weights()
@@ -202,8 +229,9 @@ def _build(cls, config, state: dict, device) -> nn.Module:
     return new
 
 
-def save_folded(model: nn.Module, z: dict | None, out_dir, tokenizer_dir=None, overwrite: bool = False,
-                max_shard_size: str = "5GB") -> Path:
+def save_folded(
+    model: nn.Module, z: dict | None, out_dir, tokenizer_dir=None, overwrite: bool = False, max_shard_size: str = "5GB"
+) -> Path:
     """Fold `z` into `model` (z=None: `model` is already the folded model) and write a plain HF directory
     (safetensors + config.json [+ tokenizer files from `tokenizer_dir`]) atomically: built in a sibling temporary
     directory, then renamed into place. An existing non-empty `out_dir` is refused unless `overwrite`."""

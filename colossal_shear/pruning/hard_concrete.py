@@ -26,8 +26,17 @@ LOG_ALPHA_MAX = math.log(1e2)
 class HardConcrete(nn.Module):
     """`log_alpha` of any shape; every entry is one independent gate."""
 
-    def __init__(self, shape, init_log_alpha: float = 5.0, init_std: float = 0.01, l: float = LIMIT_L,
-                 r: float = LIMIT_R, beta: float = BETA, eps: float = EPS, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        shape,
+        init_log_alpha: float = 5.0,
+        init_std: float = 0.01,
+        l: float = LIMIT_L,
+        r: float = LIMIT_R,
+        beta: float = BETA,
+        eps: float = EPS,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
         if not (l < 0 < 1 < r):
             raise ValueError(f"hard-concrete needs l < 0 and r > 1 (got l={l}, r={r})")

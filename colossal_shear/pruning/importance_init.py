@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .masks import PruningMasks
-from .oneshot import group_scores, calibration_batches, collect_importance
+from colossal_shear.pruning.masks import PruningMasks
+from colossal_shear.pruning.oneshot import calibration_batches, collect_importance, group_scores
 
 CALIBRATION_SAMPLES = 64
 CALIBRATION_LENGTH = 256

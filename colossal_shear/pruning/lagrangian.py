@@ -4,8 +4,8 @@ Per constraint c (only the dims the target shrinks: 'hidden', 'layers', 'heads',
     mean over layers of lambda1_c * (s_c - t_c) + lambda2_c * (s_c - t_c)^2
 with s_c the masks' expected value and t_c the (ramped) target, both as fractions of the source value. Per-layer
 dims (heads, kv_heads, intermediate) take the term per layer, then the mean over layers, as the reference does: a
-layer far off its share is penalised quadratically even when the mean is on target (linear terms are unchanged). The target
-ramps linearly from the source value to the final target over `warmup_steps`. The masks minimise the penalty, the
+layer far off its share is penalised quadratically even when the mean is on target (linear terms are unchanged). The
+target ramps linearly from the source value to the final target over `warmup_steps`. The masks minimise the penalty, the
 multipliers maximise it (the trainer steps them by gradient ascent): a min-max game.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .shape import PruneShape
+from colossal_shear.pruning.shape import PruneShape
 
 CONSTRAINTS = ("hidden", "layers", "heads", "kv_heads", "intermediate")
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .hard_concrete import HardConcrete
-from .shape import PruneShape, head_dim_of
+from colossal_shear.pruning.hard_concrete import HardConcrete
+from colossal_shear.pruning.shape import PruneShape, head_dim_of
 
 KINDS = ("hidden", "layer", "group", "head", "intermediate")
 SHAPE_KEYS = ("hidden", "layers", "heads", "kv_heads", "intermediate")
@@ -67,8 +67,13 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return keep.scatter_(-1, order, True)
 
 
-def select(source: PruneShape, target: PruneShape, scores: dict, values: dict | None = None,
-           device: torch.device | str | None = None) -> dict:
+def select(
+    source: PruneShape,
+    target: PruneShape,
+    scores: dict,
+    values: dict | None = None,
+    device: torch.device | str | None = None,
+) -> dict:
     """Masks with exactly the target counts, chosen by `scores` (higher = keep).
 
     Keeps the top `layers` layers; in every layer the top `kv_heads` groups, then the top heads // kv_heads query
@@ -102,8 +107,11 @@ def select(source: PruneShape, target: PruneShape, scores: dict, values: dict | 
     else:
         heads = torch.ones(source.layers, source.kv_heads, ratio, dtype=torch.bool, device=device)
     keep["head"] = (heads & keep["group"][..., None]).view(source.layers, source.heads)
-    keep["intermediate"] = (_top(need("intermediate"), target.intermediate)
-                            if target.intermediate < source.intermediate else all_("intermediate"))
+    keep["intermediate"] = (
+        _top(need("intermediate"), target.intermediate)
+        if target.intermediate < source.intermediate
+        else all_("intermediate")
+    )
     out = {}
     for kind, k in keep.items():
         v = values.get(kind)
@@ -116,8 +124,15 @@ class PruningMasks(nn.Module):
     """Masks for one LlamaConfig: 'hidden' [d], 'layer' [L], 'group' [L, KV] (whole KV groups), 'head' [L, H] (query
     heads), 'intermediate' [L, F]. Learnable (hard-concrete) only for the kinds `target` shrinks."""
 
-    def __init__(self, config, target: PruneShape, init_log_alpha: float = 5.0, init_std: float = 0.01,
-                 seed: int = 0, min_kept_value: float = 1e-3):
+    def __init__(
+        self,
+        config,
+        target: PruneShape,
+        init_log_alpha: float = 5.0,
+        init_std: float = 0.01,
+        seed: int = 0,
+        min_kept_value: float = 1e-3,
+    ):
         super().__init__()
         self.source = PruneShape.from_config(config)
         self.target = target
@@ -129,8 +144,9 @@ class PruningMasks(nn.Module):
         self.pruned = pruned_kinds(self.source, target)
         g = torch.Generator().manual_seed(seed)  # the same initial log_alpha on every rank
         shapes = kind_shapes(self.source)
-        self.gates = nn.ModuleDict({k: HardConcrete(shapes[k], init_log_alpha, init_std, generator=g)
-                                    for k in self.pruned})
+        self.gates = nn.ModuleDict(
+            {k: HardConcrete(shapes[k], init_log_alpha, init_std, generator=g) for k in self.pruned}
+        )
         self.register_buffer("_anchor", torch.zeros(0), persistent=False)  # follows .to(device)
 
     @property
@@ -191,13 +207,23 @@ class PruningMasks(nn.Module):
 
     def target_shape(self) -> dict[str, float]:
         t = self.target
-        return {"hidden": float(t.hidden), "layers": float(t.layers), "heads": float(t.heads),
-                "kv_heads": float(t.kv_heads), "intermediate": float(t.intermediate)}
+        return {
+            "hidden": float(t.hidden),
+            "layers": float(t.layers),
+            "heads": float(t.heads),
+            "kv_heads": float(t.kv_heads),
+            "intermediate": float(t.intermediate),
+        }
 
     def source_shape(self) -> dict[str, float]:
         s = self.source
-        return {"hidden": float(s.hidden), "layers": float(s.layers), "heads": float(s.heads),
-                "kv_heads": float(s.kv_heads), "intermediate": float(s.intermediate)}
+        return {
+            "hidden": float(s.hidden),
+            "layers": float(s.layers),
+            "heads": float(s.heads),
+            "kv_heads": float(s.kv_heads),
+            "intermediate": float(s.intermediate),
+        }
 
     def expected_params(self) -> torch.Tensor:
         """Expected parameter count: embedding (and untied LM head) rows x the expected hidden size; per layer

@@ -14,23 +14,19 @@ All return binary mask dicts (the five kinds of `masks.KINDS`) for `fold.fold` /
 
 from __future__ import annotations
 
-import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from torch import nn
 
-from colossal_shear.config import option
-from colossal_shear.constants import DTYPES
-
-from .apply import decoder_of, unwrap
-from .masks import KINDS, kind_shapes, select
-from .shape import PruneError, PruneShape, head_dim_of
-
-METHODS = ("importance", "depth", "random")
+from colossal_shear.core.constants import DTYPES
+from colossal_shear.pruning.config import METHODS, OneShotConfig
+from colossal_shear.pruning.masked_model import decoder_of, unwrap
+from colossal_shear.pruning.masks import kind_shapes, select
+from colossal_shear.pruning.shape import PruneError, PruneShape, head_dim_of
 
 
 # ---------------------------------------------------------------------------------------------- batches
@@ -87,6 +83,7 @@ def collect_importance(model: nn.Module, batches, want_width: bool = True, want_
     def norm_hook(i, j):
         def hook(mod, args, out):
             norm_stats[i][j].add(out.abs(), state["mask"])
+
         return hook
 
     def head_hook(i):
@@ -94,11 +91,13 @@ def collect_importance(model: nn.Module, batches, want_width: bool = True, want_
             x = args[0]
             per_head = x.float().reshape(*x.shape[:-1], s.heads, hd).norm(dim=-1)
             head_stats[i].add(per_head, state["mask"])
+
         return hook
 
     def neuron_hook(i):
         def hook(mod, args):
             neuron_stats[i].add(args[0].abs(), state["mask"])
+
         return hook
 
     def layer_hook(i):
@@ -107,6 +106,7 @@ def collect_importance(model: nn.Module, batches, want_width: bool = True, want_
             h_out = out[0] if isinstance(out, (tuple, list)) else out
             cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)  # [B, T]
             cos_sum[i] += (cos.double() * state["mask"].double()).sum()
+
         return hook
 
     try:
@@ -168,8 +168,10 @@ def depth_masks(model: nn.Module, batches, target: PruneShape | None, layers: li
     target.validate_against(source)
     narrower = [k for k in ("hidden", "heads", "kv_heads", "intermediate") if getattr(target, k) != getattr(source, k)]
     if narrower:
-        raise PruneError(f"depth pruning removes whole layers only, but the target also shrinks {', '.join(narrower)} "
-                         f"({target.describe()} vs {source.describe()}): use the importance method for width")
+        raise PruneError(
+            f"depth pruning removes whole layers only, but the target also shrinks {', '.join(narrower)} "
+            f"({target.describe()} vs {source.describe()}): use the importance method for width"
+        )
     device = decoder_of(model).embed_tokens.weight.device
     if layers is not None:
         keep = sorted(set(int(i) for i in layers))
@@ -207,8 +209,9 @@ def calibration_texts(path) -> Iterable[str]:
     return texts(corpus_files() if path is None else [path])
 
 
-def calibration_batches(tokenizer, path=None, num_samples: int = 512, length: int = 512,
-                        batch_size: int = 8) -> list[dict]:
+def calibration_batches(
+    tokenizer, path=None, num_samples: int = 512, length: int = 512, batch_size: int = 8
+) -> list[dict]:
     """Calibration batches {input_ids, attention_mask} (right-padded): from a JSONL file (tokenised with `tokenizer`,
     cut to `length` tokens), a prepared dataset directory (its packed sequences, cut to `length`), or the bundled
     corpus when `path` is None."""
@@ -251,31 +254,6 @@ def calibration_batches(tokenizer, path=None, num_samples: int = 512, length: in
 
 # ---------------------------------------------------------------------------------------------- the CLI's work
 @dataclass
-class OneShotConfig:
-    """One-shot structured pruning of a LLaMA-style Hugging Face model to a target shape (no training): importance
-    (Minitron activations for width, block influence for depth), depth (whole layers) or random."""
-
-    method: str = option(help="how to choose what to keep", choices=METHODS)
-    pretrained: Path = option(help="source Hugging Face model directory")
-    output_dir: Path = option(help="where to write the pruned model")
-    target_shape: str | None = option(None, "'hidden,heads,layers,intermediate[,kv_heads]' or a config.json / model "
-                                            "directory with the target's sizes (optional for --method depth with "
-                                            "--keep_layers)")
-    calibration_dataset: Path | None = option(None, "JSONL records (see docs/data_prep.md) or a data_prep output "
-                                                    "directory", default_text="the bundled corpus")
-    num_calibration_samples: int = option(512, "calibration sequences")
-    calibration_length: int = option(512, "tokens per calibration sequence")
-    calibration_batch_size: int = option(8, "sequences per forward")
-    keep_layers: list[int] | None = option(None, "--method depth: indices of the layers to keep (e.g. 0,1,5)",
-                                           sep=",")
-    seed: int = option(0, "seed of --method random")
-    overwrite: bool = option(False, "replace an existing output directory")
-    dtype: str | None = option(None, "load, score and save in this dtype", choices=sorted(DTYPES),
-                               default_text="the checkpoint's")
-    device: str | None = option(None, "torch device for calibration", default_text="cuda if available, else cpu")
-
-
-@dataclass
 class OneShotReport:
     method: str
     output_dir: Path
@@ -307,7 +285,7 @@ def prune_oneshot(cfg: OneShotConfig) -> OneShotReport:
     """Load `cfg.pretrained`, choose masks with `cfg.method`, fold and write a plain HF model to `cfg.output_dir`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .fold import fold, save_folded
+    from colossal_shear.pruning.fold import fold, save_folded
 
     if cfg.method not in METHODS:
         raise PruneError(f"--method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
@@ -336,16 +314,20 @@ def prune_oneshot(cfg: OneShotConfig) -> OneShotReport:
         raise PruneError("--target_shape is required (except for --method depth with --keep_layers)")
     target.validate_against(source)
     if cfg.method == "depth":
-        narrower = [k for k in ("hidden", "heads", "kv_heads", "intermediate")
-                    if getattr(target, k) != getattr(source, k)]
+        narrower = [
+            k for k in ("hidden", "heads", "kv_heads", "intermediate") if getattr(target, k) != getattr(source, k)
+        ]
         if narrower:
-            raise PruneError(f"--method depth removes whole layers only; the target also shrinks "
-                             f"{', '.join(narrower)}: use --method importance")
+            raise PruneError(
+                f"--method depth removes whole layers only; the target also shrinks "
+                f"{', '.join(narrower)}: use --method importance"
+            )
 
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[cfg.dtype] if cfg.dtype else "auto"
-    model = AutoModelForCausalLM.from_pretrained(src_dir, torch_dtype=dtype, use_safetensors=True,
-                                                 trust_remote_code=False).to(device)
+    model = AutoModelForCausalLM.from_pretrained(
+        src_dir, torch_dtype=dtype, use_safetensors=True, trust_remote_code=False
+    ).to(device)
     try:
         decoder_of(model)
     except TypeError as e:
@@ -355,8 +337,13 @@ def prune_oneshot(cfg: OneShotConfig) -> OneShotReport:
     needs_data = cfg.method == "importance" or (cfg.method == "depth" and cfg.keep_layers is None)
     if needs_data:
         tokenizer = AutoTokenizer.from_pretrained(src_dir, trust_remote_code=False)
-        batches = calibration_batches(tokenizer, cfg.calibration_dataset, cfg.num_calibration_samples,
-                                      cfg.calibration_length, cfg.calibration_batch_size)
+        batches = calibration_batches(
+            tokenizer,
+            cfg.calibration_dataset,
+            cfg.num_calibration_samples,
+            cfg.calibration_length,
+            cfg.calibration_batch_size,
+        )
         n_seq = sum(len(b["input_ids"]) for b in batches)
         n_tok = int(sum(int(b["attention_mask"].sum()) for b in batches))
     if cfg.method == "importance":
@@ -368,5 +355,6 @@ def prune_oneshot(cfg: OneShotConfig) -> OneShotReport:
     small = fold(model, z, target)
     save_folded(small, None, out, tokenizer_dir=src_dir, overwrite=cfg.overwrite)
     kept = torch.nonzero(z["layer"] != 0).flatten().tolist()
-    return OneShotReport(cfg.method, out, source, target, model.num_parameters(), small.num_parameters(), n_seq,
-                         n_tok, kept)
+    return OneShotReport(
+        cfg.method, out, source, target, model.num_parameters(), small.num_parameters(), n_seq, n_tok, kept
+    )

@@ -12,7 +12,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from colossal_shear.errors import UserError
+from colossal_shear.core.errors import UserError
 
 FIELDS = ("hidden", "heads", "layers", "intermediate", "kv_heads")
 
@@ -21,7 +21,6 @@ def head_dim_of(config) -> int:
     """The head dimension of an HF config (explicit `head_dim`, else hidden_size // num_attention_heads)."""
     hd = getattr(config, "head_dim", None)
     return int(hd) if hd else config.hidden_size // config.num_attention_heads
-
 
 
 class PruneError(UserError, ValueError):
@@ -38,7 +37,7 @@ class PruneShape:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, config) -> "PruneShape":
+    def from_config(cls, config) -> PruneShape:
         """The shape of a Hugging Face LlamaConfig (or a dict of its fields); kv_heads defaults to heads."""
         if isinstance(config, PruneShape):
             return config
@@ -54,7 +53,7 @@ class PruneShape:
         )
 
     @classmethod
-    def parse(cls, text: str, source_config) -> "PruneShape":
+    def parse(cls, text: str, source_config) -> PruneShape:
         """Read a target shape.
 
         `text` is either "hidden,heads,layers,intermediate[,kv_heads]" or a path to a config.json (or to a model
@@ -74,17 +73,23 @@ class PruneShape:
             if not path.is_file():
                 raise FileNotFoundError(
                     f"target shape {text!r}: neither 'hidden,heads,layers,intermediate[,kv_heads]' nor an existing "
-                    "config.json / model directory")
+                    "config.json / model directory"
+                )
             with open(path, encoding="utf-8") as f:
                 cfg = json.load(f)
-            missing = [k for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size")
-                       if k not in cfg]
+            missing = [
+                k
+                for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size")
+                if k not in cfg
+            ]
             if missing:
                 raise PruneError(f"{path}: not a LLaMA-style config (missing {', '.join(missing)})")
             src_hd = None if isinstance(source_config, (dict, PruneShape)) else head_dim_of(source_config)
             if cfg.get("head_dim") and src_hd is not None and int(cfg["head_dim"]) != src_hd:
-                raise PruneError(f"{path}: head_dim {cfg['head_dim']} differs from the source's {src_hd} (pruning "
-                                 "keeps the head dimension)")
+                raise PruneError(
+                    f"{path}: head_dim {cfg['head_dim']} differs from the source's {src_hd} (pruning "
+                    "keeps the head dimension)"
+                )
             hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
             layers, inter = int(cfg["num_hidden_layers"]), int(cfg["intermediate_size"])
             kv = cfg.get("num_key_value_heads")
@@ -92,8 +97,10 @@ class PruneShape:
         else:
             parts = [p.strip() for p in text.split(",")]
             if len(parts) not in (4, 5) or not all(p.lstrip("-").isdigit() for p in parts):
-                raise PruneError(f"target shape {text!r}: expected 'hidden,heads,layers,intermediate[,kv_heads]' "
-                                 "(4 or 5 integers) or a path to a config.json")
+                raise PruneError(
+                    f"target shape {text!r}: expected 'hidden,heads,layers,intermediate[,kv_heads]' "
+                    "(4 or 5 integers) or a path to a config.json"
+                )
             nums = [int(p) for p in parts]
             hidden, heads, layers, inter = nums[:4]
             kv = nums[4] if len(nums) == 5 else None
@@ -102,7 +109,7 @@ class PruneShape:
         return cls(hidden=hidden, heads=heads, layers=layers, intermediate=inter, kv_heads=kv)
 
     @staticmethod
-    def default_kv_heads(source: "PruneShape", heads: int) -> int:
+    def default_kv_heads(source: PruneShape, heads: int) -> int:
         if heads <= 0:
             raise PruneError(f"target heads must be positive, got {heads}")
         if source.kv_heads == source.heads:  # multi-head attention stays multi-head
@@ -112,12 +119,14 @@ class PruneShape:
         group = source.heads // source.kv_heads
         if heads % group == 0:  # keep the group size, prune whole groups
             return heads // group
-        raise PruneError(f"target heads {heads}: cannot choose kv_heads for a source with {source.heads} query heads "
-                         f"in {source.kv_heads} KV groups (neither {source.kv_heads} nor the group size {group} "
-                         "divides it): give it explicitly as the fifth number")
+        raise PruneError(
+            f"target heads {heads}: cannot choose kv_heads for a source with {source.heads} query heads "
+            f"in {source.kv_heads} KV groups (neither {source.kv_heads} nor the group size {group} "
+            "divides it): give it explicitly as the fifth number"
+        )
 
     # ------------------------------------------------------------------ checks
-    def validate_against(self, source: "PruneShape") -> None:
+    def validate_against(self, source: PruneShape) -> None:
         """Raise ValueError unless this shape can be cut out of `source`."""
         problems = []
         for name in FIELDS:
@@ -128,17 +137,22 @@ class PruneShape:
                 problems.append(f"{name} {v} is larger than the source's {s} (pruning only removes)")
         if self.heads > 0 and self.kv_heads > 0:
             if self.heads % self.kv_heads:
-                problems.append(f"heads {self.heads} is not divisible by kv_heads {self.kv_heads} (grouped-query "
-                                "attention needs the same number of query heads per KV head)")
+                problems.append(
+                    f"heads {self.heads} is not divisible by kv_heads {self.kv_heads} (grouped-query "
+                    "attention needs the same number of query heads per KV head)"
+                )
             elif source.kv_heads > 0 and self.heads // self.kv_heads > source.heads // source.kv_heads:
-                problems.append(f"{self.heads // self.kv_heads} query heads per KV head is more than the source's "
-                                f"{source.heads // source.kv_heads} (a KV group cannot gain query heads)")
+                problems.append(
+                    f"{self.heads // self.kv_heads} query heads per KV head is more than the source's "
+                    f"{source.heads // source.kv_heads} (a KV group cannot gain query heads)"
+                )
         if problems:
             raise PruneError(f"target shape {self.describe()} vs source {source.describe()}: " + "; ".join(problems))
 
     # ------------------------------------------------------------------ sizes
-    def num_params(self, vocab_size: int, head_dim: int, tied: bool, attention_bias: bool = False,
-                   mlp_bias: bool = False) -> int:
+    def num_params(
+        self, vocab_size: int, head_dim: int, tied: bool, attention_bias: bool = False, mlp_bias: bool = False
+    ) -> int:
         """Parameters of a LLaMA model of this shape (embeddings, LM head unless tied, norms, attention, MLP)."""
         d, hd = self.hidden, head_dim
         attn = d * hd * (2 * self.heads + 2 * self.kv_heads)
@@ -152,8 +166,10 @@ class PruneShape:
         return asdict(self)
 
     def describe(self) -> str:
-        return (f"hidden={self.hidden} heads={self.heads} kv_heads={self.kv_heads} layers={self.layers} "
-                f"intermediate={self.intermediate}")
+        return (
+            f"hidden={self.hidden} heads={self.heads} kv_heads={self.kv_heads} layers={self.layers} "
+            f"intermediate={self.intermediate}"
+        )
 
     def __str__(self) -> str:
         return f"{self.hidden},{self.heads},{self.layers},{self.intermediate},{self.kv_heads}"

@@ -19,8 +19,8 @@ import importlib.util
 
 import torch
 
+from colossal_shear.core.errors import UserError
 from colossal_shear.data.tokenization import IGNORE_INDEX
-from colossal_shear.errors import UserError
 
 CHOICES = ("auto", "sdpa", "flex", "flash")
 HF_NAMES = {"sdpa": "sdpa", "flex": "flex_attention", "flash": "flash_attention_2"}
@@ -45,14 +45,20 @@ def resolve(choice: str, device_type: str, plugin: str, flash_installed: bool | 
             return "sdpa"
         return "flash" if flash_installed else "flex"
     if choice != "sdpa" and plugin == "3d":
-        raise AttentionError(f"--attn_implementation {choice} cannot be used with --plugin 3d: shardformer replaces "
-                             "the attention forward with its own (ColoAttention); use sdpa or auto")
+        raise AttentionError(
+            f"--attn_implementation {choice} cannot be used with --plugin 3d: shardformer replaces "
+            "the attention forward with its own (ColoAttention); use sdpa or auto"
+        )
     if choice == "flash" and (device_type != "cuda" or not flash_installed):
-        raise AttentionError("--attn_implementation flash (--use_flash_attn) needs a CUDA GPU and the flash-attn "
-                             f"package ({'not installed' if not flash_installed else 'no GPU here'}); use auto")
+        raise AttentionError(
+            "--attn_implementation flash (--use_flash_attn) needs a CUDA GPU and the flash-attn "
+            f"package ({'not installed' if not flash_installed else 'no GPU here'}); use auto"
+        )
     if choice == "flex" and device_type != "cuda":
-        raise AttentionError("--attn_implementation flex cannot train on CPU: FlexAttention has no backward on CPU in "
-                             "this torch; use auto or sdpa (the dense block-causal mask)")
+        raise AttentionError(
+            "--attn_implementation flex cannot train on CPU: FlexAttention has no backward on CPU in "
+            "this torch; use auto or sdpa (the dense block-causal mask)"
+        )
     return choice
 
 

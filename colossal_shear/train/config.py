@@ -9,12 +9,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from colossal_shear.config import option, option_section, to_yaml
-from colossal_shear.fsutil import atomic_write_text
-
-from .plugins import ParallelConfig
+from colossal_shear.core.config import option, option_section, to_yaml
+from colossal_shear.core.constants import PRECISIONS
+from colossal_shear.core.fsutil import atomic_write_text
 
 STAGES = ("align", "prune", "continue", "replay")
+PLUGINS = ("gemini", "gemini_auto", "zero2", "zero2_cpu", "3d", "ddp")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is spread over the processes (train.py's parallel section)."""
+
+    plugin: str = option("zero2", "Booster plugin", choices=PLUGINS)
+    mixed_precision: str = option("bf16", "training precision", choices=PRECISIONS)
+    tp: int = option(1, "tensor-parallel size (plugin 3d)")
+    pp: int = option(1, "pipeline-parallel size (plugin 3d)")
+    sp: int = option(1, "sequence-parallel size (plugin 3d, all-to-all)")
+    zero_stage: int = option(0, "ZeRO stage inside the 3d plugin (0, 1 or 2)", choices=(0, 1, 2))
+    microbatch_size: int = option(1, "pipeline micro-batch size (plugin 3d with pp > 1)")
+    zero_cpu_offload: bool = option(False, "offload optimizer states to CPU (zero2, gemini, 3d)")
+
+    @property
+    def pipeline(self) -> bool:
+        return self.pp > 1
 
 
 @dataclass
@@ -22,81 +40,126 @@ class TrainConfig:
     """One stage of training under a ColossalAI Booster plugin (launched by `colossalai run` or `torchrun`)."""
 
     # model and data
-    pretrained: str | None = option(None, "Hugging Face model directory to start from (config.json + weights + "
-                                          "tokenizer)")
-    dataset: list[str] | None = option(None, "prepared dataset(s): data-prep output directories or single part "
-                                             "directories, consumed in the order given (bucket order)")
+    pretrained: str | None = option(
+        None, "Hugging Face model directory to start from (config.json + weights + tokenizer)"
+    )
+    dataset: list[str] | None = option(
+        None,
+        "prepared dataset(s): data-prep output directories or single part "
+        "directories, consumed in the order given (bucket order)",
+    )
     eval_dataset: list[str] | None = option(None, "prepared dataset(s) for held-out loss per category")
-    stage: str = option("continue", "align: only the input embeddings and LM head train; prune: learned L0 masks to "
-                        "--target_shape, then folded; continue: full continual pretraining; replay: the same as "
-                        "continue (names the knowledge-replay stage in logs and the report)", choices=STAGES,
-                        const_flags={"--freeze_non_embeds_params": "align"})
+    stage: str = option(
+        "continue",
+        "align: only the input embeddings and LM head train; prune: learned L0 masks to "
+        "--target_shape, then folded; continue: full continual pretraining; replay: the same as "
+        "continue (names the knowledge-replay stage in logs and the report)",
+        choices=STAGES,
+        const_flags={"--freeze_non_embeds_params": "align"},
+    )
     parallel: ParallelConfig = option_section(ParallelConfig, "plugin, precision and parallel layout")
-    train_embeddings: str = option("all", "align stage: train all rows of the embeddings and LM head, or only the "
-                                          "rows init_model.py added (new_rows.json / id_map.json; the old rows stay "
-                                          "bit-identical)", choices=("all", "new"))
+    train_embeddings: str = option(
+        "all",
+        "align stage: train all rows of the embeddings and LM head, or only the "
+        "rows init_model.py added (new_rows.json / id_map.json; the old rows stay "
+        "bit-identical)",
+        choices=("all", "new"),
+    )
     use_grad_checkpoint: bool = option(False, "activation (gradient) checkpointing")
-    attn_implementation: str = option("auto", "attention kernel for packed documents: sdpa (dense block-causal "
-                                      "mask for packed rows), flex (FlexAttention document mask; GPU), flash "
-                                      "(flash_attention_2 with position ids restarting per document; GPU + "
-                                      "flash-attn); auto: flash when installed, else flex on a GPU, sdpa on CPU and "
-                                      "under --plugin 3d", choices=("auto", "sdpa", "flex", "flash"),
-                                      const_flags={"--use_flash_attn": "flash"})
-    lm_loss: str = option("chunked", "chunked: the LM (and distillation) loss computed chunk by chunk over the LM "
-                          "head, never holding the full fp32 logits; full: the model's own loss over whole logits "
-                          "(3d with tp/pp always uses shardformer's vocabulary-parallel loss)",
-                          choices=("chunked", "full"))
-    compile: bool = option(False, "torch.compile the model (model.compile() before boosting; not with gemini, "
-                           "whose chunked parameters dynamo cannot trace)")
+    attn_implementation: str = option(
+        "auto",
+        "attention kernel for packed documents: sdpa (dense block-causal "
+        "mask for packed rows), flex (FlexAttention document mask; GPU), flash "
+        "(flash_attention_2 with position ids restarting per document; GPU + "
+        "flash-attn); auto: flash when installed, else flex on a GPU, sdpa on CPU and "
+        "under --plugin 3d",
+        choices=("auto", "sdpa", "flex", "flash"),
+        const_flags={"--use_flash_attn": "flash"},
+    )
+    lm_loss: str = option(
+        "chunked",
+        "chunked: the LM (and distillation) loss computed chunk by chunk over the LM "
+        "head, never holding the full fp32 logits; full: the model's own loss over whole logits "
+        "(3d with tp/pp always uses shardformer's vocabulary-parallel loss)",
+        choices=("chunked", "full"),
+    )
+    compile: bool = option(
+        False,
+        "torch.compile the model (model.compile() before boosting; not with gemini, "
+        "whose chunked parameters dynamo cannot trace)",
+    )
     # optimisation
     num_epochs: int = option(1, "passes over the dataset")
     max_steps: int | None = option(None, "length of the run in optimizer steps (default: num_epochs over the data)")
-    stop_at_step: int | None = option(None, "leave after this step (checkpoint saved), without ending the schedule: "
-                                            "split a long run into jobs of limited wall time and resume each with "
-                                            "--load_checkpoint")
+    stop_at_step: int | None = option(
+        None,
+        "leave after this step (checkpoint saved), without ending the schedule: "
+        "split a long run into jobs of limited wall time and resume each with "
+        "--load_checkpoint",
+    )
     batch_size: int = option(1, "sequences per device per micro-step")
     accumulation_steps: int = option(1, "micro-steps per optimizer step")
     lr: float = option(3e-4, "peak learning rate")
     weight_decay: float = option(0.1, "AdamW weight decay")
     warmup_steps: int | None = option(None, "linear warm-up steps", default_text="2.5% of the steps")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0: off)")
-    max_bad_steps: int = option(10, "stop with an error after this many consecutive skipped steps (NaN/inf loss or "
-                                    "gradient norm)")
+    max_bad_steps: int = option(
+        10, "stop with an error after this many consecutive skipped steps (NaN/inf loss or gradient norm)"
+    )
     seed: int = option(42, "seed for data order, initialisation and dropout")
     # dynamic batch loading (Sheared-LLaMA): per-category sampling weights updated after each evaluation
-    dynamic_loading: bool = option(False, "sample each sequence's category by weights updated after every "
-                                          "evaluation (needs --eval_dataset, --eval_interval and reference losses)")
+    dynamic_loading: bool = option(
+        False,
+        "sample each sequence's category by weights updated after every "
+        "evaluation (needs --eval_dataset, --eval_interval and reference losses)",
+    )
     reference_loss: str | None = option(None, "reference loss per category for dynamic loading: 'en=2.1,zh=3.0'")
-    reference_model: str | None = option(None, "compute the reference losses as this HF model's eval loss per "
-                                               "category")
+    reference_model: str | None = option(None, "compute the reference losses as this HF model's eval loss per category")
     # distillation (Minitron)
-    teacher: str | None = option(None, "HF model directory of a teacher: adds kd_weight * T^2 * KL(teacher || "
-                                       "student)")
+    teacher: str | None = option(None, "HF model directory of a teacher: adds kd_weight * T^2 * KL(teacher || student)")
     kd_weight: float = option(1.0, "weight of the distillation term")
     kd_temperature: float = option(1.0, "distillation temperature T")
     # structured pruning (--stage prune)
-    target_shape: str | None = option(None, "prune stage: target 'hidden,heads,layers,intermediate[,kv_heads]' or a "
-                                            "config.json / HF model directory with the target shape")
-    lag_lr: float = option(0.2, "prune stage: peak learning rate of the Lagrangian multipliers (gradient ascent; "
-                                "the --lr schedule scales it)")
-    mask_lr: float = option(1.0, "prune stage: peak learning rate of the masks' log_alpha (the --lr schedule "
-                                 "scales it)")
-    mask_init: float = option(3.0, "prune stage: initial log_alpha of every mask (3: 80% of sampled gates exactly 1; "
-                                   "log_alpha is kept in [ln 0.01, ln 100])")
-    mask_init_from: str = option("constant", "prune stage: constant: every mask starts at --mask_init; importance: "
-                                             "Minitron activation importance on the first dataset orders them "
-                                             "around it (+- --mask_init_spread)",
-                                 choices=("constant", "importance"))
-    mask_init_spread: float = option(2.0, "prune stage: with --mask_init_from importance, the most / least important "
-                                          "unit starts at mask_init +- this")
-    lagrangian_warmup_steps: int | None = option(None, "prune stage: steps over which the target shape ramps in",
-                                                 default_text="40% of the steps, at least 30")
+    target_shape: str | None = option(
+        None,
+        "prune stage: target 'hidden,heads,layers,intermediate[,kv_heads]' or a "
+        "config.json / HF model directory with the target shape",
+    )
+    lag_lr: float = option(
+        0.2,
+        "prune stage: peak learning rate of the Lagrangian multipliers (gradient ascent; the --lr schedule scales it)",
+    )
+    mask_lr: float = option(
+        1.0, "prune stage: peak learning rate of the masks' log_alpha (the --lr schedule scales it)"
+    )
+    mask_init: float = option(
+        3.0,
+        "prune stage: initial log_alpha of every mask (3: 80% of sampled gates exactly 1; "
+        "log_alpha is kept in [ln 0.01, ln 100])",
+    )
+    mask_init_from: str = option(
+        "constant",
+        "prune stage: constant: every mask starts at --mask_init; importance: "
+        "Minitron activation importance on the first dataset orders them "
+        "around it (+- --mask_init_spread)",
+        choices=("constant", "importance"),
+    )
+    mask_init_spread: float = option(
+        2.0,
+        "prune stage: with --mask_init_from importance, the most / least important unit starts at mask_init +- this",
+    )
+    lagrangian_warmup_steps: int | None = option(
+        None, "prune stage: steps over which the target shape ramps in", default_text="40% of the steps, at least 30"
+    )
     # checkpoints, logs, export
     save_dir: str | None = option(None, "directory for resumable checkpoints (step-NNNNNNN/ + latest + config.yaml)")
     save_interval: int = option(1000, "save a checkpoint every N optimizer steps (and at the end)")
     keep_last: int = option(2, "keep only the newest K checkpoints")
-    load_checkpoint: str | None = option(None, "resume from a checkpoint directory (or save_dir: its latest), or "
-                                               "load only weights from a Hugging Face model directory")
+    load_checkpoint: str | None = option(
+        None,
+        "resume from a checkpoint directory (or save_dir: its latest), or "
+        "load only weights from a Hugging Face model directory",
+    )
     export_dir: str | None = option(None, "write the final plain Hugging Face model + tokenizer here")
     overwrite: bool = option(False, "allow writing into a non-empty export_dir / a save_dir from another run")
     tensorboard_dir: str | None = option(None, "tensorboard log directory")
@@ -118,8 +181,10 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must not be negative, got {getattr(self, name)}")
         if self.compile and self.parallel.plugin.startswith("gemini"):
-            raise ValueError(f"--compile cannot be used with --plugin {self.parallel.plugin}: torch.compile fails in "
-                             "dynamo on Gemini's chunked parameters (InternalTorchDynamoError); use zero2 or ddp")
+            raise ValueError(
+                f"--compile cannot be used with --plugin {self.parallel.plugin}: torch.compile fails in "
+                "dynamo on Gemini's chunked parameters (InternalTorchDynamoError); use zero2 or ddp"
+            )
         if self.kd_temperature <= 0:
             raise ValueError(f"--kd_temperature must be positive, got {self.kd_temperature}")
 

@@ -10,9 +10,8 @@ from contextlib import nullcontext
 
 import torch
 
-from colossal_shear.constants import DTYPES
-
-from .plugins import ParallelConfig
+from colossal_shear.core.constants import DTYPES
+from colossal_shear.train.config import ParallelConfig
 
 
 class Engine:
@@ -104,8 +103,9 @@ class PipelineEngine(Engine):
         self.can_add_loss = False
 
     def forward_backward(self, model, optimizer, inputs, scale, hooks, step, last_micro):
-        out = self.booster.execute_pipeline(iter([inputs]), model, lambda o, _: o.loss * scale, optimizer,
-                                            return_loss=True)
+        out = self.booster.execute_pipeline(
+            iter([inputs]), model, lambda o, _: o.loss * scale, optimizer, return_loss=True
+        )
         loss = out["loss"].detach() / scale if out["loss"] is not None else None
         return loss, loss
 

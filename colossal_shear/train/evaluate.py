@@ -3,19 +3,19 @@ reduced over all ranks."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
 from colossal_shear.data.collator import collate
-
-from .data import model_inputs
+from colossal_shear.train.batches import model_inputs
 
 
 @torch.no_grad()
-def evaluate_losses(evals, batch_size: int, loss_fn: Callable, dtype, device, dp_rank: int, dp_size: int,
-                    loss_rank: bool) -> dict:
+def evaluate_losses(
+    evals, batch_size: int, loss_fn: Callable, dtype, device, dp_rank: int, dp_size: int, loss_rank: bool
+) -> dict:
     """`loss_fn(inputs)` gives a micro-batch's mean loss (None on ranks that do not hold it, e.g. pipeline stages
     before the last)."""
     categories = list(evals.dataset["category"])

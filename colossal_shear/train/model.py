@@ -7,9 +7,9 @@ import warnings
 
 import torch
 
-from . import attention
-from .config import TrainConfig
-from .plugins import device_type, model_dtype
+from colossal_shear.train import attention
+from colossal_shear.train.config import TrainConfig
+from colossal_shear.train.distributed.plugins import device_type, model_dtype
 
 
 def attention_implementation(cfg: TrainConfig) -> str:
@@ -29,17 +29,21 @@ def build_model(cfg: TrainConfig, model_path: str):
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     implementation = attention_implementation(cfg)
     model = AutoModelForCausalLM.from_pretrained(
-        model_path, torch_dtype=model_dtype(cfg.parallel), attn_implementation=attention.HF_NAMES[implementation],
-        trust_remote_code=cfg.trust_remote_code, **kwargs)
+        model_path,
+        torch_dtype=model_dtype(cfg.parallel),
+        attn_implementation=attention.HF_NAMES[implementation],
+        trust_remote_code=cfg.trust_remote_code,
+        **kwargs,
+    )
     attention.install(model, implementation)
     if cfg.lm_loss == "chunked":
-        from .lm_loss import install_chunked_loss, supports_chunked_loss
+        from colossal_shear.train.losses import install_chunked_loss, supports_chunked_loss
 
         reason = supports_chunked_loss(model)
         if reason is None:
             install_chunked_loss(model)
         else:
-            warnings.warn(f"--lm_loss chunked: {reason}; the model's own loss over full logits is used")
+            warnings.warn(f"--lm_loss chunked: {reason}; the model's own loss over full logits is used", stacklevel=2)
     if cfg.use_grad_checkpoint:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.freezes_body:
@@ -47,7 +51,7 @@ def build_model(cfg: TrainConfig, model_path: str):
         for p in model.parameters():
             p.requires_grad_(id(p) in trainable)
     if cfg.train_embeddings == "new":  # old rows frozen by a gradient hook, registered before boost (freeze.py)
-        from .freeze import freeze_old_rows
+        from colossal_shear.train.stages.freeze import freeze_old_rows
 
         freeze_old_rows(model, model_path)
     model.config.use_cache = False
@@ -62,8 +66,11 @@ def load_frozen_model(cfg: TrainConfig, path: str, device):
     from transformers import AutoModelForCausalLM
 
     implementation = attention_implementation(cfg)
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=model_dtype(cfg.parallel),
-                                                 attn_implementation=attention.HF_NAMES[implementation],
-                                                 trust_remote_code=cfg.trust_remote_code).to(device)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        torch_dtype=model_dtype(cfg.parallel),
+        attn_implementation=attention.HF_NAMES[implementation],
+        trust_remote_code=cfg.trust_remote_code,
+    ).to(device)
     model.eval().requires_grad_(False)
     return attention.install(model, implementation)

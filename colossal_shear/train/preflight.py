@@ -7,18 +7,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from colossal_shear.core.errors import TrainingError
 from colossal_shear.data.prepared import PreparedData, open_prepared
-from colossal_shear.errors import UserError
-
-from . import checkpoint as ckpt
-from .config import TrainConfig
-from .freeze import check_train_embeddings
-from .model import attention_implementation
-from .plugins import check_parallel_config
-
-
-class TrainingError(UserError):
-    pass
+from colossal_shear.train.config import TrainConfig
+from colossal_shear.train.distributed.plugins import check_parallel_config
+from colossal_shear.train.io import checkpoint as ckpt
+from colossal_shear.train.model import attention_implementation
+from colossal_shear.train.stages.freeze import check_train_embeddings
 
 
 @dataclass
@@ -40,8 +35,9 @@ def preflight(cfg: TrainConfig) -> Inputs:
         raise TrainingError("--pretrained is required (a Hugging Face model directory)")
     if not cfg.dataset:
         raise TrainingError("--dataset is required (a data-prep output directory or part)")
-    model_path = cfg.load_checkpoint if cfg.load_checkpoint and ckpt.is_hf_model_dir(cfg.load_checkpoint) \
-        else cfg.pretrained
+    model_path = (
+        cfg.load_checkpoint if cfg.load_checkpoint and ckpt.is_hf_model_dir(cfg.load_checkpoint) else cfg.pretrained
+    )
     if not (Path(model_path) / "config.json").is_file():
         raise TrainingError(f"--pretrained {model_path}: no config.json (not a Hugging Face model directory)")
     model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
@@ -55,8 +51,10 @@ def preflight(cfg: TrainConfig) -> Inputs:
         if value:
             _check_writable(Path(value), f"--{name}")
     if cfg.save_dir and not cfg.load_checkpoint and not cfg.overwrite and (Path(cfg.save_dir) / ckpt.LATEST).exists():
-        raise TrainingError(f"--save_dir {cfg.save_dir} already holds checkpoints of another run: resume with "
-                            f"--load_checkpoint {cfg.save_dir}, or pass --overwrite")
+        raise TrainingError(
+            f"--save_dir {cfg.save_dir} already holds checkpoints of another run: resume with "
+            f"--load_checkpoint {cfg.save_dir}, or pass --overwrite"
+        )
     if cfg.export_dir and not cfg.overwrite and Path(cfg.export_dir).is_dir() and any(Path(cfg.export_dir).iterdir()):
         raise TrainingError(f"--export_dir {cfg.export_dir} exists and is not empty (pass --overwrite)")
     _check_stage_options(cfg, model_config, train, evals)
@@ -66,7 +64,9 @@ def preflight(cfg: TrainConfig) -> Inputs:
         raise TrainingError(str(e)) from None
     par = cfg.parallel
     if par.pipeline and cfg.batch_size % par.microbatch_size:
-        raise TrainingError(f"--batch_size {cfg.batch_size} must be a multiple of --microbatch_size {par.microbatch_size}")
+        raise TrainingError(
+            f"--batch_size {cfg.batch_size} must be a multiple of --microbatch_size {par.microbatch_size}"
+        )
     return Inputs(model_path, model_config, tokenizer, train, evals)
 
 
@@ -75,15 +75,18 @@ def _check_stage_options(cfg, model_config, train, evals) -> None:
         from colossal_shear.pruning.shape import PruneShape
 
         if not cfg.target_shape:
-            raise TrainingError("--stage prune needs --target_shape (hidden,heads,layers,intermediate[,kv_heads] or a "
-                                "config.json)")
+            raise TrainingError(
+                "--stage prune needs --target_shape (hidden,heads,layers,intermediate[,kv_heads] or a config.json)"
+            )
         try:
             PruneShape.parse(cfg.target_shape, model_config).validate_against(PruneShape.from_config(model_config))
         except (ValueError, FileNotFoundError) as e:
             raise TrainingError(f"--target_shape: {e}") from None
         if cfg.parallel.plugin == "3d":
-            raise TrainingError("--stage prune runs under ddp, zero2, zero2_cpu or gemini: the 3d plugin's shardformer "
-                                "replaces the modules the masks hook into, and tp/pp split heads and layers across ranks")
+            raise TrainingError(
+                "--stage prune runs under ddp, zero2, zero2_cpu or gemini: the 3d plugin's shardformer "
+                "replaces the modules the masks hook into, and tp/pp split heads and layers across ranks"
+            )
         if cfg.parallel.mixed_precision == "fp16":
             raise TrainingError("--stage prune needs bf16 or fp32: fp16 loss scaling would scale the masks' gradients")
         if not cfg.export_dir:
@@ -95,15 +98,18 @@ def _check_stage_options(cfg, model_config, train, evals) -> None:
             raise TrainingError("--dynamic_loading needs exactly one of --reference_loss or --reference_model")
         missing = [c for c in train.categories if c not in evals.categories]
         if missing:
-            raise TrainingError(f"--eval_dataset has no sequences of categor{'ies' if len(missing) > 1 else 'y'} "
-                                f"{', '.join(missing)}, which dynamic loading needs to weigh")
+            raise TrainingError(
+                f"--eval_dataset has no sequences of categor{'ies' if len(missing) > 1 else 'y'} "
+                f"{', '.join(missing)}, which dynamic loading needs to weigh"
+            )
         if cfg.reference_loss:
             from colossal_shear.data.domain_weights import parse_reference_losses
 
             given = parse_reference_losses(cfg.reference_loss)
             if sorted(given) != sorted(train.categories):
-                raise TrainingError(f"--reference_loss names {sorted(given)}; the dataset's categories are "
-                                    f"{sorted(train.categories)}")
+                raise TrainingError(
+                    f"--reference_loss names {sorted(given)}; the dataset's categories are {sorted(train.categories)}"
+                )
     for flag in ("teacher", "reference_model"):
         path = getattr(cfg, flag)
         if path and not (Path(path) / "config.json").is_file():
@@ -112,11 +118,15 @@ def _check_stage_options(cfg, model_config, train, evals) -> None:
         from transformers import AutoConfig
 
         if cfg.parallel.pipeline:
-            raise TrainingError("--teacher is not supported with --pp > 1 (the student's logits live on the last stage)")
+            raise TrainingError(
+                "--teacher is not supported with --pp > 1 (the student's logits live on the last stage)"
+            )
         t = AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
         if t.vocab_size != model_config.vocab_size:
-            raise TrainingError(f"--teacher vocab size {t.vocab_size} differs from the model's "
-                                f"{model_config.vocab_size}: distillation compares logits token by token")
+            raise TrainingError(
+                f"--teacher vocab size {t.vocab_size} differs from the model's "
+                f"{model_config.vocab_size}: distillation compares logits token by token"
+            )
 
 
 def _check_writable(path: Path, flag: str) -> None:
@@ -125,5 +135,3 @@ def _check_writable(path: Path, flag: str) -> None:
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK):
         raise TrainingError(f"{flag} {path}: {probe} is not a writable directory")
-
-

@@ -21,20 +21,22 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import checkpoint as ckpt
-from .config import TrainConfig, save_config
-from .data import Batches, make_sampler, model_inputs, real_tokens
-from .collective import all_true, fail
-from .engine import make_engine, tensors_finite
-from .evaluate import evaluate_losses
-from .freeze import param_groups
-from .hooks import HookList, StageHooks
-from .log import RunLogger
-from .metrics import flops_per_token, peak_flops
-from .model import build_model, load_frozen_model
-from .plugins import booster_kwargs, device_type, launch, make_optimizer, make_plugin, model_dtype
-from .preflight import Inputs, TrainingError, preflight
-from .schedule import resolve_warmup, warmup_cosine
+from colossal_shear.core.errors import TrainingError
+from colossal_shear.train.batches import Batches, make_sampler, model_inputs, real_tokens
+from colossal_shear.train.config import TrainConfig, save_config
+from colossal_shear.train.distributed.collective import all_true, fail
+from colossal_shear.train.distributed.launch import launch
+from colossal_shear.train.distributed.plugins import booster_kwargs, device_type, make_plugin, model_dtype
+from colossal_shear.train.engine import make_engine, tensors_finite
+from colossal_shear.train.evaluate import evaluate_losses
+from colossal_shear.train.io import checkpoint as ckpt
+from colossal_shear.train.io.metrics import flops_per_token, peak_flops
+from colossal_shear.train.io.run_logger import RunLogger
+from colossal_shear.train.model import build_model, load_frozen_model
+from colossal_shear.train.optim import make_optimizer, resolve_warmup, warmup_cosine
+from colossal_shear.train.preflight import Inputs, preflight
+from colossal_shear.train.stages.base import HookList, StageHooks
+from colossal_shear.train.stages.freeze import param_groups
 
 
 class TrainState:
@@ -78,13 +80,16 @@ class Ranks:
     loss_rank: bool
 
     @classmethod
-    def of(cls, plugin) -> "Ranks":
+    def of(cls, plugin) -> Ranks:
         dp_group = getattr(plugin, "dp_group", None)
         stage_manager = getattr(plugin, "stage_manager", None)
         tp_group = getattr(plugin, "tp_group", None)
-        return cls(dp_rank=dist.get_rank(dp_group), dp_size=dist.get_world_size(dp_group),
-                   loss_rank=(stage_manager is None or stage_manager.is_last_stage())
-                   and (tp_group is None or dist.get_rank(tp_group) == 0))
+        return cls(
+            dp_rank=dist.get_rank(dp_group),
+            dp_size=dist.get_world_size(dp_group),
+            loss_rank=(stage_manager is None or stage_manager.is_last_stage())
+            and (tp_group is None or dist.get_rank(tp_group) == 0),
+        )
 
 
 class Trainer:
@@ -97,13 +102,14 @@ class Trainer:
 
     # --- set-up --------------------------------------------------------------------------------------------------
 
-    def setup(self) -> "Trainer":
+    def setup(self) -> Trainer:
         from colossalai.booster import Booster
 
         cfg, par = self.cfg, self.cfg.parallel
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if device_type() == "cuda" \
-            else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if device_type() == "cuda" else torch.device("cpu")
+        )
         self.plugin = make_plugin(par, max_norm=cfg.grad_clip)
         self.ranks = Ranks.of(self.plugin)
         self.booster = Booster(plugin=self.plugin, **booster_kwargs(par))
@@ -116,44 +122,60 @@ class Trainer:
         warmup = resolve_warmup(cfg.warmup_steps, self.total_steps)
 
         model = build_model(cfg, self.inputs.model_path)
-        self.sampler, weights = make_sampler(cfg, self.data, self.ranks.dp_rank, self.ranks.dp_size,
-                                             self._reference_losses() if cfg.dynamic_loading else None)
+        self.sampler, weights = make_sampler(
+            cfg,
+            self.data,
+            self.ranks.dp_rank,
+            self.ranks.dp_size,
+            self._reference_losses() if cfg.dynamic_loading else None,
+        )
         self.hooks = HookList(self._stage_hooks(model, weights))
-        optimizer = make_optimizer(param_groups([p for p in model.parameters() if p.requires_grad], cfg.weight_decay),
-                                   lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = make_optimizer(
+            param_groups([p for p in model.parameters() if p.requires_grad], cfg.weight_decay),
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+        )
         scheduler = warmup_cosine(optimizer, warmup, self.total_steps)
-        self.model, self.optimizer, _, _, self.scheduler = self.booster.boost(model, optimizer,
-                                                                              lr_scheduler=scheduler)
+        self.model, self.optimizer, _, _, self.scheduler = self.booster.boost(model, optimizer, lr_scheduler=scheduler)
         self.batches = Batches(self.data, self.sampler, cfg.batch_size)
 
-        self.checkpointer = ckpt.CheckpointManager(self.booster, self.model, self.optimizer, cfg.save_dir,
-                                                   cfg.save_interval, cfg.keep_last,
-                                                   ckpt.layout(par, self.world, self.ranks.dp_size))
+        self.checkpointer = ckpt.CheckpointManager(
+            self.booster,
+            self.model,
+            self.optimizer,
+            cfg.save_dir,
+            cfg.save_interval,
+            cfg.keep_last,
+            ckpt.layout(par, self.world, self.ranks.dp_size),
+        )
         self.checkpointer.register("train", self.state)
         self.checkpointer.register("scheduler", self.scheduler)
         self.checkpointer.register("hooks", self.hooks)
         self.checkpointer.register("sampler", self.sampler, per_rank=True)
         self.checkpointer.register("rng", ckpt.RNGState(), per_rank=True)
 
-        self.flops_per_token, self.peak_flops = flops_per_token(self.inputs.model_config, self.data.max_length), \
-            peak_flops()
+        self.flops_per_token, self.peak_flops = (
+            flops_per_token(self.inputs.model_config, self.data.max_length),
+            peak_flops(),
+        )
         return self
 
     def _stage_hooks(self, model, weights) -> list[StageHooks]:
         """The stage's extras, in the order they run."""
         cfg, hooks = self.cfg, []
         if cfg.stage == "prune":
-            from .prune_stage import PruneStage
+            from colossal_shear.train.stages.prune import PruneStage
 
-            hooks.append(PruneStage(cfg, model, self.inputs.model_config, self.total_steps, self.device,
-                                    self.ranks.dp_rank))
+            hooks.append(
+                PruneStage(cfg, model, self.inputs.model_config, self.total_steps, self.device, self.ranks.dp_rank)
+            )
         if cfg.teacher:
-            from .distill import Distillation
+            from colossal_shear.train.stages.distill import Distillation
 
             teacher = load_frozen_model(cfg, cfg.teacher, self.device)
             hooks.append(Distillation(teacher, cfg.kd_weight, cfg.kd_temperature, cfg.accumulation_steps))
         if weights is not None:
-            from .dynamic_loading import DynamicLoading
+            from colossal_shear.train.stages.dynamic_loading import DynamicLoading
 
             hooks.append(DynamicLoading(weights))
         return hooks
@@ -166,12 +188,20 @@ class Trainer:
             return parse_reference_losses(self.cfg.reference_loss)
         ref = load_frozen_model(self.cfg, self.cfg.reference_model, self.device)
 
-        def loss_fn(inputs):
+        def loss_fn(inputs, ref=ref):
             with self.engine.autocast():
                 return ref(**inputs).loss
 
-        losses = evaluate_losses(self.evals, self.cfg.batch_size, loss_fn, self.engine.compute_dtype, self.device,
-                                 self.ranks.dp_rank, self.ranks.dp_size, True)
+        losses = evaluate_losses(
+            self.evals,
+            self.cfg.batch_size,
+            loss_fn,
+            self.engine.compute_dtype,
+            self.device,
+            self.ranks.dp_rank,
+            self.ranks.dp_size,
+            True,
+        )
         del ref
         return losses
 
@@ -222,10 +252,14 @@ class Trainer:
         self.good_checkpoint = self.checkpointer.save(self.state.step)
 
     def _diverged(self, what: str) -> TrainingError:
-        where = (f"the newest checkpoint with finite weights is {self.good_checkpoint}" if self.good_checkpoint
-                 else "no checkpoint with finite weights was written by this run")
-        return TrainingError(f"{what} at step {self.state.step}: lower --lr, use bf16 or fp32, or check the data; "
-                             f"{where}")
+        where = (
+            f"the newest checkpoint with finite weights is {self.good_checkpoint}"
+            if self.good_checkpoint
+            else "no checkpoint with finite weights was written by this run"
+        )
+        return TrainingError(
+            f"{what} at step {self.state.step}: lower --lr, use bf16 or fp32, or check the data; {where}"
+        )
 
     def train_step(self) -> StepResult:
         """Forward/backward over the accumulation micro-batches, then one optimizer step, skipped on every rank
@@ -238,9 +272,15 @@ class Trainer:
             batch = self.batches.next()
             tokens += real_tokens(batch)
             self.hooks.before_forward(step, micro)
-            loss, objective = self.engine.forward_backward(self.model, self.optimizer,
-                                                           model_inputs(batch, self.engine.compute_dtype, self.device),
-                                                           1.0 / n, self.hooks, step, micro == n - 1)
+            loss, objective = self.engine.forward_backward(
+                self.model,
+                self.optimizer,
+                model_inputs(batch, self.engine.compute_dtype, self.device),
+                1.0 / n,
+                self.hooks,
+                step,
+                micro == n - 1,
+            )
             self.hooks.after_backward(step)
             if loss is not None and self.ranks.loss_rank:
                 losses.append(loss)
@@ -261,36 +301,62 @@ class Trainer:
         self.state.tokens += verdict.tokens
         return StepResult(verdict.loss, grad_norm, verdict.tokens, time.perf_counter() - started)
 
-    def _decide(self, losses: list, objectives: list, tokens: int) -> "Verdict":
+    def _decide(self, losses: list, objectives: list, tokens: int) -> Verdict:
         """One all-reduce and one host read for the whole step: the summed loss, its count and the tokens (for
         logging), and how many ranks saw a non-finite objective or non-finite gradients."""
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         loss_sum = torch.stack(losses).double().sum() if losses else zero
         objective_sum = torch.stack(objectives).double().sum() if objectives else zero
         grads_ok = self.engine.grads_finite(self.model, self.optimizer)
-        packed = torch.stack([loss_sum, zero + len(losses), zero + tokens,
-                              (~torch.isfinite(objective_sum)).double(), (~grads_ok).double()])
+        packed = torch.stack(
+            [
+                loss_sum,
+                zero + len(losses),
+                zero + tokens,
+                (~torch.isfinite(objective_sum)).double(),
+                (~grads_ok).double(),
+            ]
+        )
         dist.all_reduce(packed)
         loss_sum, count, tokens, bad_objectives, bad_grads = packed.tolist()
         mean_loss = loss_sum / max(count, 1)
-        return Verdict(mean_loss, int(tokens), loss_finite=math.isfinite(mean_loss) and not bad_objectives,
-                       grads_finite=not bad_grads)
+        return Verdict(
+            mean_loss,
+            int(tokens),
+            loss_finite=math.isfinite(mean_loss) and not bad_objectives,
+            grads_finite=not bad_grads,
+        )
 
     def log_step(self, r: StepResult) -> None:
         self.history.append(r.loss)
         tps = r.tokens / r.seconds
-        self.logger.step(self.state.step, {
-            "loss": r.loss, "lr": self.scheduler.get_last_lr()[0],
-            "grad_norm": None if r.grad_norm is None else float(r.grad_norm), "tokens_per_s": tps,
-            "mfu": tps * self.flops_per_token / (self.peak_flops * self.world) if self.peak_flops else None,
-            "skipped_steps": self.state.skipped, "tokens": self.state.tokens, **self.hooks.scalars(self.state.step)})
+        self.logger.step(
+            self.state.step,
+            {
+                "loss": r.loss,
+                "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": None if r.grad_norm is None else float(r.grad_norm),
+                "tokens_per_s": tps,
+                "mfu": tps * self.flops_per_token / (self.peak_flops * self.world) if self.peak_flops else None,
+                "skipped_steps": self.state.skipped,
+                "tokens": self.state.tokens,
+                **self.hooks.scalars(self.state.step),
+            },
+        )
 
     def evaluate(self) -> dict:
         self.model.eval()
         self.hooks.train(False)
-        losses = evaluate_losses(self.evals, self.cfg.batch_size, lambda inputs: self.engine.eval_loss(self.model, inputs),
-                                 self.engine.compute_dtype, self.device, self.ranks.dp_rank, self.ranks.dp_size,
-                                 self.ranks.loss_rank)
+        losses = evaluate_losses(
+            self.evals,
+            self.cfg.batch_size,
+            lambda inputs: self.engine.eval_loss(self.model, inputs),
+            self.engine.compute_dtype,
+            self.device,
+            self.ranks.dp_rank,
+            self.ranks.dp_size,
+            self.ranks.loss_rank,
+        )
         self.model.train()
         self.hooks.train(True)
         self.logger.eval(self.state.step, losses)
@@ -302,9 +368,16 @@ class Trainer:
 
     def export(self) -> None:
         if self.cfg.export_dir:
-            ckpt.export_hf(self.booster, self.model, self.cfg.export_dir, self.inputs.model_config,
-                           self.inputs.tokenizer, model_dtype(self.cfg.parallel), self.cfg.overwrite,
-                           self.hooks.export_transform())
+            ckpt.export_hf(
+                self.booster,
+                self.model,
+                self.cfg.export_dir,
+                self.inputs.model_config,
+                self.inputs.tokenizer,
+                model_dtype(self.cfg.parallel),
+                self.cfg.overwrite,
+                self.hooks.export_transform(),
+            )
 
     def finish(self) -> dict:
         result = {"steps": self.state.step, "losses": self.history, "skipped": self.state.skipped}

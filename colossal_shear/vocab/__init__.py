@@ -14,10 +14,10 @@ Modules, by responsibility:
   api                the orchestration, atomic output and checks
 """
 
-from .api import TokenizerConfig, init_tokenizer, open_tokenizer
-from .errors import VocabError
-from .id_map import ID_MAP_FILE, read_id_map, write_id_map
-from .report import TokenizerReport
+from colossal_shear.core.errors import VocabError
+from colossal_shear.vocab.id_map import ID_MAP_FILE, read_id_map, write_id_map
+from colossal_shear.vocab.report import TokenizerReport
+from colossal_shear.vocab.tokenizer import TokenizerConfig, init_tokenizer, open_tokenizer
 
 __all__ = [
     "ID_MAP_FILE",

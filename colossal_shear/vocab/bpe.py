@@ -16,7 +16,7 @@ alone is the derivation it has in context.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 
 def _greedy_merges(text: str, rank: Callable[[str, str], float | None], trace: list[str] | None) -> list[str]:

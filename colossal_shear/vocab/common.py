@@ -6,8 +6,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..constants import TOKENIZER_CONFIG_FILES
-from .errors import VocabError
+from colossal_shear.core.constants import TOKENIZER_CONFIG_FILES
+from colossal_shear.core.errors import VocabError
 
 
 @dataclass

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
-from ..data import records
-from ..data.records import CorpusText, DataPrepError
-from .errors import VocabError
+from colossal_shear.core.errors import VocabError
+from colossal_shear.data import records
+from colossal_shear.data.records import CorpusText, DataPrepError
 
 
 def check_readable(paths: Iterable[os.PathLike | str], what: str) -> list[Path]:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
-from .corpus import iter_corpus
+from colossal_shear.vocab.corpus import iter_corpus
 
 EncoderSpec = tuple[str, str]  # ("sentencepiece", path to tokenizer.model) or ("tokenizers", path to tokenizer.json)
 CHUNK_RECORDS = 256
@@ -124,8 +124,14 @@ def count_tokens(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(Path(p).stat().st_size for p in paths), unit="B", unit_scale=True, desc=desc,
-                   leave=False, disable=None)
+        bar = tqdm(
+            total=sum(Path(p).stat().st_size for p in paths),
+            unit="B",
+            unit_scale=True,
+            desc=desc,
+            leave=False,
+            disable=None,
+        )
     try:
         if num_workers <= 1:
             encoder = load_encoder(spec)

@@ -21,9 +21,9 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from .bpe import RankBPE, make_reachable
-from .common import ExpandResult, copy_configs, read_json, write_json
-from .errors import VocabError
+from colossal_shear.core.errors import VocabError
+from colossal_shear.vocab.bpe import RankBPE, make_reachable
+from colossal_shear.vocab.common import ExpandResult, copy_configs, read_json, write_json
 
 
 @lru_cache(maxsize=1)

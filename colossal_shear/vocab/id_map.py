@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..constants import ID_MAP_FILE
-from .common import read_json, write_json
-from .errors import VocabError
+from colossal_shear.core.constants import ID_MAP_FILE
+from colossal_shear.core.errors import VocabError
+from colossal_shear.vocab.common import read_json, write_json
 
 
 def write_id_map(directory: Path, id_map: dict[int, int]) -> Path:

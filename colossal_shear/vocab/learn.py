@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from .corpus import iter_corpus
-from .errors import VocabError
+from colossal_shear.core.errors import VocabError
+from colossal_shear.vocab.corpus import iter_corpus
 
 MAX_SENTENCE_BYTES = 16384
 

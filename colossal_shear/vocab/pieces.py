@@ -8,12 +8,12 @@ or plain text, one piece per line. In plain text, blank lines are skipped and tr
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
-from .corpus import is_jsonl, iter_lines, parse_json_line
-from .errors import VocabError
+from colossal_shear.core.errors import VocabError
+from colossal_shear.vocab.corpus import is_jsonl, iter_lines, parse_json_line
 
 WHITESPACE_MARKERS = ("\u2581",)  # SentencePiece's visible space; a piece made only of it is whitespace too
 ALLOWED_CONTROL = {"\t", "\n", "\r"}
@@ -37,7 +37,7 @@ def read_pieces(path: Path) -> list[Candidate]:
                 continue
             obj = parse_json_line(line, path, lineno)
             if "piece" not in obj:
-                raise VocabError(f"{path}:{lineno}: missing the 'piece' field (expected {{\"piece\": \"...\"}})")
+                raise VocabError(f'{path}:{lineno}: missing the \'piece\' field (expected {{"piece": "..."}})')
             piece = obj["piece"]
             if not isinstance(piece, str):
                 raise VocabError(f"{path}:{lineno}: 'piece' must be a string, got {type(piece).__name__}")

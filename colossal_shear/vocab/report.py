@@ -71,8 +71,9 @@ class TokenizerReport:
 
     def to_json(self) -> dict:
         d = asdict(self)
-        d["eval"] = [dict(asdict(r), tokens_per_char_before=r.tpc_before, tokens_per_char_after=r.tpc_after)
-                     for r in self.eval]
+        d["eval"] = [
+            dict(asdict(r), tokens_per_char_before=r.tpc_before, tokens_per_char_after=r.tpc_after) for r in self.eval
+        ]
         return d
 
     def format(self) -> str:
@@ -114,8 +115,9 @@ class TokenizerReport:
                 f"{s.rejected_whitespace:,}, invalid {s.rejected_invalid:,})",
             ]
             if s.unreachable:
-                lines.append(f"  unreachable            {s.unreachable:,} (BPE never produces them: "
-                             "--no_intermediate_pieces)")
+                lines.append(
+                    f"  unreachable            {s.unreachable:,} (BPE never produces them: --no_intermediate_pieces)"
+                )
             for kind, examples in s.examples.items():
                 lines.append(f"    e.g. {kind}: " + "; ".join(examples[:3]))
         if self.eval:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .bpe import ScoreBPE, make_reachable
-from .common import ExpandResult, copy_configs, source_added_tokens
-from .errors import VocabError
+from colossal_shear.core.errors import VocabError
+from colossal_shear.vocab.bpe import ScoreBPE, make_reachable
+from colossal_shear.vocab.common import ExpandResult, copy_configs, source_added_tokens
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 ALWAYS_KEEP_TYPES = (UNKNOWN, CONTROL, USER_DEFINED, BYTE)

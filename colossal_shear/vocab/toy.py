@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..fsutil import atomic_dir
+from colossal_shear.core.fsutil import atomic_dir
 
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
@@ -24,29 +24,42 @@ def build_byte_level_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 102
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from ..bundled import corpus_texts
+    from colossal_shear.bundled import corpus_texts
 
     out = Path(out_dir)
     if (out / "tokenizer.json").exists():
         return out
     tk = Tokenizer(models.BPE(ignore_merges=True))
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     tk.train_from_iterator(list(texts if texts is not None else corpus_texts()), trainer)
     tk.add_special_tokens(list(SPECIALS))
     bos = tk.token_to_id(SPECIALS[0])
-    tk.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single=f"{SPECIALS[0]} $A", pair=f"{SPECIALS[0]} $A {SPECIALS[0]} $B",
-                                      special_tokens=[(SPECIALS[0], bos)]),
-    ])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=SPECIALS[0], eos_token=SPECIALS[1],
-                                   clean_up_tokenization_spaces=False, model_max_length=8192)
+    tk.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{SPECIALS[0]} $A",
+                pair=f"{SPECIALS[0]} $A {SPECIALS[0]} $B",
+                special_tokens=[(SPECIALS[0], bos)],
+            ),
+        ]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token=SPECIALS[0],
+        eos_token=SPECIALS[1],
+        clean_up_tokenization_spaces=False,
+        model_max_length=8192,
+    )
     with atomic_dir(out, keep_existing=True) as tmp:  # another process that built it first wins
         fast.save_pretrained(tmp)
     return out

@@ -6,8 +6,8 @@ import sys
 import torch.distributed as dist
 
 from colossal_shear.cli import report
-from colossal_shear.train.collective import agree, fail
-from colossal_shear.train.plugins import launch
+from colossal_shear.train.distributed.collective import agree, fail
+from colossal_shear.train.distributed.launch import launch
 
 if __name__ == "__main__":
     launch()

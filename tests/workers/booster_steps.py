@@ -45,10 +45,19 @@ def main():
     from colossalai.booster import Booster
     from transformers import LlamaForCausalLM
 
-    from colossal_shear.train.plugins import ParallelConfig, check_parallel_config, launch, make_optimizer, make_plugin
+    from colossal_shear.train.config import ParallelConfig
+    from colossal_shear.train.distributed.launch import launch
+    from colossal_shear.train.distributed.plugins import check_parallel_config, make_plugin
+    from colossal_shear.train.optim import make_optimizer
 
-    cfg = ParallelConfig(plugin=args.plugin, mixed_precision=args.precision, tp=args.tp, pp=args.pp,
-                         zero_stage=args.zero_stage, microbatch_size=1)
+    cfg = ParallelConfig(
+        plugin=args.plugin,
+        mixed_precision=args.precision,
+        tp=args.tp,
+        pp=args.pp,
+        zero_stage=args.zero_stage,
+        microbatch_size=1,
+    )
     check_parallel_config(cfg)  # before any distributed work: gemini on a CPU-only run stops here
     launch(seed=1234)
     plugin = make_plugin(cfg)
@@ -70,8 +79,9 @@ def main():
             out = booster.execute_pipeline(iter([data]), model, lambda o, _: o.loss, optimizer, return_loss=True)
             loss = out["loss"]
         else:
-            loss = model(**{k: v.to(torch.cuda.current_device()) if torch.cuda.is_available() else v
-                            for k, v in data.items()}).loss
+            loss = model(
+                **{k: v.to(torch.cuda.current_device()) if torch.cuda.is_available() else v for k, v in data.items()}
+            ).loss
             booster.backward(loss, optimizer)
         if args.plugin == "ddp":
             optimizer.clip_grad_by_norm(1.0)

@@ -45,8 +45,7 @@ def probe_zero_on_cpu():
     from colossalai.zero.low_level.low_level_optim import LowLevelZeroOptimizer
 
     model = torch.nn.Linear(4, 4)
-    opt = LowLevelZeroOptimizer(torch.optim.AdamW(model.parameters()), overlap_communication=False,
-                                partition_grad=True)
+    opt = LowLevelZeroOptimizer(torch.optim.AdamW(model.parameters()), overlap_communication=False, partition_grad=True)
     model(torch.ones(2, 4)).sum().backward()
     opt.step()
 
@@ -87,25 +86,32 @@ def probe_padded_vocab_checkpoint():
 
 
 def main():
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("MASTER_PORT", "29533"))
+    os.environ.update(
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=os.environ.get("MASTER_PORT", "29533"),
+    )
     import colossalai
 
     if "--with-compat" in sys.argv:
-        from colossal_shear import compat
+        from colossal_shear.core import compat
 
         compat.install()
-    colossalai.launch_from_torch(backend="gloo", seed=1, verbose=False) if "--with-compat" in sys.argv else \
-        torch.distributed.init_process_group("gloo")
+    colossalai.launch_from_torch(
+        backend="gloo", seed=1, verbose=False
+    ) if "--with-compat" in sys.argv else torch.distributed.init_process_group("gloo")
     results = {}
     for name, fn in list(globals().items()):
         if name.startswith("probe_"):
             try:
                 fn()
-                results[name[len("probe_"):]] = "ok"
+                results[name[len("probe_") :]] = "ok"
             except Exception as e:  # the failure is the datum
-                results[name[len("probe_"):]] = f"{type(e).__name__}: {e}".splitlines()[0][:300] or \
-                    traceback.format_exc().splitlines()[-1]
+                results[name[len("probe_") :]] = (
+                    f"{type(e).__name__}: {e}".splitlines()[0][:300] or traceback.format_exc().splitlines()[-1]
+                )
     print("RESULTS " + json.dumps(results))
 
 

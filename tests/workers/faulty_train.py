@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from colossal_shear import cli
 from colossal_shear.train import trainer as trainer_module
-from colossal_shear.train.hooks import StageHooks
+from colossal_shear.train.stages.base import StageHooks
 from colossal_shear.train.trainer import Trainer
 
 HOST_SIDE = (os.path.join("colossal_shear", "train", "data.py"), os.path.join("colossal_shear", "data", ""))
@@ -79,11 +79,13 @@ class Fault(StageHooks):
 
 def install_counters(fault: Fault) -> None:
     """Count, without changing, every call that makes the host wait for the device or for other ranks."""
+
     def counting(original, what):
         @functools.wraps(original)
         def wrapper(*args, **kwargs):
             fault.count(what, sys._getframe(1))
             return original(*args, **kwargs)
+
         return wrapper
 
     dist.all_reduce = counting(dist.all_reduce, "all_reduce")

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from colossal_shear.train import attention
-from colossal_shear.train.lm_loss import install_chunked_loss
+from colossal_shear.train.losses import install_chunked_loss
 
 
 def packed_batch(vocab, device, batch=2, length=256):
@@ -24,16 +24,19 @@ def packed_batch(vocab, device, batch=2, length=256):
             docs[b, s:e], pos[b, s:e] = d, torch.arange(e - s)
     labels = ids.clone()
     labels[pos == 0] = -100
-    return {k: v.to(device) for k, v in
-            {"input_ids": ids, "labels": labels, "position_ids": pos, "document_ids": docs}.items()}
+    return {
+        k: v.to(device)
+        for k, v in {"input_ids": ids, "labels": labels, "position_ids": pos, "document_ids": docs}.items()
+    }
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: only to try this script where no GPU is
 
 
 def run(path, implementation, dtype, chunked=False):
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype,
-                                                 attn_implementation=attention.HF_NAMES[implementation]).to(DEVICE)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, torch_dtype=dtype, attn_implementation=attention.HF_NAMES[implementation]
+    ).to(DEVICE)
     attention.install(model, implementation)
     if chunked:
         install_chunked_loss(model)
@@ -45,10 +48,13 @@ def run(path, implementation, dtype, chunked=False):
 
 def compare(ref, got):
     (ref_loss, ref_grads), (loss, grads) = ref, got
-    return {"loss_diff": float((loss - ref_loss).abs()), "loss": float(ref_loss),
-            "grad_diff": max(float((grads[n] - g).abs().max()) for n, g in ref_grads.items()),
-            "grad_scale": max(float(g.abs().max()) for g in ref_grads.values()),
-            "same_params": sorted(grads) == sorted(ref_grads)}
+    return {
+        "loss_diff": float((loss - ref_loss).abs()),
+        "loss": float(ref_loss),
+        "grad_diff": max(float((grads[n] - g).abs().max()) for n, g in ref_grads.items()),
+        "grad_scale": max(float(g.abs().max()) for g in ref_grads.values()),
+        "same_params": sorted(grads) == sorted(ref_grads),
+    }
 
 
 def main():

@@ -7,12 +7,12 @@ import sys
 
 import torch.distributed as dist
 
-from colossal_shear.config import parse
+from colossal_shear.core.config import parse
 from colossal_shear.train.config import TrainConfig
-from colossal_shear.train.hooks import StageHooks
-from colossal_shear.train.plugins import launch
+from colossal_shear.train.distributed.collective import fail
+from colossal_shear.train.distributed.launch import launch
 from colossal_shear.train.preflight import preflight
-from colossal_shear.train.collective import fail
+from colossal_shear.train.stages.base import StageHooks
 from colossal_shear.train.trainer import Trainer, _shutdown
 
 
@@ -54,6 +54,7 @@ class Recorder(StageHooks):
         def mark(model):
             model.config.recorded_steps = self.counter
             return model
+
         return mark
 
 

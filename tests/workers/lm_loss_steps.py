@@ -23,8 +23,11 @@ def main():
     from transformers import AutoModelForCausalLM
 
     from colossal_shear.train import attention
-    from colossal_shear.train.lm_loss import install_chunked_loss
-    from colossal_shear.train.plugins import ParallelConfig, launch, make_optimizer, make_plugin
+    from colossal_shear.train.config import ParallelConfig
+    from colossal_shear.train.distributed.launch import launch
+    from colossal_shear.train.distributed.plugins import make_plugin
+    from colossal_shear.train.losses import install_chunked_loss
+    from colossal_shear.train.optim import make_optimizer
     from colossal_shear.train.trainer import _shutdown
 
     launch(seed=7)
@@ -34,8 +37,10 @@ def main():
     for variant in ("full", "chunked"):
         plugin = make_plugin(cfg)
         dp_rank = dist.get_rank(getattr(plugin, "dp_group", None))
-        model = attention.install(AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32,
-                                                                       attn_implementation="sdpa"), "sdpa")
+        model = attention.install(
+            AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32, attn_implementation="sdpa"),
+            "sdpa",
+        )
         if variant == "chunked":
             install_chunked_loss(model, chunk_elements=7 * model.config.vocab_size)
         g = torch.Generator().manual_seed(100 + dp_rank)
@@ -59,8 +64,11 @@ def main():
             losses.append(float(out.loss))
         record[variant] = losses
         if variant == "chunked":
-            record["path"] = "chunked" if getattr(out, "last_hidden_state", None) is not None and out.logits is None \
+            record["path"] = (
+                "chunked"
+                if getattr(out, "last_hidden_state", None) is not None and out.logits is None
                 else "reference (shardformer forward)"
+            )
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(record, f)
     del model, optimizer, booster, plugin, out

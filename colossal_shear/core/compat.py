@@ -4,7 +4,7 @@ Every workaround is a small function registered in `PATCHES`, applied in memory 
 of colossalai is changed on disk). Each one names the failure it fixes and has a test in tests/test_compat.py that
 shows colossalai failing without it. When colossalai fixes one, its test says so and the patch can go.
 
-Run `python -m colossal_shear.compat --report` to see the versions and what was applied.
+Run `python -m colossal_shear.core.compat --report` to see the versions and what was applied.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import re
 import sys
 import types
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -189,8 +189,9 @@ class _CheckpointTorch(types.ModuleType):
             return torch.load(f, *args, **kwargs)
         except pickle.UnpicklingError as e:  # say which file holds what was refused, in one line
             found = re.search(r"GLOBAL (\S+)", str(e))
-            raise pickle.UnpicklingError(f"{f}: refused: it holds a pickled object, not only tensors"
-                                         + (f" ({found.group(1)})" if found else "")) from None
+            raise pickle.UnpicklingError(
+                f"{f}: refused: it holds a pickled object, not only tensors" + (f" ({found.group(1)})" if found else "")
+            ) from None
 
     save = staticmethod(save_keeping_os_reason)
 
@@ -245,20 +246,28 @@ def padded_vocab_checkpoint() -> bool:
                 # padded (vocabulary) dimensions hold up to tp * shard rows, the last ones padding
                 assert length <= tp_size * current_shape[dim], (
                     f"The parameter isn't evenly distributed among tensor parallel group: shape before sharding "
-                    f"{original_shape}, shape after sharding {current_shape}")
+                    f"{original_shape}, shape after sharding {current_shape}"
+                )
                 return dim
         return None
 
     to_unpadded_tensor._colossal_shear = True
-    for name in ("colossalai.tensor.padded_tensor.api", "colossalai.tensor.padded_tensor",
-                 "colossalai.checkpoint_io.hybrid_parallel_checkpoint_io", "colossalai.zero.gemini.gemini_ddp",
-                 "colossalai.zero.gemini.gemini_optimizer"):
+    for name in (
+        "colossalai.tensor.padded_tensor.api",
+        "colossalai.tensor.padded_tensor",
+        "colossalai.checkpoint_io.hybrid_parallel_checkpoint_io",
+        "colossalai.zero.gemini.gemini_ddp",
+        "colossalai.zero.gemini.gemini_optimizer",
+    ):
         module = importlib.import_module(name)
         if getattr(module, "to_unpadded_tensor", None) is original_unpad:
             module.to_unpadded_tensor = to_unpadded_tensor
     original_search = ckpt_utils.search_tp_partition_dim
-    for name in ("colossalai.checkpoint_io.utils", "colossalai.checkpoint_io.hybrid_parallel_checkpoint_io",
-                 "colossalai.checkpoint_io.moe_checkpoint"):
+    for name in (
+        "colossalai.checkpoint_io.utils",
+        "colossalai.checkpoint_io.hybrid_parallel_checkpoint_io",
+        "colossalai.checkpoint_io.moe_checkpoint",
+    ):
         module = importlib.import_module(name)
         if getattr(module, "search_tp_partition_dim", None) is original_search:
             module.search_tp_partition_dim = search_tp_partition_dim
@@ -279,7 +288,8 @@ class _DropMessage(logging.Filter):
 # colossalai imports peft, which imports bitsandbytes, whose CPU backend asks a model hub for an optional 4-bit kernel
 # that training never uses and logs a warning per process when it cannot: drop exactly that line.
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-    _DropMessage("Failed to load CPU gemm_4bit_forward from kernels-community"))
+    _DropMessage("Failed to load CPU gemm_4bit_forward from kernels-community")
+)
 
 
 # Known, harmless warnings colossalai prints in every process of every run, each dropped by its exact message (and

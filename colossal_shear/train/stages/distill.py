@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from colossal_shear.pruning.distill import kd_loss
-
-from .attention import labels_for
-from .hooks import StageHooks
-from .lm_loss import chunked_kd_loss, head_weight
+from colossal_shear.train.attention import labels_for
+from colossal_shear.train.losses import chunked_kd_loss, head_weight, kd_loss
+from colossal_shear.train.stages.base import StageHooks
 
 
 class Distillation(StageHooks):
@@ -28,13 +26,20 @@ class Distillation(StageHooks):
         hidden = getattr(outputs, "last_hidden_state", None)
         if hidden is not None:
             labels = labels_for(inputs["labels"], hidden.shape[:2])
-            term = chunked_kd_loss(hidden, outputs.lm_head_weight, self._teacher_hidden(teacher_inputs),
-                                   head_weight(self.teacher), labels, self.temperature)
+            term = chunked_kd_loss(
+                hidden,
+                outputs.lm_head_weight,
+                self._teacher_hidden(teacher_inputs),
+                head_weight(self.teacher),
+                labels,
+                self.temperature,
+            )
         else:
             with torch.no_grad():
                 teacher_logits = self.teacher(**teacher_inputs).logits
-            term = kd_loss(outputs.logits, teacher_logits, labels_for(inputs["labels"], outputs.logits.shape[:2]),
-                           self.temperature)
+            term = kd_loss(
+                outputs.logits, teacher_logits, labels_for(inputs["labels"], outputs.logits.shape[:2]), self.temperature
+            )
         self._sum = term.detach() if self._sum is None else self._sum + term.detach()
         return self.weight * term
 

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from colossal_shear.embedding_rows import old_rows
-
-from .plugins import PLUGINS as ALL_PLUGINS
+from colossal_shear.train.config import PLUGINS as ALL_PLUGINS
+from colossal_shear.vocab.rows import old_rows
 
 FROZEN_ROWS_ATTR = "_colossal_shear_frozen_rows"  # marks a weight whose old rows are frozen (no weight decay)
 # every plugin but 3d, whose shardformer replaces and splits the embedding / LM-head matrices
@@ -71,7 +70,9 @@ def check_train_embeddings(cfg, model_path, model_config) -> None:
     if not cfg.freezes_body:
         raise ValueError("--train_embeddings new belongs to the align stage: add --stage align")
     if cfg.parallel.plugin not in PLUGINS:
-        raise ValueError(f"--train_embeddings new runs under {', '.join(PLUGINS)}: the {cfg.parallel.plugin} plugin's "
-                         "shardformer replaces and splits the embedding / LM-head matrices, which the row mask "
-                         "refers to")
+        raise ValueError(
+            f"--train_embeddings new runs under {', '.join(PLUGINS)}: the {cfg.parallel.plugin} plugin's "
+            "shardformer replaces and splits the embedding / LM-head matrices, which the row mask "
+            "refers to"
+        )
     old_rows(model_path, model_config.vocab_size)

@@ -33,7 +33,7 @@ import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
-from colossal_shear.errors import UserError
+from colossal_shear.core.errors import UserError
 
 IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 AUTO_VAR = "COLOSSAL_SHEAR_AUTO_IFNAME"
@@ -62,9 +62,11 @@ def resolve(host: str) -> list[str]:
     try:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
-        raise NetworkError(f"MASTER_ADDR {host!r} does not resolve on host {socket.gethostname()!r} ({e.strerror}): "
-                           "fix its name (DNS or /etc/hosts on every node) or pass --master_addr with an IP "
-                           "address that every node reaches") from None
+        raise NetworkError(
+            f"MASTER_ADDR {host!r} does not resolve on host {socket.gethostname()!r} ({e.strerror}): "
+            "fix its name (DNS or /etc/hosts on every node) or pass --master_addr with an IP "
+            "address that every node reaches"
+        ) from None
     addrs = list(dict.fromkeys(info[4][0] for info in infos))
     return sorted(addrs, key=lambda a: ":" in a)
 
@@ -165,7 +167,7 @@ def _proc_addr(hexaddr: str, v6: bool):
     (a dual-stack listener's IPv4 peers) come back as IPv4."""
     raw = bytes.fromhex(hexaddr)
     if sys.byteorder == "little":
-        raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+        raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
     if not v6:
         return ipaddress.IPv4Address(raw)
     addr = ipaddress.IPv6Address(raw)
@@ -202,15 +204,19 @@ def choose_interface(master_addr: str, master_port: int, multi_node: bool) -> Ch
         except OSError as e:
             errors.append(f"{addr}: {e.strerror or e}")
     else:
-        raise NetworkError(f"MASTER_ADDR {master_addr!r} ({', '.join(errors)}) is unreachable from host "
-                           f"{socket.gethostname()!r}: no route to it; check this node's network and --master_addr")
+        raise NetworkError(
+            f"MASTER_ADDR {master_addr!r} ({', '.join(errors)}) is unreachable from host "
+            f"{socket.gethostname()!r}: no route to it; check this node's network and --master_addr"
+        )
     ifaces = interfaces()
     what = f"MASTER_ADDR {master_addr}" + (f" ({addr})" if addr != master_addr else "")
     if not ipaddress.ip_address(source.split("%")[0]).is_loopback:
         name = interface_of(source, ifaces)
         if name is None:
-            raise NetworkError(f"the route to {what} leaves from {source}, which no interface of host "
-                               f"{socket.gethostname()!r} holds: set GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME")
+            raise NetworkError(
+                f"the route to {what} leaves from {source}, which no interface of host "
+                f"{socket.gethostname()!r} holds: set GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME"
+            )
         return Choice(name, source, f"it routes to {what}")
     loopback = next((n for n, i in ifaces.items() if i["loopback"]), "lo")
     if not multi_node:
@@ -221,23 +227,28 @@ def choose_interface(master_addr: str, master_port: int, multi_node: bool) -> Ch
     for local in store_local_addresses(master_port):
         name = interface_of(local, ifaces)
         if name:
-            return Choice(name, local, f"other nodes reach this host (the master) on {local} "
-                                       f"({what} resolves to loopback here)")
+            return Choice(
+                name, local, f"other nodes reach this host (the master) on {local} ({what} resolves to loopback here)"
+            )
     candidates = {n: i for n, i in ifaces.items() if i["up"] and not i["loopback"] and i["addresses"]}
     name, why = default_route_interface(), "the default route's interface"
     if name not in candidates:
         name, why = (next(iter(candidates)), "the only interface up") if len(candidates) == 1 else (None, "")
     if name is None:
-        raise NetworkError(f"{what} resolves to loopback on host {socket.gethostname()!r}, the master of a "
-                           "multi-node run, and no interface is evidently the one the other nodes reach it on "
-                           f"(up: {', '.join(candidates) or 'none'}): set GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME")
-    return Choice(name, candidates[name]["addresses"][0],
-                  f"{why} ({what} resolves to loopback on this host, the master)")
+        raise NetworkError(
+            f"{what} resolves to loopback on host {socket.gethostname()!r}, the master of a "
+            "multi-node run, and no interface is evidently the one the other nodes reach it on "
+            f"(up: {', '.join(candidates) or 'none'}): set GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME"
+        )
+    return Choice(
+        name, candidates[name]["addresses"][0], f"{why} ({what} resolves to loopback on this host, the master)"
+    )
 
 
 def configure(environ=None, log=None) -> Choice | None:
     """Set GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME (those unset) for a torchrun / colossalai-run worker, and say
-    which interface on this host's local rank 0. Does nothing for a world of one or with COLOSSAL_SHEAR_AUTO_IFNAME=0."""
+    which interface on this host's local rank 0. Does nothing for a world of one or with
+    COLOSSAL_SHEAR_AUTO_IFNAME=0."""
     env = os.environ if environ is None else environ
     if env.get(AUTO_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
@@ -251,9 +262,12 @@ def configure(environ=None, log=None) -> Choice | None:
         env[var] = choice.ifname
     if env.get("LOCAL_RANK", "0") == "0":
         kept = [f"{v}={env[v]} (given)" for v in IFNAME_VARS if v not in unset]
-        (log or _print)(f"network: host {socket.gethostname()} uses {choice.ifname} ({choice.address}) for "
-                        f"{' and '.join(unset)}: {choice.reason}" + (f"; {', '.join(kept)}" if kept else "")
-                        + f". Override with {' / '.join(IFNAME_VARS)}, or {AUTO_VAR}=0 for gloo/NCCL's defaults.")
+        (log or _print)(
+            f"network: host {socket.gethostname()} uses {choice.ifname} ({choice.address}) for "
+            f"{' and '.join(unset)}: {choice.reason}"
+            + (f"; {', '.join(kept)}" if kept else "")
+            + f". Override with {' / '.join(IFNAME_VARS)}, or {AUTO_VAR}=0 for gloo/NCCL's defaults."
+        )
     return choice
 
 

@@ -5,8 +5,16 @@ from __future__ import annotations
 import torch
 
 # dense bf16/fp16 peak of one device (no sparsity), FLOP/s
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
-              "A10G": 125e12, "RTX 4090": 165e12}
+PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "H800": 989e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "RTX 4090": 165e12,
+}
 
 
 def flops_per_token(config, seq_len: int) -> float:

@@ -4,7 +4,7 @@ in each rank's checkpoint state); this hook only updates and logs them."""
 
 from __future__ import annotations
 
-from .hooks import StageHooks
+from colossal_shear.train.stages.base import StageHooks
 
 
 class DynamicLoading(StageHooks):
@@ -15,8 +15,10 @@ class DynamicLoading(StageHooks):
 
     def start_scalars(self) -> dict:
         w = self.weights
-        return {**{f"domain_reference/{c}": float(v) for c, v in zip(w.categories, w.reference)},
-                **{f"domain_weight/{c}": v for c, v in w.as_dict().items()}}
+        return {
+            **{f"domain_reference/{c}": float(v) for c, v in zip(w.categories, w.reference)},
+            **{f"domain_weight/{c}": v for c, v in w.as_dict().items()},
+        }
 
     def after_evaluate(self, step, losses):
         self.weights.update(losses)

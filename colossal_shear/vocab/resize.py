@@ -25,74 +25,15 @@ from pathlib import Path
 
 import torch
 
-from .config import option
-from .constants import DTYPES, ID_MAP_FILE
-from .fsutil import atomic_dir, check_target, copy_tokenizer_files
-from .vocab.errors import VocabError
-from .vocab.id_map import read_id_map
+from colossal_shear.core.constants import DTYPES, ID_MAP_FILE
+from colossal_shear.core.fsutil import atomic_dir, check_target, copy_tokenizer_files
+from colossal_shear.vocab.config import INITS, ResizeConfig, ResizeError
+from colossal_shear.vocab.id_map import read_id_map
 
 log = logging.getLogger(__name__)
 
-INITS = ("subtoken_mean", "mean", "normal")
-MODEL_INITS = INITS + ("calibrated",)  # calibrated: colossal_shear.calibrated_init (after subtoken_mean)
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 CHUNK_ROWS = 8192
-
-
-class ResizeError(VocabError):
-    """A user-facing error of init_model.py."""
-
-
-@dataclass
-class ResizeConfig:
-    """Resize a model's input embeddings and LM head to a new tokenizer (expanded and/or pruned by
-    init_tokenizer.py). Flag names of Colossal-LLaMA-2's script are kept."""
-
-    source_model_and_tokenizer_path: Path = option(help="Hugging Face model directory (config.json, weights, "
-                                                        "tokenizer files)")
-    target_tokenizer_path: Path = option(help="the new tokenizer (its id_map.json, if any, selects the rows)")
-    target_model_path: Path = option(help="output directory (must not exist unless --overwrite)")
-    init: str = option("subtoken_mean", "new rows: mean of the source rows of the pieces the old tokenizer splits "
-                       "the new piece into, mean of all rows, normal with the rows' per-dimension mean/std, or "
-                       "calibrated: LM-head rows fitted to the next-token loss on --calibration_file (docs/vocab.md)",
-                       choices=MODEL_INITS)
-    pad_to_multiple_of: int = option(64, "pad the vocabulary dimension to a multiple of this (0 or 1: no padding)")
-    dtype: str | None = option(None, "dtype of the saved model", choices=sorted(DTYPES),
-                               default_text="the dtype the source weights are stored in")
-    allow_downcast: bool = option(False, "allow --dtype to lose precision (e.g. float32 -> bfloat16); refused "
-                                         "otherwise")
-    seed: int = option(0, "seed for --init normal")
-    overwrite: bool = option(False, "replace an existing target directory")
-    max_shard_size: str = option("5GB", "safetensors shard size")
-    calibration_file: list[Path] = option(help="--init calibrated: text in the new language (JSONL records or plain "
-                                               "text)", default_factory=list, metavar="FILE")
-    calibration_tokens: int = option(4096, "--init calibrated: next-token positions to fit on, spread over the files")
-    calibration_refine_steps: int = option(0, "--init calibrated: then refine the new rows by a shared linear "
-                                              "correction for up to this many L-BFGS steps (early-stopped on held-out "
-                                              "calibration text; 0: off)")
-    calibration_bias: bool = option(True, "--init calibrated: fit a per-token bias after the coefficients")
-    untie_embeddings: bool = option(False, "give a tied model its own LM head (saved untied), so that --init "
-                                           "calibrated can fit the output rows and choose the input rows separately")
-    progress: bool = option(True, "progress lines on stderr")
-
-    def validate(self) -> None:
-        if self.init not in MODEL_INITS:
-            raise ResizeError(f"--init must be one of {', '.join(MODEL_INITS)}, got {self.init!r}")
-        if self.calibration_file and self.init != "calibrated":
-            raise ResizeError("--calibration_file is only used by --init calibrated")
-        if self.init == "calibrated":
-            self.calibration().validate()
-        if self.pad_to_multiple_of < 0:
-            raise ResizeError("--pad_to_multiple_of must be >= 0 (0 or 1: no padding)")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ResizeError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-
-    def calibration(self):
-        from .calibrated_init import CalibrationConfig, stderr_progress
-
-        return CalibrationConfig(files=[Path(f) for f in self.calibration_file], tokens=self.calibration_tokens,
-                                 refine_steps=self.calibration_refine_steps, bias=self.calibration_bias,
-                                 progress=stderr_progress if self.progress else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -131,8 +72,13 @@ def padded(n: int, multiple: int) -> int:
     return n if multiple <= 1 else -(-n // multiple) * multiple
 
 
-def make_plan(id_map: dict[int, int], tokenizer_size: int, sub_ids: dict[int, list[int]], source_rows: int,
-              pad_to_multiple_of: int) -> RowPlan:
+def make_plan(
+    id_map: dict[int, int],
+    tokenizer_size: int,
+    sub_ids: dict[int, list[int]],
+    source_rows: int,
+    pad_to_multiple_of: int,
+) -> RowPlan:
     """A plan from old->new ids and, for each new id, the source ids of its sub-pieces."""
     olds = sorted(id_map)
     new_ids = sorted(set(range(tokenizer_size)) - set(id_map.values()))
@@ -157,7 +103,7 @@ def _row_stats(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = torch.zeros(h, dtype=torch.float64)
     s2 = torch.zeros(h, dtype=torch.float64)
     for start in range(0, n, CHUNK_ROWS):
-        block = rows[start:start + CHUNK_ROWS].to(torch.float64)
+        block = rows[start : start + CHUNK_ROWS].to(torch.float64)
         s += block.sum(0)
         s2 += (block * block).sum(0)
     mean = s / max(n, 1)
@@ -185,8 +131,9 @@ def _subtoken_means(old: torch.Tensor, plan: RowPlan, start: int, stop: int, fal
     return out
 
 
-def resize_matrix(old: torch.Tensor, plan: RowPlan, init: str = "subtoken_mean",
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+def resize_matrix(
+    old: torch.Tensor, plan: RowPlan, init: str = "subtoken_mean", generator: torch.Generator | None = None
+) -> torch.Tensor:
     """The new (padded_size x hidden) matrix: one allocation, one indexed copy of kept rows, new rows vectorised."""
     if init not in INITS:
         raise ResizeError(f"unknown init {init!r}")
@@ -195,7 +142,8 @@ def resize_matrix(old: torch.Tensor, plan: RowPlan, init: str = "subtoken_mean",
     n_copy = len(plan.copy_dst)
     if n_copy:
         ident = bool(torch.equal(plan.copy_dst, plan.copy_src)) and bool(
-            torch.equal(plan.copy_dst, torch.arange(n_copy)))
+            torch.equal(plan.copy_dst, torch.arange(n_copy))
+        )
         if ident:  # expansion: the old block stays where it is
             out[:n_copy].copy_(old[:n_copy])
         else:
@@ -217,7 +165,7 @@ def resize_matrix(old: torch.Tensor, plan: RowPlan, init: str = "subtoken_mean",
             rows = mean + std * torch.randn(stop - start, h, generator=generator)
         out.index_copy_(0, ids, rows.to(old.dtype))
     if plan.padding:
-        out[plan.tokenizer_size:] = mean.to(old.dtype)
+        out[plan.tokenizer_size :] = mean.to(old.dtype)
     return out
 
 
@@ -234,8 +182,9 @@ def _load_tokenizer(path: Path, what: str):
     except Exception as e:
         raise ResizeError(f"{what} {path} has no loadable tokenizer: {e}") from None
     if not tok.is_fast:
-        raise ResizeError(f"{what} {path}: a fast tokenizer (tokenizer.json, or a tokenizer.model that converts) "
-                          "is needed")
+        raise ResizeError(
+            f"{what} {path}: a fast tokenizer (tokenizer.json, or a tokenizer.model that converts) is needed"
+        )
     return tok
 
 
@@ -251,11 +200,15 @@ def map_ids(src_tok, tgt_tok, target_tokenizer_path: Path, source_rows: int) -> 
         id_map = read_id_map(path)
         for old, new in id_map.items():
             if old >= len(src_tokens) or new >= len(tgt_tokens):
-                raise ResizeError(f"{path}: maps {old} -> {new}, outside the tokenizers ({len(src_tokens)} -> "
-                                  f"{len(tgt_tokens)} tokens); was the tokenizer made from this source?")
+                raise ResizeError(
+                    f"{path}: maps {old} -> {new}, outside the tokenizers ({len(src_tokens)} -> "
+                    f"{len(tgt_tokens)} tokens); was the tokenizer made from this source?"
+                )
             if src_tokens[old] != tgt_tokens[new]:
-                raise ResizeError(f"{path}: source id {old} is {src_tokens[old]!r} but target id {new} is "
-                                  f"{tgt_tokens[new]!r}; was the tokenizer made from this source?")
+                raise ResizeError(
+                    f"{path}: source id {old} is {src_tokens[old]!r} but target id {new} is "
+                    f"{tgt_tokens[new]!r}; was the tokenizer made from this source?"
+                )
     else:
         where = {t: i for i, t in enumerate(src_tokens)}
         id_map = {where[t]: i for i, t in enumerate(tgt_tokens) if t in where}
@@ -345,7 +298,7 @@ class ResizeReport:
             f"dtype {self.dtype}, {'tied' if self.tied else 'untied'} LM head",
         ]
         if self.calibration:
-            from .calibrated_init import CalibrationReport
+            from colossal_shear.vocab.calibration import CalibrationReport
 
             lines += CalibrationReport(**self.calibration).lines()
         lines += [f"  note: {n}" for n in self.notes]
@@ -375,15 +328,18 @@ def resize_model(cfg: ResizeConfig) -> ResizeReport:
     cfg_dtype = _config_dtype(config)
     src_dtype = weights_dtype or cfg_dtype or torch.float32
     if weights_dtype is not None and cfg_dtype is not None and weights_dtype != cfg_dtype:
-        notes.append(f"config.json says {cfg_dtype} but the weights are stored as {weights_dtype}: "
-                     f"using {weights_dtype}")
+        notes.append(
+            f"config.json says {cfg_dtype} but the weights are stored as {weights_dtype}: using {weights_dtype}"
+        )
     if weights_dtype is None and cfg_dtype is None:
         notes.append("no dtype in config.json or safetensors headers: loading as float32")
     out_dtype = DTYPES[cfg.dtype] if cfg.dtype else src_dtype
     if is_downcast(src_dtype, out_dtype):
         if not cfg.allow_downcast:
-            raise ResizeError(f"--dtype {cfg.dtype} would convert the {src_dtype} source to {out_dtype} and lose "
-                              "precision; pass --allow_downcast to do it anyway")
+            raise ResizeError(
+                f"--dtype {cfg.dtype} would convert the {src_dtype} source to {out_dtype} and lose "
+                "precision; pass --allow_downcast to do it anyway"
+            )
         notes.append(f"converting {src_dtype} -> {out_dtype} as asked (--dtype {cfg.dtype} --allow_downcast)")
 
     model = AutoModelForCausalLM.from_pretrained(src, torch_dtype=src_dtype, low_cpu_mem_usage=True)
@@ -420,18 +376,21 @@ def resize_model(cfg: ResizeConfig) -> ResizeReport:
     model.config.vocab_size = plan.padded_size
     calibration = None
     if cfg.untie_embeddings and tied:
-        from .calibrated_init import untie
+        from colossal_shear.vocab.calibration import untie
 
         untie(model)
         tied = False
         notes.append("untied: the LM head is now its own matrix (--untie_embeddings)")
     if cfg.init == "calibrated":
-        from .calibrated_init import calibrate_new_rows
+        from colossal_shear.vocab.calibration import calibrate_new_rows
 
         calibration = calibrate_new_rows(model, tgt_tok, plan, src_out, cfg.calibration(), tied, src_in).__dict__
-        notes.append("tied: the calibrated rows are shared by the input embeddings and the LM head "
-                     "(--untie_embeddings gives the head its own rows)" if tied else
-                     "untied: calibrated LM-head rows; input rows as the calibration chose")
+        notes.append(
+            "tied: the calibrated rows are shared by the input embeddings and the LM head "
+            "(--untie_embeddings gives the head its own rows)"
+            if tied
+            else "untied: calibrated LM-head rows; input rows as the calibration chose"
+        )
     del src_in, src_out
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         for obj in (model.config, getattr(model, "generation_config", None)):
@@ -447,11 +406,19 @@ def resize_model(cfg: ResizeConfig) -> ResizeReport:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=cfg.max_shard_size)
         copy_tokenizer_files(tgt_tok_dir, tmp)
         report = ResizeReport(
-            source_rows=source_rows, target_rows=plan.padded_size, tokenizer_size=len(tgt_tok),
-            copied=len(plan.copy_dst), initialised=len(plan.new_ids), padding=plan.padding, init=cfg.init,
-            dtype=str(out_dtype).replace("torch.", ""), tied=tied, notes=notes, calibration=calibration,
+            source_rows=source_rows,
+            target_rows=plan.padded_size,
+            tokenizer_size=len(tgt_tok),
+            copied=len(plan.copy_dst),
+            initialised=len(plan.new_ids),
+            padding=plan.padding,
+            init=cfg.init,
+            dtype=str(out_dtype).replace("torch.", ""),
+            tied=tied,
+            notes=notes,
+            calibration=calibration,
         )
-        from .embedding_rows import write_new_rows
+        from colossal_shear.vocab.rows import write_new_rows
 
         write_new_rows(tmp, plan, cfg.init)
         (tmp / "resize_report.json").write_text(json.dumps(dict(report.__dict__), indent=2), encoding="utf-8")

@@ -19,6 +19,7 @@ import types
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from colossal_shear.data.tokenization import IGNORE_INDEX
@@ -38,7 +39,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
-            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            h, t = hidden[start : start + chunk], targets[start : start + chunk]
             valid = t != IGNORE_INDEX
             safe = t.clamp(min=0)[:, None]
             logits = (h @ weight.t()).float()
@@ -49,7 +50,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 probs.scatter_add_(1, safe, -valid[:, None].to(probs.dtype))
                 probs.mul_((valid.to(probs.dtype) / denominator)[:, None])
                 g = probs.to(hidden.dtype)
-                grad_h[start:start + chunk] = g @ weight
+                grad_h[start : start + chunk] = g @ weight
                 grad_w += (g.t() @ h).float()
             del logits
         if with_grad:
@@ -59,12 +60,23 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad_out.to(grad_h.dtype), (grad_w * grad_out).to(ctx.weight_dtype)
-                if ctx.needs_input_grad[1] else None, None, None, None, None)
+        return (
+            grad_h * grad_out.to(grad_h.dtype),
+            (grad_w * grad_out).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                          num_items_in_batch=None, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    num_items_in_batch=None,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> torch.Tensor:
     """Hugging Face's causal-LM loss (labels shifted by one, -100 ignored, mean over labelled tokens or a sum over
     `num_items_in_batch`) of hidden [B, T, H] through a head weight [V, H], without [B·T, V] logits. No host
     synchronisation: the denominator stays on the device."""
@@ -75,8 +87,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     else:
         denominator = (targets != IGNORE_INDEX).sum().clamp(min=1).float()
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _ChunkedCrossEntropy.apply(hidden, weight, targets, denominator,
-                                      _chunk_rows(weight.shape[0], chunk_elements), with_grad)
+    return _ChunkedCrossEntropy.apply(
+        hidden, weight, targets, denominator, _chunk_rows(weight.shape[0], chunk_elements), with_grad
+    )
 
 
 class _ChunkedKD(torch.autograd.Function):
@@ -87,48 +100,75 @@ class _ChunkedKD(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
-            h, k = hidden[start:start + chunk], keep[start:start + chunk].to(torch.float32)
+            h, k = hidden[start : start + chunk], keep[start : start + chunk].to(torch.float32)
             log_s = torch.log_softmax((h @ weight.t()).float() / temperature, dim=-1)
-            log_t = torch.log_softmax((t_hidden[start:start + chunk] @ t_weight.t()).float() / temperature, dim=-1)
+            log_t = torch.log_softmax((t_hidden[start : start + chunk] @ t_weight.t()).float() / temperature, dim=-1)
             p_t = log_t.exp()
             total += ((p_t * (log_t - log_s)).sum(-1) * k).sum()
             del log_t
             if with_grad:  # d(T²·KL)/d(raw logits) = T · (softmax(s/T) - softmax(t/T))
                 g = log_s.exp_().sub_(p_t).mul_((k * temperature / denominator)[:, None]).to(hidden.dtype)
-                grad_h[start:start + chunk] = g @ weight
+                grad_h[start : start + chunk] = g @ weight
                 grad_w += (g.t() @ h).float()
             del log_s, p_t
         if with_grad:
             ctx.save_for_backward(grad_h, grad_w)
-        return total * temperature ** 2 / denominator
+        return total * temperature**2 / denominator
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad_out.to(grad_h.dtype), (grad_w * grad_out).to(ctx.weight_dtype)
-                if ctx.needs_input_grad[1] else None, None, None, None, None, None, None, None)
+        return (
+            grad_h * grad_out.to(grad_h.dtype),
+            (grad_w * grad_out).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def chunked_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
-                    teacher_weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
-                    chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+def chunked_kd_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> torch.Tensor:
     """colossal_shear.pruning.distill.kd_loss (T²·KL(teacher ‖ student) per labelled token, after the causal shift)
     from hidden states and head weights, without the student's or the teacher's full logits."""
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     if weight.shape[0] != teacher_weight.shape[0]:
-        raise ValueError(f"student vocabulary {weight.shape[0]} and teacher vocabulary {teacher_weight.shape[0]} "
-                         "differ (same tokenizer and vocabulary size needed)")
+        raise ValueError(
+            f"student vocabulary {weight.shape[0]} and teacher vocabulary {teacher_weight.shape[0]} "
+            "differ (same tokenizer and vocabulary size needed)"
+        )
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     t_hidden = teacher_hidden[:, :-1].reshape(-1, teacher_hidden.shape[-1]).detach()
     keep = (labels[:, 1:] != IGNORE_INDEX).reshape(-1).to(hidden.device)
     denominator = keep.sum().clamp(min=1).float()
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _ChunkedKD.apply(hidden, weight, t_hidden, teacher_weight.detach(), keep, denominator, float(temperature),
-                            _chunk_rows(weight.shape[0], chunk_elements), with_grad)
+    return _ChunkedKD.apply(
+        hidden,
+        weight,
+        t_hidden,
+        teacher_weight.detach(),
+        keep,
+        denominator,
+        float(temperature),
+        _chunk_rows(weight.shape[0], chunk_elements),
+        with_grad,
+    )
 
 
 # --- the model hook ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class ChunkedCausalLMOutput(CausalLMOutputWithPast):
@@ -163,26 +203,86 @@ def install_chunked_loss(model, chunk_elements: int = CHUNK_ELEMENTS):
     reason = supports_chunked_loss(model)
     if reason:
         raise ValueError(f"the chunked LM loss cannot be used: {reason} (use --lm_loss full)")
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
-                cache_position=None, **kwargs):
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        cache_position=None,
+        **kwargs,
+    ):
         if labels is None:  # the class's forward, not a captured bound method: a deep copy calls its own
-            return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
-                                      position_ids=position_ids, past_key_values=past_key_values,
-                                      inputs_embeds=inputs_embeds, use_cache=use_cache,
-                                      output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                                      cache_position=cache_position, **kwargs)
+            return type(self).forward(
+                self,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                cache_position=cache_position,
+                **kwargs,
+            )
         num_items = kwargs.pop("num_items_in_batch", None)
         kwargs.pop("logits_to_keep", None)
-        out = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                                 output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                                 cache_position=cache_position, **kwargs)
+        out = self.get_decoder()(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            cache_position=cache_position,
+            **kwargs,
+        )
         hidden, weight = out.last_hidden_state, head_weight(self)
         loss = chunked_cross_entropy(hidden, weight, labels, num_items, chunk_elements)
-        return ChunkedCausalLMOutput(loss=loss, logits=None, past_key_values=out.past_key_values,
-                                     hidden_states=out.hidden_states, attentions=out.attentions,
-                                     last_hidden_state=hidden, lm_head_weight=weight)
+        return ChunkedCausalLMOutput(
+            loss=loss,
+            logits=None,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            last_hidden_state=hidden,
+            lm_head_weight=weight,
+        )
 
     model.forward = types.MethodType(forward, model)
     return model
+
+
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Logits [B, T, V], labels [B, T]. Position t's logits predict labels[t + 1] (as in the LM loss), so the loss
+    compares logits[:, :-1] on the positions where labels[:, 1:] != -100. Computed in fp32; the teacher is detached.
+    Returns a scalar (0, still attached to the student's graph, when no token carries a label)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ (same tokenizer and vocabulary size needed)"
+        )
+    if labels.shape != student_logits.shape[:-1]:
+        raise ValueError(f"labels {tuple(labels.shape)} do not match logits {tuple(student_logits.shape)}")
+    keep = labels[:, 1:] != IGNORE_INDEX
+    if not keep.any():
+        return student_logits.sum() * 0.0
+    s = student_logits[:, :-1][keep].float() / temperature
+    t = teacher_logits[:, :-1][keep].detach().float() / temperature
+    log_s = F.log_softmax(s, dim=-1)
+    log_t = F.log_softmax(t, dim=-1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1)
+    return kl.mean() * (temperature**2)

@@ -19,16 +19,17 @@ from pathlib import Path
 
 import torch
 
-from .vocab.errors import VocabError
-from .vocab.id_map import ID_MAP_FILE, read_id_map
+from colossal_shear.core.errors import VocabError
+from colossal_shear.vocab.id_map import ID_MAP_FILE, read_id_map
 
 NEW_ROWS_FILE = "new_rows.json"
 
 
 def to_ranges(ids) -> list[list[int]]:
     """Sorted ids -> [[start, stop), ...] (vectorised)."""
-    t = torch.as_tensor(sorted(set(int(i) for i in ids)) if not torch.is_tensor(ids) else torch.unique(ids),
-                        dtype=torch.long)
+    t = torch.as_tensor(
+        sorted(set(int(i) for i in ids)) if not torch.is_tensor(ids) else torch.unique(ids), dtype=torch.long
+    )
     if t.numel() == 0:
         return []
     breaks = torch.nonzero(t[1:] != t[:-1] + 1).squeeze(1) + 1
@@ -71,13 +72,17 @@ def old_rows(model_dir: Path, vocab_size: int) -> torch.Tensor:
         except (ValueError, KeyError, TypeError) as e:
             raise VocabError(f"{path}: not a valid {NEW_ROWS_FILE} ({e})") from None
         if size != vocab_size:
-            raise VocabError(f"{path} describes {size} rows but the model has {vocab_size}: was the model resized "
-                             "again after init_model.py?")
+            raise VocabError(
+                f"{path} describes {size} rows but the model has {vocab_size}: was the model resized "
+                "again after init_model.py?"
+            )
     elif (model_dir / ID_MAP_FILE).is_file():
         rows = torch.tensor(sorted(read_id_map(model_dir / ID_MAP_FILE).values()), dtype=torch.long)
     else:
-        raise VocabError(f"{model_dir} has neither {NEW_ROWS_FILE} nor {ID_MAP_FILE}: only a model resized by "
-                         "tokenizer/init_model.py says which embedding rows are new")
+        raise VocabError(
+            f"{model_dir} has neither {NEW_ROWS_FILE} nor {ID_MAP_FILE}: only a model resized by "
+            "tokenizer/init_model.py says which embedding rows are new"
+        )
     if len(rows) and int(rows.max()) >= vocab_size:
         raise VocabError(f"{model_dir}: old row {int(rows.max())} is past the model's {vocab_size} rows")
     return rows

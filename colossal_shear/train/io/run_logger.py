@@ -32,8 +32,7 @@ class RunLogger:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{scalars['loss']:.4f}")
         if step % self.interval == 0:
-            parts = [f"step {step}"] + [_fmt(k, v) for k, v in scalars.items()
-                                        if v is not None and "/" not in k]
+            parts = [f"step {step}"] + [_fmt(k, v) for k, v in scalars.items() if v is not None and "/" not in k]
             self._print(" | ".join(parts))
 
     def scalars(self, step: int, values: dict) -> None:

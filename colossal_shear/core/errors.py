@@ -10,3 +10,11 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A configuration value or key that cannot be used (one line naming the key and the source)."""
+
+
+class TrainingError(UserError):
+    """A training run that cannot start or go on: a bad option combination, a model or dataset that does not fit."""
+
+
+class VocabError(UserError, ValueError):
+    """Vocabulary adaptation: the message names the file (and line) or the flag at fault."""

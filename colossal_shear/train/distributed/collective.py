@@ -21,7 +21,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from colossal_shear.errors import UserError
+from colossal_shear.core.errors import UserError
 
 
 class CollectiveError(UserError):
@@ -69,8 +69,13 @@ class PeerFailure(UserError):
 
 
 # how gloo and NCCL report a peer that has gone (crashed, or closed its process group in `fail`)
-PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
-             "NCCL communicator was aborted")
+PEER_GONE = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "remote process exited",
+    "NCCL communicator was aborted",
+)
 
 
 def fail(error: BaseException) -> BaseException:

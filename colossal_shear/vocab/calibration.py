@@ -35,14 +35,14 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from .vocab.corpus import check_readable, iter_corpus
-from .vocab.errors import VocabError
+from colossal_shear.core.errors import VocabError
+from colossal_shear.vocab.corpus import check_readable, iter_corpus
 
 BUCKETS = ("1", "2", "3", "4+")  # number of sub-tokens of a new piece
 ROW_CHUNK = 4096  # vocabulary rows per log-sum-exp chunk
@@ -102,15 +102,19 @@ class CalibrationReport:
     bias: dict | None = None  # λ chosen, held-out calibration loss per λ, range of β, spread of h·u
 
     def lines(self) -> list[str]:
-        out = [f"  calibration: {self.positions:,} positions ({self.new_targets:,} with a new next token, "
-               f"{self.new_tokens_seen:,} distinct), {'shared (tied) rows' if self.tied else 'output rows only'}, "
-               f"{self.passes} pass{'es' if self.passes > 1 else ''}, {self.device}, {self.seconds:.1f} s",
-               "    sub-tokens  new rows       a       b       c"]
+        out = [
+            f"  calibration: {self.positions:,} positions ({self.new_targets:,} with a new next token, "
+            f"{self.new_tokens_seen:,} distinct), {'shared (tied) rows' if self.tied else 'output rows only'}, "
+            f"{self.passes} pass{'es' if self.passes > 1 else ''}, {self.device}, {self.seconds:.1f} s",
+            "    sub-tokens  new rows       a       b       c",
+        ]
         for k in BUCKETS:
             a, b, c = self.coefficients[k]
             out.append(f"    {k:>10}  {self.bucket_sizes.get(k, 0):>8,}  {a:6.3f}  {b:6.3f}  {c:6.3f}")
-        loss = (f"    calibration loss (nats/token): sub-token mean {self.loss_subtoken_mean:.4f} -> "
-                f"fit {self.loss_fit:.4f}")
+        loss = (
+            f"    calibration loss (nats/token): sub-token mean {self.loss_subtoken_mean:.4f} -> "
+            f"fit {self.loss_fit:.4f}"
+        )
         if self.loss_refined is not None:
             loss += f" -> refined {self.loss_refined:.4f} ({self.refine_steps_taken} steps)"
         if self.loss_bias is not None:
@@ -121,20 +125,26 @@ class CalibrationReport:
         if self.bias and self.bias.get("lambda") is not None:
             held = ", ".join(f"{k}: {v:.4f}" for k, v in self.bias["held_out"].items())
             b = self.bias
-            out.append(f"    per-token bias along h·u ≈ 1 (spread {b['spread']:.3f}): λ={b['lambda']:g} "
-                       f"(held-out calibration loss {b['held_out_before']:.4f} -> λ {held}), "
-                       f"β in [{b['beta_min']:.2f}, {b['beta_max']:.2f}]")
+            out.append(
+                f"    per-token bias along h·u ≈ 1 (spread {b['spread']:.3f}): λ={b['lambda']:g} "
+                f"(held-out calibration loss {b['held_out_before']:.4f} -> λ {held}), "
+                f"β in [{b['beta_min']:.2f}, {b['beta_max']:.2f}]"
+            )
         elif self.bias:
             out.append("    per-token bias: no λ lowered the held-out calibration loss; not applied")
         if self.tied_mix is not None:
             tried = ", ".join(f"{g}: {v:.4f}" for g, v in self.input_losses.items())
-            out.append(f"    shared rows: {1 - self.tied_mix:g}·fitted + {self.tied_mix:g}·(0.5·mean + 0.5·last "
-                       f"sub-token row), the lowest calibration loss of g = {tried}")
+            out.append(
+                f"    shared rows: {1 - self.tied_mix:g}·fitted + {self.tied_mix:g}·(0.5·mean + 0.5·last "
+                f"sub-token row), the lowest calibration loss of g = {tried}"
+            )
         if self.input_weight is not None and self.input_losses:
             tried = ", ".join(f"{w}: {v:.4f}" for w, v in self.input_losses.items())
             w = self.input_weight
-            out.append(f"    input rows: {w:g}·(sub-token mean) + {1 - w:g}·(last sub-token row), the lowest fitted "
-                       f"loss of w = {tried}")
+            out.append(
+                f"    input rows: {w:g}·(sub-token mean) + {1 - w:g}·(last sub-token row), the lowest fitted "
+                f"loss of w = {tried}"
+            )
         return out
 
 
@@ -173,7 +183,7 @@ def calibration_windows(files: list[Path], tokenizer, max_targets: int, seq_len:
                 take = min(seq_len, len(doc) - 1 - start, quota - got)
                 if take <= 0:
                     break
-                windows.append(doc[start:start + take + 1])
+                windows.append(doc[start : start + take + 1])
                 got += take
         if not any_text:
             raise CalibrationError(f"calibration file {path} holds no text")
@@ -200,8 +210,13 @@ def check_supported(model) -> None:
 
 
 @torch.no_grad()
-def hidden_states(model, windows: list[list[int]], device: torch.device, batch_tokens: int,
-                  progress: Callable[[str], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def hidden_states(
+    model,
+    windows: list[list[int]],
+    device: torch.device,
+    batch_tokens: int,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(H, y, seq): final-norm hidden states (P x d, float32) at every position that has a next token, the next
     tokens (P) and each position's window index (P). Windows are batched by length, right-padded."""
     base = _decoder(model)
@@ -213,18 +228,18 @@ def hidden_states(model, windows: list[list[int]], device: torch.device, batch_t
     while i < len(order):
         longest = len(windows[order[i]])
         n = max(1, batch_tokens // longest)
-        batch = order[i:i + n]
+        batch = order[i : i + n]
         i += n
         ids = torch.zeros(len(batch), longest, dtype=torch.long)
         mask = torch.zeros(len(batch), longest, dtype=torch.long)
         for r, w in enumerate(batch):
-            ids[r, :len(windows[w])] = torch.tensor(windows[w])
-            mask[r, :len(windows[w])] = 1
+            ids[r, : len(windows[w])] = torch.tensor(windows[w])
+            mask[r, : len(windows[w])] = 1
         out = base(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state.float()
         for r, w in enumerate(batch):
             n_pos = len(windows[w]) - 1
             hs.append(out[r, :n_pos])
-            ys.append(ids[r, 1:n_pos + 1].to(device))
+            ys.append(ids[r, 1 : n_pos + 1].to(device))
             seqs.append(torch.full((n_pos,), w, dtype=torch.long, device=device))
         done += len(batch)
         if progress is not None and (time.monotonic() - last > 10 or i >= len(order)):
@@ -258,7 +273,7 @@ class Objective:
         fixed = torch.nonzero(slot < 0).squeeze(1)
         lse = torch.full((self.P,), -math.inf, device=dev)
         for s in range(0, len(fixed), ROW_CHUNK):
-            w = head[fixed[s:s + ROW_CHUNK]].to(dev, torch.float32)
+            w = head[fixed[s : s + ROW_CHUNK]].to(dev, torch.float32)
             lse = torch.logaddexp(lse, torch.logsumexp(H @ w.T, 1))
         self.lse_fixed = lse
         z_fixed = torch.zeros(self.P, device=dev)
@@ -267,7 +282,7 @@ class Objective:
             z_fixed[old_pos] = (H[old_pos] * head[y[old_pos]].to(dev, torch.float32)).sum(1)
         self.z_fixed_target = z_fixed
 
-    def subset(self, keep: torch.Tensor) -> "Objective":
+    def subset(self, keep: torch.Tensor) -> Objective:
         """The same objective over a subset of the positions (boolean mask)."""
         sub = object.__new__(Objective)
         sub.__dict__.update(self.__dict__)
@@ -281,7 +296,7 @@ class Objective:
         H, P = self.H, self.P
         lse_new = torch.full((P,), -math.inf, device=H.device)
         for s in range(0, len(W), ROW_CHUNK):
-            lse_new = torch.logaddexp(lse_new, torch.logsumexp(H @ W[s:s + ROW_CHUNK].T, 1))
+            lse_new = torch.logaddexp(lse_new, torch.logsumexp(H @ W[s : s + ROW_CHUNK].T, 1))
         lse = torch.logaddexp(self.lse_fixed, lse_new)
         z_t = self.z_fixed_target.clone()
         if bool(self.is_new.any()):
@@ -291,8 +306,8 @@ class Objective:
             return loss, None
         G = torch.empty_like(W)
         for s in range(0, len(W), ROW_CHUNK):
-            p = torch.exp(H @ W[s:s + ROW_CHUNK].T - lse[:, None])
-            G[s:s + ROW_CHUNK] = p.T @ H
+            p = torch.exp(H @ W[s : s + ROW_CHUNK].T - lse[:, None])
+            G[s : s + ROW_CHUNK] = p.T @ H
         G.index_add_(0, self.tgt_slot[self.is_new], H[self.is_new], alpha=-1.0)
         return loss, G / P
 
@@ -319,7 +334,7 @@ class CoefficientFit:
         for k in range(len(BUCKETS)):
             cols = order[bucket[order] == k]
             for s in range(0, len(cols), self.BLOCK_COLS):
-                c = cols[s:s + self.BLOCK_COLS]
+                c = cols[s : s + self.BLOCK_COLS]
                 self.blocks.append((k, H @ A[c].T, H @ B[c].T))
         self.hc = H @ C
         isn = obj.is_new
@@ -372,8 +387,9 @@ class CoefficientFit:
         for k in range(nb):
             saa, sab, sbb = S[k].tolist()
             sac, sbc, scc = float(hcd @ mA[k]), float(hcd @ mB[k]), float((hcd * hcd) @ q[k])
-            blocks3.append(torch.tensor([[saa, sab, sac], [sab, sbb, sbc], [sac, sbc, scc]], dtype=torch.float64,
-                                        device=dev))
+            blocks3.append(
+                torch.tensor([[saa, sab, sac], [sab, sbb, sbc], [sac, sbc, scc]], dtype=torch.float64, device=dev)
+            )
         g = M.sum(0)
         g.index_add_(0, self.t_k, -self.t_f)
         Mf = M.reshape(P, -1)
@@ -408,8 +424,9 @@ class CoefficientFit:
         return theta, start, loss
 
 
-def rows_from_theta(theta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                    bucket: torch.Tensor) -> torch.Tensor:
+def rows_from_theta(
+    theta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, bucket: torch.Tensor
+) -> torch.Tensor:
     t = theta.to(A.device, torch.float32)[bucket.to(A.device)]
     return t[:, 0:1] * A + t[:, 1:2] * B + t[:, 2:3] * C
 
@@ -419,8 +436,16 @@ def rows_from_theta(theta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: to
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def refine(obj: Objective, W0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seq: torch.Tensor, steps: int,
-           l2: float, progress: Callable[[str], None] | None = None) -> tuple[torch.Tensor, int, float]:
+def refine(
+    obj: Objective,
+    W0: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    seq: torch.Tensor,
+    steps: int,
+    l2: float,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[torch.Tensor, int, float]:
     """w_t = W0_t + M_a·A_t + M_b·B_t with M_a, M_b (d x d) fitted by L-BFGS on four fifths of the calibration
     windows, (l2/2)·|W - W0|² per row averaged, keeping the iterate with the best loss on the other fifth."""
     val = (seq % VALIDATION_EVERY) == VALIDATION_EVERY - 1
@@ -433,7 +458,6 @@ def refine(obj: Objective, W0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s
         return W0 + A @ m[0].T + B @ m[1].T
 
     best = (held.loss_and_grad(W0, grad=False)[0], 0, torch.zeros(2, d, d, device=W0.device))
-    it = [0]
 
     def closure():
         with torch.no_grad():
@@ -471,8 +495,10 @@ def constant_direction(H: torch.Tensor, ridge: float = 0.1) -> tuple[torch.Tenso
     LLaMA-style models have (near-)constant channels after the final norm, so adding β·u to a row adds about β to
     its logit at every position: a per-token bias, which the head has no parameter for."""
     Hd = H.double()
-    u = torch.linalg.solve(Hd.T @ Hd + ridge * torch.eye(H.shape[1], dtype=torch.float64, device=H.device),
-                           Hd.T @ torch.ones(len(H), dtype=torch.float64, device=H.device))
+    u = torch.linalg.solve(
+        Hd.T @ Hd + ridge * torch.eye(H.shape[1], dtype=torch.float64, device=H.device),
+        Hd.T @ torch.ones(len(H), dtype=torch.float64, device=H.device),
+    )
     return u.float(), float((Hd @ u).std())
 
 
@@ -483,7 +509,7 @@ class BiasFit:
     def __init__(self, obj: Objective, W0: torch.Tensor, u: torch.Tensor):
         self.obj = obj
         H = obj.H
-        self.Z0 = [H @ W0[s:s + ROW_CHUNK].T for s in range(0, len(W0), ROW_CHUNK)]
+        self.Z0 = [H @ W0[s : s + ROW_CHUNK].T for s in range(0, len(W0), ROW_CHUNK)]
         self.hu = H @ u
         isn, slot = obj.is_new, obj.tgt_slot[obj.is_new]
         self.slot, self.hu_t = slot, self.hu[isn]
@@ -496,7 +522,7 @@ class BiasFit:
         b = beta.float()
         lse_new = torch.full((P,), -math.inf, device=b.device)
         for i, Z in enumerate(self.Z0):
-            z = torch.addr(Z, self.hu, b[i * ROW_CHUNK:i * ROW_CHUNK + Z.shape[1]])
+            z = torch.addr(Z, self.hu, b[i * ROW_CHUNK : i * ROW_CHUNK + Z.shape[1]])
             lse_new = torch.logaddexp(lse_new, torch.logsumexp(z, 1))
         lse = torch.logaddexp(obj.lse_fixed, lse_new)
         z_t = obj.z_fixed_target.clone()
@@ -505,14 +531,21 @@ class BiasFit:
         g = torch.empty(self.n, device=b.device)
         for i, Z in enumerate(self.Z0):
             lo = i * ROW_CHUNK
-            pi = torch.addr(Z, self.hu, b[lo:lo + Z.shape[1]]).sub_(lse[:, None]).exp_()
-            g[lo:lo + Z.shape[1]] = self.hu @ pi
+            pi = torch.addr(Z, self.hu, b[lo : lo + Z.shape[1]]).sub_(lse[:, None]).exp_()
+            g[lo : lo + Z.shape[1]] = self.hu @ pi
         return loss, (g - self.target_hu).double() / P + lam * beta / P
 
     def fit(self, lam: float, max_iter: int) -> torch.Tensor:
         beta = torch.zeros(self.n, dtype=torch.float64, device=self.hu.device, requires_grad=True)
-        opt = torch.optim.LBFGS([beta], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-10,
-                                tolerance_change=1e-12, line_search_fn="strong_wolfe")
+        opt = torch.optim.LBFGS(
+            [beta],
+            lr=1.0,
+            max_iter=max_iter,
+            history_size=20,
+            tolerance_grad=1e-10,
+            tolerance_change=1e-12,
+            line_search_fn="strong_wolfe",
+        )
 
         def closure():
             loss, g = self.evaluate(beta.detach(), lam)
@@ -523,8 +556,14 @@ class BiasFit:
         return beta.detach()
 
 
-def fit_bias(obj: Objective, W0: torch.Tensor, seq: torch.Tensor, lams: tuple, max_iter: int,
-             progress: Callable[[str], None] | None = None) -> tuple[torch.Tensor, dict]:
+def fit_bias(
+    obj: Objective,
+    W0: torch.Tensor,
+    seq: torch.Tensor,
+    lams: tuple,
+    max_iter: int,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[torch.Tensor, dict]:
     """Per-token biases along the constant direction: λ chosen from `lams` by the loss on every fifth calibration
     window after fitting on the others, then β refitted on all windows with that λ. Returns the rows and a summary."""
     u, spread = constant_direction(obj.H)
@@ -541,12 +580,22 @@ def fit_bias(obj: Objective, W0: torch.Tensor, seq: torch.Tensor, lams: tuple, m
     del fitter
     lam = min(scores, key=lambda k: (scores[k], k))
     if scores[lam] >= base:  # no λ helps: keep the rows as they are
-        return W0, {"lambda": None, "spread": spread, "held_out": {f"{k:g}": v for k, v in scores.items()},
-                    "held_out_before": base}
+        return W0, {
+            "lambda": None,
+            "spread": spread,
+            "held_out": {f"{k:g}": v for k, v in scores.items()},
+            "held_out_before": base,
+        }
     beta = BiasFit(obj, W0, u).fit(lam, max_iter).float()
-    summary = {"lambda": lam, "spread": spread, "held_out": {f"{k:g}": v for k, v in scores.items()},
-               "held_out_before": base, "beta_min": float(beta.min()), "beta_max": float(beta.max()),
-               "direction_norm": float(u.norm())}
+    summary = {
+        "lambda": lam,
+        "spread": spread,
+        "held_out": {f"{k:g}": v for k, v in scores.items()},
+        "held_out_before": base,
+        "beta_min": float(beta.min()),
+        "beta_max": float(beta.max()),
+        "direction_norm": float(u.norm()),
+    }
     return W0 + beta[:, None] * u[None, :], summary
 
 
@@ -590,8 +639,15 @@ def last_subtoken_rows(src: torch.Tensor, plan, device: torch.device) -> torch.T
     return out
 
 
-def calibrate_new_rows(model, tokenizer, plan, src_out: torch.Tensor, cfg: CalibrationConfig, tied: bool,
-                       src_in: torch.Tensor | None = None) -> CalibrationReport:
+def calibrate_new_rows(
+    model,
+    tokenizer,
+    plan,
+    src_out: torch.Tensor,
+    cfg: CalibrationConfig,
+    tied: bool,
+    src_in: torch.Tensor | None = None,
+) -> CalibrationReport:
     """Replace the new rows of the model's output matrix (the shared matrix when `tied`) by calibrated ones.
     `src_out` / `src_in` are the source model's output / input matrices; `plan` the RowPlan of the resize (new rows
     initialised by sub-token mean). Old and padding rows are not touched.
@@ -609,8 +665,10 @@ def calibrate_new_rows(model, tokenizer, plan, src_out: torch.Tensor, cfg: Calib
     windows = calibration_windows(cfg.files, tokenizer, cfg.tokens, cfg.seq_len)
     new_set = set(plan.new_ids.tolist())
     if not any(t in new_set for w in windows for t in w):
-        raise CalibrationError(f"the calibration text ({', '.join(str(f) for f in cfg.files)}) contains none of the "
-                               f"{len(plan.new_ids):,} new tokens: give text in the new language")
+        raise CalibrationError(
+            f"the calibration text ({', '.join(str(f) for f in cfg.files)}) contains none of the "
+            f"{len(plan.new_ids):,} new tokens: give text in the new language"
+        )
     head = model.get_output_embeddings()
     weight = head.weight if head is not None else model.get_input_embeddings().weight
     emb = model.get_input_embeddings().weight
@@ -639,8 +697,10 @@ def calibrate_new_rows(model, tokenizer, plan, src_out: torch.Tensor, cfg: Calib
                     rows_in = mean_in * value + last_in * (1.0 - value)
                     with torch.no_grad():
                         emb.data.index_copy_(0, new_ids_dev, rows_in.to(emb.device, emb.dtype))
-                say(f"calibration: input rows {value:g}·mean + {1 - value:g}·last: reading {cfg.tokens:,} positions "
-                    f"on {device}")
+                say(
+                    f"calibration: input rows {value:g}·mean + {1 - value:g}·last: reading {cfg.tokens:,} positions "
+                    f"on {device}"
+                )
             else:
                 say(f"calibration: pass {value + 1}/{len(candidates)}: reading {cfg.tokens:,} positions on {device}")
             H, y, seq = hidden_states(model, windows, device, cfg.batch_tokens, cfg.progress)
@@ -705,12 +765,25 @@ def calibrate_new_rows(model, tokenizer, plan, src_out: torch.Tensor, cfg: Calib
     counts = torch.bincount(bucket.cpu(), minlength=len(BUCKETS)).tolist()
     seen = obj.tgt_slot[obj.is_new]
     return CalibrationReport(
-        positions=obj.P, new_targets=int(obj.is_new.sum()), new_tokens_seen=int(torch.unique(seen).numel()),
+        positions=obj.P,
+        new_targets=int(obj.is_new.sum()),
+        new_tokens_seen=int(torch.unique(seen).numel()),
         coefficients={k: [round(float(v), 6) for v in theta[i].tolist()] for i, k in enumerate(BUCKETS)},
-        loss_subtoken_mean=first_loss, loss_fit=fit_loss, loss_refined=refined_loss, refine_steps_taken=taken,
-        loss_final=final_loss, tied=tied, passes=len(candidates) if tied else 1, device=str(device),
-        seconds=time.monotonic() - t0, bucket_sizes=dict(zip(BUCKETS, counts)), input_weight=chosen_w,
-        input_losses=input_losses, loss_bias=bias_loss, bias=bias_summary, tied_mix=tied_mix,
+        loss_subtoken_mean=first_loss,
+        loss_fit=fit_loss,
+        loss_refined=refined_loss,
+        refine_steps_taken=taken,
+        loss_final=final_loss,
+        tied=tied,
+        passes=len(candidates) if tied else 1,
+        device=str(device),
+        seconds=time.monotonic() - t0,
+        bucket_sizes=dict(zip(BUCKETS, counts)),
+        input_weight=chosen_w,
+        input_losses=input_losses,
+        loss_bias=bias_loss,
+        bias=bias_summary,
+        tied_mix=tied_mix,
     )
 
 

@@ -16,7 +16,7 @@ in this order within one optimizer step:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 
 class StageHooks:

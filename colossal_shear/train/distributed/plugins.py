@@ -6,16 +6,12 @@ CPU processes (gloo) run `ddp`, `zero2`, `zero2_cpu` and `3d` thanks to colossal
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
 
-from colossal_shear.config import option
-from colossal_shear.constants import DTYPES, PRECISIONS
-from colossal_shear.errors import UserError
+from colossal_shear.core.constants import DTYPES, PRECISIONS
+from colossal_shear.core.errors import UserError
+from colossal_shear.train.config import PLUGINS, ParallelConfig
 
-PLUGINS = ("gemini", "gemini_auto", "zero2", "zero2_cpu", "3d", "ddp")
 CUDA_ONLY = {
     "gemini": "Gemini's chunk manager keeps parameters in CUDA/NPU memory chunks and asserts a cuda or npu device",
     "gemini_auto": "Gemini's chunk manager keeps parameters in CUDA/NPU memory chunks and asserts a cuda or npu device",
@@ -24,24 +20,6 @@ CUDA_ONLY = {
 
 class PluginError(UserError, ValueError):
     """A plugin/parallel configuration that cannot run here; raised before any training work."""
-
-
-@dataclass
-class ParallelConfig:
-    """How the model is spread over the processes (train.py's parallel section)."""
-
-    plugin: str = option("zero2", "Booster plugin", choices=PLUGINS)
-    mixed_precision: str = option("bf16", "training precision", choices=PRECISIONS)
-    tp: int = option(1, "tensor-parallel size (plugin 3d)")
-    pp: int = option(1, "pipeline-parallel size (plugin 3d)")
-    sp: int = option(1, "sequence-parallel size (plugin 3d, all-to-all)")
-    zero_stage: int = option(0, "ZeRO stage inside the 3d plugin (0, 1 or 2)", choices=(0, 1, 2))
-    microbatch_size: int = option(1, "pipeline micro-batch size (plugin 3d with pp > 1)")
-    zero_cpu_offload: bool = option(False, "offload optimizer states to CPU (zero2, gemini, 3d)")
-
-    @property
-    def pipeline(self) -> bool:
-        return self.pp > 1
 
 
 def device_type() -> str:
@@ -88,7 +66,7 @@ def make_plugin(cfg: ParallelConfig, max_norm: float = 1.0):
     """Build the plugin. Call after `colossalai.launch_from_torch` (plugins read the process group)."""
     from colossalai.booster.plugin import GeminiPlugin, HybridParallelPlugin, LowLevelZeroPlugin, TorchDDPPlugin
 
-    from colossal_shear import compat
+    from colossal_shear.core import compat
 
     compat.install()
     check_parallel_config(cfg, world_size=torch.distributed.get_world_size())
@@ -141,53 +119,3 @@ def model_dtype(cfg: ParallelConfig) -> torch.dtype:
 def booster_kwargs(cfg: ParallelConfig) -> dict:
     """ddp's fp16 needs the Booster's loss scaling; the other plugins handle precision inside."""
     return {"mixed_precision": "fp16"} if cfg.plugin == "ddp" and cfg.mixed_precision == "fp16" else {}
-
-
-def make_optimizer(params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95)):
-    """HybridAdam on GPU; torch AdamW on CPU processes, where HybridAdam's CPU kernel cannot build (its extension
-    is registered as CUDA and includes cuda.h). Both follow AdamW semantics (decoupled weight decay)."""
-    if device_type() == "cpu":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=1e-8, foreach=False)
-    from colossalai.nn.optimizer import HybridAdam
-
-    return HybridAdam(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=1e-8, adamw_mode=True)
-
-
-def launch(seed: int = 42) -> None:
-    """Join the process group the launcher (colossalai run / torchrun) describes: nccl on GPU, gloo on CPU."""
-    import colossalai
-
-    from colossal_shear import compat
-
-    compat.install()
-    if "RANK" not in os.environ:  # a plain `python train.py`: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    _prepare_network()
-    colossalai.launch_from_torch(backend="nccl" if device_type() == "cuda" else "gloo", seed=seed, verbose=False)
-
-    from colossalai.logging import get_dist_logger
-
-    get_dist_logger().set_level("WARNING")  # its INFO lines about checkpoint shards drown the run's own log
-
-
-def _prepare_network() -> None:
-    """gloo/NCCL bind to the interface that reaches MASTER_ADDR, not to what the host name resolves to (often
-    loopback), and wait on peers for COLOSSAL_SHEAR_DIST_TIMEOUT when set: see colossal_shear.train.network.
-    An unresolvable or unreachable MASTER_ADDR stops here, in one line."""
-    from colossal_shear.train import network
-
-    network.configure()
-    timeout = network.dist_timeout()
-    if timeout is not None:  # colossalai.launch passes no timeout: torch's default applies to every group it makes
-        import torch.distributed.distributed_c10d as c10d
-
-        c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

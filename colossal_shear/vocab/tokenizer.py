@@ -10,25 +10,23 @@ per character, and only then rename it into place.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from colossal_shear.config import option
-
-from ..constants import VOCAB_REPORT_FILE
-from ..fsutil import atomic_dir, check_target
-from .common import write_json
-from .corpus import check_readable
-from .errors import VocabError
-from .frequencies import CorpusCounts, count_tokens, default_workers
-from .hf_fast_edit import HFFastVocab
-from .id_map import write_id_map
-from .learn import train_pieces
-from .pieces import Candidate, Selection, read_pieces, select_pieces
-from .report import EvalRow, PieceStats, PruneStats, TokenizerReport
-from .sentencepiece_edit import SentencePieceVocab
+from colossal_shear.core.constants import VOCAB_REPORT_FILE
+from colossal_shear.core.errors import VocabError
+from colossal_shear.core.fsutil import atomic_dir, check_target
+from colossal_shear.vocab.common import write_json
+from colossal_shear.vocab.config import TokenizerConfig
+from colossal_shear.vocab.corpus import check_readable
+from colossal_shear.vocab.frequencies import CorpusCounts, count_tokens
+from colossal_shear.vocab.hf_fast_edit import HFFastVocab
+from colossal_shear.vocab.id_map import write_id_map
+from colossal_shear.vocab.learn import train_pieces
+from colossal_shear.vocab.pieces import Candidate, Selection, read_pieces, select_pieces
+from colossal_shear.vocab.report import EvalRow, PieceStats, PruneStats, TokenizerReport
+from colossal_shear.vocab.sentencepiece_edit import SentencePieceVocab
 
 log = logging.getLogger(__name__)
 
@@ -41,52 +39,6 @@ PROBES = (
     "  leading spaces,\ttabs\t\tand\n\n\nnewlines   and trailing  ",
     "混合 mixed 文本 with 中英文 and numbers 12345.67",
 )
-
-
-@dataclass
-class TokenizerConfig:
-    """Expand and/or prune a tokenizer (SentencePiece tokenizer.model or Hugging Face byte-level tokenizer.json).
-    Flag names of Colossal-LLaMA-2's script are kept."""
-
-    source_tokenizer_dir: Path = option(help="directory with tokenizer.model (SentencePiece) or tokenizer.json (HF "
-                                             "fast, byte-level BPE)")
-    target_tokenizer_dir: Path = option(help="output directory (must not exist unless --overwrite)")
-    expand_tokens_file: Path | None = option(None, 'pieces to add: JSONL, one {"piece": "..."} per line, or plain '
-                                                   "text, one piece per line")
-    learn_from_corpus: list[Path] = option(help="train a BPE on these files and add its best pieces the source lacks",
-                                           default_factory=list, metavar="FILE")
-    num_new_pieces: int | None = option(None, "how many learned pieces to add (with --learn_from_corpus)")
-    prune_corpus: list[Path] = option(help="keep only the pieces this corpus uses (JSONL records or plain text)",
-                                      default_factory=list, metavar="FILE")
-    keep_top_k: int | None = option(None, "keep the K most frequent used pieces (with --prune_corpus)")
-    min_count: int | None = option(None, "keep pieces used at least C times (with --prune_corpus)")
-    eval_file: list[Path] = option(help="report tokens per character before/after on these files (per category if "
-                                        "present)", default_factory=list, metavar="FILE")
-    num_workers: int = option(help="processes for counting tokens", default_factory=default_workers,
-                              default_text="the machine's cores, at most 8")
-    add_intermediates: bool = option(True, "add the intermediate pieces BPE needs to build a new piece (without them "
-                                           "it may never be produced; the report counts such pieces)",
-                                     negative="--no_intermediate_pieces")
-    overwrite: bool = option(False, "replace an existing target directory")
-    progress: bool = option(True, "progress bars on stderr")
-
-    def validate(self) -> None:
-        if not (self.expand_tokens_file or self.learn_from_corpus or self.prune_corpus):
-            raise VocabError("nothing to do: give --expand_tokens_file, --learn_from_corpus or --prune_corpus")
-        if self.learn_from_corpus and not self.num_new_pieces:
-            raise VocabError("--learn_from_corpus needs --num_new_pieces N (N > 0)")
-        if self.num_new_pieces is not None and not self.learn_from_corpus:
-            raise VocabError("--num_new_pieces needs --learn_from_corpus FILES")
-        if self.num_new_pieces is not None and self.num_new_pieces <= 0:
-            raise VocabError("--num_new_pieces must be positive")
-        if (self.keep_top_k is not None or self.min_count is not None) and not self.prune_corpus:
-            raise VocabError("--keep_top_k / --min_count need --prune_corpus FILES")
-        if self.keep_top_k is not None and self.keep_top_k <= 0:
-            raise VocabError("--keep_top_k must be positive")
-        if self.min_count is not None and self.min_count <= 0:
-            raise VocabError("--min_count must be positive")
-        if self.num_workers < 1:
-            raise VocabError("--num_workers must be at least 1")
 
 
 def open_tokenizer(directory: Path) -> SentencePieceVocab | HFFastVocab:
@@ -121,9 +73,16 @@ def select_kept(vocab, counts: CorpusCounts, keep_top_k: int | None, min_count: 
     closure = vocab.derivation_closure(freq) - freq - always
     keep = always | freq | closure
     stats = PruneStats(
-        records=counts.records, chars=counts.chars, tokens=counts.tokens, used=int(used.sum()),
-        kept_frequency=len(freq), kept_always=len(always), kept_intermediate=len(closure), removed=n - len(keep),
-        keep_top_k=keep_top_k, min_count=min_count,
+        records=counts.records,
+        chars=counts.chars,
+        tokens=counts.tokens,
+        used=int(used.sum()),
+        kept_frequency=len(freq),
+        kept_always=len(always),
+        kept_intermediate=len(closure),
+        removed=n - len(keep),
+        keep_top_k=keep_top_k,
+        min_count=min_count,
     )
     return keep, stats
 
@@ -142,8 +101,14 @@ def _learn(cfg: TokenizerConfig, vocab, sel_seen: set[str], present_texts: set[s
     best = None
     for _ in range(2):
         texts = train_pieces(cfg.learn_from_corpus, size, split_digits, cfg.num_workers)
-        sel = select_pieces(_candidates(texts, "learned"), vocab.to_internal, _present_fn(vocab), limit=n,
-                            seen=set(sel_seen), present_texts=present_texts)
+        sel = select_pieces(
+            _candidates(texts, "learned"),
+            vocab.to_internal,
+            _present_fn(vocab),
+            limit=n,
+            seen=set(sel_seen),
+            present_texts=present_texts,
+        )
         best = sel
         if len(sel.to_add) >= n:
             break
@@ -241,8 +206,9 @@ def init_tokenizer(cfg: TokenizerConfig) -> TokenizerReport:
     pruned = False
 
     if cfg.prune_corpus:
-        counts = count_tokens(cfg.prune_corpus, source_spec, len(vocab), cfg.num_workers, cfg.progress,
-                              "counting tokens")
+        counts = count_tokens(
+            cfg.prune_corpus, source_spec, len(vocab), cfg.num_workers, cfg.progress, "counting tokens"
+        )
         if counts.records == 0:
             raise VocabError(f"--prune_corpus: no text in {', '.join(map(str, cfg.prune_corpus))}")
         keep, report.prune = select_kept(vocab, counts, cfg.keep_top_k, cfg.min_count)
@@ -253,9 +219,15 @@ def init_tokenizer(cfg: TokenizerConfig) -> TokenizerReport:
     if file_candidates or cfg.learn_from_corpus:
         present_texts = {t["content"] for t in getattr(vocab, "added", [])}
         sel = select_pieces(file_candidates, vocab.to_internal, _present_fn(vocab), present_texts=present_texts)
-        stats = PieceStats(requested=sel.requested, duplicates=sel.duplicates, present=sel.present,
-                           rejected_empty=sel.rejected["empty"], rejected_whitespace=sel.rejected["whitespace"],
-                           rejected_invalid=sel.rejected["invalid"], examples=dict(sel.examples))
+        stats = PieceStats(
+            requested=sel.requested,
+            duplicates=sel.duplicates,
+            present=sel.present,
+            rejected_empty=sel.rejected["empty"],
+            rejected_whitespace=sel.rejected["whitespace"],
+            rejected_invalid=sel.rejected["invalid"],
+            examples=dict(sel.examples),
+        )
         to_add = list(sel.to_add)
         if cfg.learn_from_corpus:
             learned = _learn(cfg, vocab, set(to_add), present_texts)
@@ -268,8 +240,9 @@ def init_tokenizer(cfg: TokenizerConfig) -> TokenizerReport:
                 stats.examples.setdefault(f"learned, {k}", v)
             to_add += learned.to_add
             if len(learned.to_add) < cfg.num_new_pieces:
-                report.notes.append(f"the corpus yielded only {len(learned.to_add)} new pieces of the "
-                                    f"{cfg.num_new_pieces} asked for")
+                report.notes.append(
+                    f"the corpus yielded only {len(learned.to_add)} new pieces of the {cfg.num_new_pieces} asked for"
+                )
         res = vocab.expand(to_add, cfg.add_intermediates)
         stats.added = len(res.added)
         stats.intermediates = len(res.intermediates)
@@ -278,7 +251,7 @@ def init_tokenizer(cfg: TokenizerConfig) -> TokenizerReport:
             stats.examples["intermediate"] = res.intermediates[:5]
         report.pieces = stats
         pieces = vocab.pieces()
-        added_texts = [_piece_text(vocab, p) for p in pieces[res.first_new_id:res.first_new_id + 200]]
+        added_texts = [_piece_text(vocab, p) for p in pieces[res.first_new_id : res.first_new_id + 200]]
 
     report.vocab_after = len(vocab)
     with atomic_dir(target, cfg.overwrite) as tmp:
@@ -299,7 +272,7 @@ def _piece_text(vocab, piece: str) -> str:
     """A piece as plain text (for probes): '▁' -> space for SentencePiece, bytes decoded for byte-level BPE."""
     if isinstance(vocab, SentencePieceVocab):
         return piece.replace("\u2581", " ")
-    from .hf_fast_edit import bytes_to_unicode
+    from colossal_shear.vocab.hf_fast_edit import bytes_to_unicode
 
     inv = {c: b for b, c in bytes_to_unicode().items()}
     try:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .masks import effective_heads
-from .shape import PruneShape, head_dim_of
+from colossal_shear.pruning.masks import effective_heads
+from colossal_shear.pruning.shape import PruneShape, head_dim_of
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -69,7 +69,7 @@ class MaskedModel:
     def attached(self) -> bool:
         return bool(self._handles)
 
-    def attach(self) -> "MaskedModel":
+    def attach(self) -> MaskedModel:
         if self._handles:
             return self
         h = self._handles
@@ -86,14 +86,14 @@ class MaskedModel:
         h.append(self.base.norm.register_forward_hook(self._norm))
         return self
 
-    def detach(self) -> "MaskedModel":
+    def detach(self) -> MaskedModel:
         for handle in self._handles:
             handle.remove()
         self._handles = []
         self._prepared = {}
         return self
 
-    def __enter__(self) -> "MaskedModel":
+    def __enter__(self) -> MaskedModel:
         return self.attach()
 
     def __exit__(self, *exc) -> None:
@@ -155,6 +155,7 @@ class MaskedModel:
             g = heads[i].to(device=x.device, dtype=x.dtype)
             shaped = x.reshape(*x.shape[:-1], self.source.heads, self.head_dim) * g[:, None]
             return (shaped.reshape(x.shape), *args[1:])
+
         return hook
 
     def _neuron_in(self, i: int):
@@ -164,6 +165,7 @@ class MaskedModel:
                 return None
             x = args[0]
             return (x * inter[i].to(device=x.device, dtype=x.dtype), *args[1:])
+
         return hook
 
     def _residual_out(self, i: int):
@@ -172,6 +174,7 @@ class MaskedModel:
             if scale is None:
                 return None
             return output * scale[i].to(device=output.device, dtype=output.dtype)
+
         return hook
 
     def _norm(self, module, args, output):

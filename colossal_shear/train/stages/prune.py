@@ -16,15 +16,16 @@ import sys
 import torch
 import torch.distributed as dist
 
-from colossal_shear.pruning.apply import MaskedModel
+from colossal_shear.core.constants import (
+    PRUNE_TOLERANCE as CONVERGED_TOLERANCE,
+)  # one threshold for the log and the report
 from colossal_shear.pruning.fold import fold
 from colossal_shear.pruning.lagrangian import Lagrangian
+from colossal_shear.pruning.masked_model import MaskedModel
 from colossal_shear.pruning.masks import PruningMasks
 from colossal_shear.pruning.shape import PruneShape
-from colossal_shear.report import PRUNE_TOLERANCE as CONVERGED_TOLERANCE  # one threshold for the log and the report
-
-from .hooks import StageHooks
-from .schedule import resolve_warmup, warmup_cosine
+from colossal_shear.train.optim import resolve_warmup, warmup_cosine
+from colossal_shear.train.stages.base import StageHooks
 
 # The target ramp: RAMP_FRACTION of the prune steps, at least RAMP_MIN_STEPS (the masks need about that long to
 # follow a moving target without overshooting it), never more than all of them.
@@ -48,27 +49,31 @@ class PruneStage(StageHooks):
         self.target = PruneShape.parse(cfg.target_shape, model_config)
         self.target.validate_against(self.source)
         ramp = cfg.lagrangian_warmup_steps if cfg.lagrangian_warmup_steps is not None else default_ramp(total_steps)
-        self.masks = PruningMasks(model_config, self.target, init_log_alpha=cfg.mask_init,
-                                  seed=cfg.seed).to(device)
+        self.masks = PruningMasks(model_config, self.target, init_log_alpha=cfg.mask_init, seed=cfg.seed).to(device)
         if cfg.mask_init_from == "importance":
             from colossal_shear.pruning.importance_init import importance_log_alpha
 
             importance_log_alpha(self.masks, model, cfg.dataset[0], cfg.mask_init, cfg.mask_init_spread)
         self.masks.constrain()
         self.lagrangian = Lagrangian(self.source, self.target, warmup_steps=ramp).to(device)
-        self.optimizer = torch.optim.AdamW([
-            {"params": list(self.masks.parameters()), "lr": cfg.mask_lr, "weight_decay": 0.0},
-            {"params": list(self.lagrangian.parameters()), "lr": cfg.lag_lr, "weight_decay": 0.0},
-        ], betas=BETAS)
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": list(self.masks.parameters()), "lr": cfg.mask_lr, "weight_decay": 0.0},
+                {"params": list(self.lagrangian.parameters()), "lr": cfg.lag_lr, "weight_decay": 0.0},
+            ],
+            betas=BETAS,
+        )
         self.scheduler = warmup_cosine(self.optimizer, resolve_warmup(cfg.warmup_steps, total_steps), total_steps)
         self._seed = (cfg.seed, 0, 0)
         self.masked = MaskedModel(model, self._current_z)
         self.masked.attach()
         self.last_penalty = None  # a device tensor, read back only when the step's scalars are logged
         if total_steps < ramp + SETTLE_STEPS:
-            self._say(f"WARNING: {total_steps} prune steps with a {ramp}-step target ramp: the masks need about "
-                      f"{SETTLE_STEPS} steps after the ramp to settle, so they will probably end off target "
-                      f"(use --max_steps >= {ramp + SETTLE_STEPS} or a shorter --lagrangian_warmup_steps)")
+            self._say(
+                f"WARNING: {total_steps} prune steps with a {ramp}-step target ramp: the masks need about "
+                f"{SETTLE_STEPS} steps after the ramp to settle, so they will probably end off target "
+                f"(use --max_steps >= {ramp + SETTLE_STEPS} or a shorter --lagrangian_warmup_steps)"
+            )
 
     def _say(self, line: str) -> None:
         if self.dp_rank == 0:
@@ -99,8 +104,12 @@ class PruneStage(StageHooks):
 
     def _step(self) -> None:
         grads = [p.grad for group in self.optimizer.param_groups for p in group["params"]]
-        flat = torch.cat([torch.zeros_like(p).flatten() if g is None else g.flatten() for g, p in
-                          zip(grads, (p for group in self.optimizer.param_groups for p in group["params"]))])
+        flat = torch.cat(
+            [
+                torch.zeros_like(p).flatten() if g is None else g.flatten()
+                for g, p in zip(grads, (p for group in self.optimizer.param_groups for p in group["params"]))
+            ]
+        )
         dist.all_reduce(flat)
         flat /= dist.get_world_size()
         offset = 0
@@ -121,14 +130,17 @@ class PruneStage(StageHooks):
         """{dim: (expected sparsity, final target sparsity)} for every dim of the shape."""
         expected = {k: float(v.detach()) for k, v in self.masks.expected_shape().items()}
         final = self.masks.target_shape()
-        return {k: (1 - v / getattr(self.source, k), 1 - final[k] / getattr(self.source, k))
-                for k, v in expected.items()}
+        return {
+            k: (1 - v / getattr(self.source, k), 1 - final[k] / getattr(self.source, k)) for k, v in expected.items()
+        }
 
     def scalars(self, step: int) -> dict:
         targets = self.lagrangian.target_at(step)
         log_alpha = [g.log_alpha.detach() for g in self.masks.gates.values()]
-        out = {"prune/expected_params": float(self.masks.expected_params().detach()),
-               "prune/lagrangian": None if self.last_penalty is None else float(self.last_penalty)}
+        out = {
+            "prune/expected_params": float(self.masks.expected_params().detach()),
+            "prune/lagrangian": None if self.last_penalty is None else float(self.last_penalty),
+        }
         if log_alpha:  # none when the target is the source's shape
             out["prune/log_alpha_min"] = min(float(a.min()) for a in log_alpha)
             out["prune/log_alpha_max"] = max(float(a.max()) for a in log_alpha)
@@ -142,8 +154,12 @@ class PruneStage(StageHooks):
         return out
 
     def state_dict(self) -> dict:
-        return {"masks": self.masks.state_dict(), "lagrangian": self.lagrangian.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        return {
+            "masks": self.masks.state_dict(),
+            "lagrangian": self.lagrangian.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.masks.load_state_dict(state["masks"])
@@ -156,13 +172,15 @@ class PruneStage(StageHooks):
         CONVERGED_TOLERANCE (the binary masks then force a shape the training did not reach: expect a worse
         model)."""
         gaps = {k: abs(e - t) for k, (e, t) in self.sparsity().items() if k in self.lagrangian.constraints}
-        self._say("convergence |expected - target| sparsity: " +
-                  ", ".join(f"{k} {v:.3f}" for k, v in gaps.items()))
+        self._say("convergence |expected - target| sparsity: " + ", ".join(f"{k} {v:.3f}" for k, v in gaps.items()))
         off = {k: v for k, v in gaps.items() if v > CONVERGED_TOLERANCE}
         if off:
-            self._say("WARNING: the masks did NOT converge: " + ", ".join(f"{k} {v:.3f}" for k, v in off.items()) +
-                      f" off target (> {CONVERGED_TOLERANCE}); the folded model is forced to the target shape. "
-                      "Give the prune stage more steps (see docs/pruning.md).")
+            self._say(
+                "WARNING: the masks did NOT converge: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in off.items())
+                + f" off target (> {CONVERGED_TOLERANCE}); the folded model is forced to the target shape. "
+                "Give the prune stage more steps (see docs/pruning.md)."
+            )
         return gaps
 
     def export_transform(self):

@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from colossal_shear.compat import save_keeping_os_reason
-from colossal_shear.errors import UserError
-from colossal_shear.fsutil import atomic_write_text, file_digests, publish_dir
-from .collective import gather
+from colossal_shear.core.compat import save_keeping_os_reason
+from colossal_shear.core.errors import UserError
+from colossal_shear.core.fsutil import atomic_write_text, file_digests, publish_dir
+from colossal_shear.train.distributed.collective import gather
 
 LATEST, MANIFEST = "latest", "manifest.json"
 TRAINER_STATE, RANK_STATE = "trainer_state.pt", "rank-{rank}.pt"
@@ -52,8 +52,15 @@ class CheckpointError(UserError):
 
 def layout(parallel, world_size: int, dp_size: int) -> dict:
     """What a checkpoint's shards and rank files depend on: a run resumes it only with the same."""
-    return {"world_size": world_size, "plugin": parallel.plugin, "tp": parallel.tp, "pp": parallel.pp,
-            "sp": parallel.sp, "zero_stage": parallel.zero_stage, "dp_size": dp_size}
+    return {
+        "world_size": world_size,
+        "plugin": parallel.plugin,
+        "tp": parallel.tp,
+        "pp": parallel.pp,
+        "sp": parallel.sp,
+        "zero_stage": parallel.zero_stage,
+        "dp_size": dp_size,
+    }
 
 
 def _describe(lay: dict, keys) -> str:
@@ -73,7 +80,7 @@ def os_reason(error: BaseException) -> str | None:
     return os.strerror(int(match.group(1))) if match else None
 
 
-def _attempt(fn, *args):
+def attempt(fn, *args):
     """(result, None) or (None, the exception): a failure is kept to be agreed on, not raised at once."""
     try:
         return fn(*args), None
@@ -81,15 +88,18 @@ def _attempt(fn, *args):
         return None, e
 
 
-def _raise_agreed(error: Exception | None, what: str, where: Path, cleanup=None, note: str = "") -> None:
+def raise_agreed(error: Exception | None, what: str, where: Path, cleanup=None, note: str = "") -> None:
     """Agree on one step's failures. If any rank failed, rank 0 runs `cleanup` and every rank raises: one user
     error with the OS reason and the path for an I/O failure; anything else (a bug) is re-raised with its
     traceback on the rank that met it while the others name that rank."""
     mine = None
     if error is not None:
         reason = os_reason(error)
-        mine = (f"{reason} (in {where})", True) if reason else \
-            (f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}", False)
+        mine = (
+            (f"{reason} (in {where})", True)
+            if reason
+            else (f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}", False)
+        )
     failed = [(rank, problem) for rank, problem in enumerate(gather(mine)) if problem is not None]
     if not failed:
         return
@@ -147,8 +157,7 @@ class CheckpointManager:
     (`state_dict`/`load_state_dict`): shared ones in `trainer_state.pt` (the same on every rank, written by rank 0)
     and per-rank ones in `rank-R.pt` (RNG, data position), and the manifest."""
 
-    def __init__(self, booster, model, optimizer, save_dir: str | None, interval: int, keep_last: int,
-                 layout: dict):
+    def __init__(self, booster, model, optimizer, save_dir: str | None, interval: int, keep_last: int, layout: dict):
         self.booster, self.model, self.optimizer = booster, model, optimizer
         self.save_dir = Path(save_dir) if save_dir else None
         self.interval, self.keep_last = interval, keep_last
@@ -182,11 +191,11 @@ class CheckpointManager:
                 remove_tmp()
                 tmp.mkdir(parents=True)
 
-        _raise_agreed(_attempt(fresh_dir)[1], what, tmp, remove_tmp, note)
-        _raise_agreed(_attempt(self._write, tmp, rank)[1], what, tmp, remove_tmp, note)
+        raise_agreed(attempt(fresh_dir)[1], what, tmp, remove_tmp, note)
+        raise_agreed(attempt(self._write, tmp, rank)[1], what, tmp, remove_tmp, note)
         share = _shares(self._listing(tmp), dist.get_world_size())[rank]
-        digests, error = _attempt(file_digests, [tmp / rel for rel in share])
-        _raise_agreed(error, what, tmp, remove_tmp, note)
+        digests, error = attempt(file_digests, [tmp / rel for rel in share])
+        raise_agreed(error, what, tmp, remove_tmp, note)
         gathered = gather({os.path.relpath(path, tmp): d for path, d in digests.items()})
 
         def publish():
@@ -198,10 +207,10 @@ class CheckpointManager:
             publish_dir(tmp, final, overwrite=True)  # the same step may be saved again
             atomic_write_text(latest, name)
             old = sorted((p for p in self.save_dir.glob("step-*") if p.is_dir() and _step_of(p) >= 0), key=_step_of)
-            for p in old[:-self.keep_last] if self.keep_last > 0 else []:
+            for p in old[: -self.keep_last] if self.keep_last > 0 else []:
                 shutil.rmtree(p, ignore_errors=True)
 
-        _raise_agreed(_attempt(publish)[1], what, tmp, remove_tmp, note)
+        raise_agreed(attempt(publish)[1], what, tmp, remove_tmp, note)
         self.last_saved = step
         return final
 
@@ -210,8 +219,9 @@ class CheckpointManager:
         # tied weights share memory, which safetensors refuses: torch shards then
         self.booster.save_model(self.model, str(tmp / "model"), shard=True, use_safetensors=not tied)
         self.booster.save_optimizer(self.optimizer, str(tmp / "optimizer"), shard=True)
-        save_keeping_os_reason({k: c.state_dict() for k, c in self.per_rank.items()},
-                               tmp / RANK_STATE.format(rank=rank))
+        save_keeping_os_reason(
+            {k: c.state_dict() for k, c in self.per_rank.items()}, tmp / RANK_STATE.format(rank=rank)
+        )
         if rank == 0:
             save_keeping_os_reason({k: c.state_dict() for k, c in self.shared.items()}, tmp / TRAINER_STATE)
 
@@ -254,9 +264,11 @@ class CheckpointManager:
             return path, states, None
         pointer = path / LATEST
         if not candidates and named is None:
-            raise CheckpointError(f"--load_checkpoint {path}: neither a checkpoint ({MANIFEST}), a save_dir with a "
-                                  f"'{LATEST}' pointer or step-N checkpoints, nor a Hugging Face model directory "
-                                  "(config.json)")
+            raise CheckpointError(
+                f"--load_checkpoint {path}: neither a checkpoint ({MANIFEST}), a save_dir with a "
+                f"'{LATEST}' pointer or step-N checkpoints, nor a Hugging Face model directory "
+                "(config.json)"
+            )
         skipped = [] if named is None or named in candidates else [f"{pointer} names {named}, which is missing"]
         for name in candidates:
             problem, states = self._check(path / name)
@@ -265,8 +277,10 @@ class CheckpointManager:
                     return path / name, states, None
                 if named is None:
                     skipped.insert(0, f"{path} has no '{LATEST}' pointer")
-                note = (f"--load_checkpoint {path}: {'; '.join(skipped) or f'{pointer} names {named}'}; resuming "
-                        f"from {name}, the newest complete, verified checkpoint")
+                note = (
+                    f"--load_checkpoint {path}: {'; '.join(skipped) or f'{pointer} names {named}'}; resuming "
+                    f"from {name}, the newest complete, verified checkpoint"
+                )
                 return path / name, states, note
             message, fatal = problem
             if fatal:
@@ -284,14 +298,20 @@ class CheckpointManager:
             manifest = json.loads(manifest_path.read_text())
             files, saved_layout = manifest["files"], manifest["layout"]
         except FileNotFoundError:
-            problem = (f"{manifest_path} is missing: {path} is not a complete checkpoint (or was written before "
-                       "checkpoints carried a manifest)", False)
+            problem = (
+                f"{manifest_path} is missing: {path} is not a complete checkpoint (or was written before "
+                "checkpoints carried a manifest)",
+                False,
+            )
         except (OSError, ValueError, KeyError, TypeError) as e:
             problem = (f"{manifest_path} is not a readable manifest ({e})", False)
         if problem is None and saved_layout != self.layout:
             keys = [k for k in {**saved_layout, **self.layout} if saved_layout.get(k) != self.layout.get(k)]
-            problem = (f"{path} was written by a run with {_describe(saved_layout, keys)}; this run has "
-                       f"{_describe(self.layout, keys)}: resume with the same layout", True)
+            problem = (
+                f"{path} was written by a run with {_describe(saved_layout, keys)}; this run has "
+                f"{_describe(self.layout, keys)}: resume with the same layout",
+                True,
+            )
         if problem is None:
             share = _shares({rel: meta["size"] for rel, meta in files.items()}, world)[rank]
             problem = _verify(path, files, share)
@@ -317,8 +337,7 @@ def _scan(path: Path) -> tuple[bool, list[str], str | None]:
     found = [None]
     if dist.get_rank() == 0:
         explicit = any((path / n).exists() for n in (MANIFEST, TRAINER_STATE)) or bool(STEP_DIR.fullmatch(path.name))
-        steps = sorted((p for p in path.glob("step-*") if p.is_dir() and _step_of(p) >= 0), key=_step_of,
-                       reverse=True)
+        steps = sorted((p for p in path.glob("step-*") if p.is_dir() and _step_of(p) >= 0), key=_step_of, reverse=True)
         pointer = path / LATEST
         found[0] = (explicit, [p.name for p in steps], pointer.read_text().strip() if pointer.is_file() else None)
     dist.broadcast_object_list(found, src=0)
@@ -333,8 +352,10 @@ def _verify(root: Path, files: dict, share: list[str]):
         if not path.is_file():
             return f"{path} is missing (listed in {root / MANIFEST})", False
         if path.stat().st_size != size:
-            return (f"{path} has {path.stat().st_size} bytes, {root / MANIFEST} says {size}: truncated or "
-                    "overwritten", False)
+            return (
+                f"{path} has {path.stat().st_size} bytes, {root / MANIFEST} says {size}: truncated or overwritten",
+                False,
+            )
         present.append(path)
     try:
         digests = file_digests(present)
@@ -349,50 +370,3 @@ def _verify(root: Path, files: dict, share: list[str]):
 def _config_of(model):
     inner = model.unwrap() if hasattr(model, "unwrap") else model
     return getattr(inner, "config", None)
-
-
-def export_hf(booster, model, out_dir: str | os.PathLike, config, tokenizer, dtype: torch.dtype,
-              overwrite: bool = False, transform=None) -> Path:
-    """Write a plain Hugging Face directory (safetensors, config.json, tokenizer) that
-    `AutoModelForCausalLM.from_pretrained` loads with no custom code, atomically (temporary dir, then rename).
-
-    Every plugin can write full weights through the Booster, but not as safetensors when embeddings are tied (they
-    share memory): so the Booster writes torch shards to a scratch directory, and rank 0 loads them into a plain HF
-    model, applies `transform` (e.g. folding pruning masks), and saves it with `save_pretrained`.
-    """
-    from transformers import AutoModelForCausalLM
-
-    out = Path(out_dir)
-    scratch, tmp = out.with_name(f".tmp-full-{out.name}"), out.with_name(f".tmp-{out.name}")
-    rank, what = dist.get_rank(), f"exporting to {out}"
-
-    def remove_tmp():
-        for p in (scratch, tmp):
-            shutil.rmtree(p, ignore_errors=True)
-
-    def fresh_dir():
-        if rank == 0:
-            remove_tmp()
-            scratch.mkdir(parents=True)
-
-    def convert():
-        if rank != 0:
-            return
-        config.save_pretrained(scratch)
-        hf = AutoModelForCausalLM.from_pretrained(scratch, torch_dtype=torch.float32 if transform else dtype)
-        if transform is not None:
-            hf = transform(hf)
-        hf = hf.to(dtype)
-        hf.config.torch_dtype = dtype
-        hf.config.use_cache = True
-        hf.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(scratch)
-        publish_dir(tmp, out, overwrite=overwrite)
-
-    _raise_agreed(_attempt(fresh_dir)[1], what, scratch, remove_tmp)
-    full_weights = lambda: booster.save_model(model, str(scratch), shard=True, use_safetensors=False,  # noqa: E731
-                                              size_per_shard=4096)
-    _raise_agreed(_attempt(full_weights)[1], what, scratch, remove_tmp)
-    _raise_agreed(_attempt(convert)[1], what, tmp, remove_tmp)
-    return out

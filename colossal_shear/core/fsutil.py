@@ -26,11 +26,11 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Sequence
 
-from .constants import TOKENIZER_FILES
+from colossal_shear.core.constants import TOKENIZER_FILES
 
 
 def current_umask() -> int:
@@ -172,8 +172,12 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     return atomic_write_bytes(path, text.encode(encoding))
 
 
-def check_target(target: str | os.PathLike, overwrite: bool, sources: Sequence[str | os.PathLike | None] = (),
-                 error: type[Exception] = FileExistsError) -> None:
+def check_target(
+    target: str | os.PathLike,
+    overwrite: bool,
+    sources: Sequence[str | os.PathLike | None] = (),
+    error: type[Exception] = FileExistsError,
+) -> None:
     """Refuse, before any work, a target directory that exists (even empty) unless `overwrite`, a target that is
     not a directory, and a target that is one of the `sources`; `error` is the exception type raised."""
     target = Path(target)
