@@ -96,3 +96,15 @@ def test_ruff_finds_nothing_to_change(command):
     assert proc.returncode == 0, f"ruff {' '.join(command)} (fix with `ruff format . && ruff check --fix .`):\n" + (
         proc.stdout[-4000:] + proc.stderr[-2000:]
     )
+
+
+def test_core_depends_on_nothing_else_in_the_package():
+    known = modules()
+    outside = {
+        f"{name} -> {dep}"
+        for name, path in known.items()
+        if name.startswith("colossal_shear.core")
+        for dep in imports_of(name, path, known)
+        if not dep.startswith("colossal_shear.core")
+    }
+    assert not outside, f"core/ must stand alone: {sorted(outside)}"
