@@ -62,32 +62,28 @@ def train_sentencepiece(out_dir: str | os.PathLike, vocab_size: int = 2048, text
 
 
 def _train_into(tmp: Path, vocab_size: int, texts) -> None:
-    import sentencepiece as spm
     from transformers import AutoTokenizer, LlamaTokenizer
+
+    from colossal_shear.vocab.learn import train_bpe
 
     lines = []
     for t in texts if texts is not None else corpus_texts():
         lines.extend(l for l in t.splitlines() if l.strip())
     with open(tmp / "train.txt", "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
-    spm.SentencePieceTrainer.train(
-        input=str(tmp / "train.txt"),
-        model_prefix=str(tmp / "tokenizer"),
-        model_type="bpe",
-        vocab_size=vocab_size,
+    train_bpe(
+        tmp / "train.txt",
+        tmp / "tokenizer",
+        vocab_size,
         byte_fallback=True,
         character_coverage=0.99,
         split_digits=True,
-        normalization_rule_name="identity",
-        add_dummy_prefix=True,
-        remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True,
         unk_id=0,
         bos_id=1,
         eos_id=2,
         pad_id=-1,
         num_threads=1,
-        minloglevel=2,
     )
     (tmp / "train.txt").unlink()
     (tmp / "tokenizer.vocab").unlink()

@@ -10,6 +10,7 @@ Run `python -m colossal_shear.core.compat --report` to see the versions and what
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import pickle
@@ -201,8 +202,6 @@ def checkpoint_file_io() -> bool:
     """Checkpoint files: colossalai loads optimizer shards and param groups with `torch.load` without
     `weights_only` (torch's default, which TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 turns into arbitrary unpickling), and
     `torch.save` to a path reports a full disk as "enforce fail at inline_container.cc", without the OS reason."""
-    import importlib
-
     proxy = _CheckpointTorch()
     for name in CHECKPOINT_MODULES:
         module = importlib.import_module(name)
@@ -221,8 +220,6 @@ def padded_vocab_checkpoint() -> bool:
     embedding reaches `to_unpadded_tensor` as a detached copy, which carries the padding attributes but not the
     saved methods ("'Tensor' object has no attribute '_unpad_detach'", tp=1), and `search_tp_partition_dim` asserts
     that each tensor-parallel shard is exactly 1/tp of the unpadded size ("isn't evenly distributed", tp>1)."""
-    import importlib
-
     from colossalai.checkpoint_io import utils as ckpt_utils
     from colossalai.tensor.padded_tensor import api
 
@@ -252,26 +249,34 @@ def padded_vocab_checkpoint() -> bool:
         return None
 
     to_unpadded_tensor._colossal_shear = True
-    for name in (
+    _rebind(
+        "to_unpadded_tensor",
+        original_unpad,
+        to_unpadded_tensor,
         "colossalai.tensor.padded_tensor.api",
         "colossalai.tensor.padded_tensor",
         "colossalai.checkpoint_io.hybrid_parallel_checkpoint_io",
         "colossalai.zero.gemini.gemini_ddp",
         "colossalai.zero.gemini.gemini_optimizer",
-    ):
-        module = importlib.import_module(name)
-        if getattr(module, "to_unpadded_tensor", None) is original_unpad:
-            module.to_unpadded_tensor = to_unpadded_tensor
-    original_search = ckpt_utils.search_tp_partition_dim
-    for name in (
+    )
+    _rebind(
+        "search_tp_partition_dim",
+        ckpt_utils.search_tp_partition_dim,
+        search_tp_partition_dim,
         "colossalai.checkpoint_io.utils",
         "colossalai.checkpoint_io.hybrid_parallel_checkpoint_io",
         "colossalai.checkpoint_io.moe_checkpoint",
-    ):
-        module = importlib.import_module(name)
-        if getattr(module, "search_tp_partition_dim", None) is original_search:
-            module.search_tp_partition_dim = search_tp_partition_dim
+    )
     return True
+
+
+def _rebind(attr: str, original, replacement, *module_names: str) -> None:
+    """Point every module that imported `original` under `attr` (`from x import f` copies the name) at the
+    replacement."""
+    for name in module_names:
+        module = importlib.import_module(name)
+        if getattr(module, attr, None) is original:
+            setattr(module, attr, replacement)
 
 
 class _DropMessage(logging.Filter):

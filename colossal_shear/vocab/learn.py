@@ -33,6 +33,24 @@ def _write_training_text(paths: Sequence[Path], out: Path) -> tuple[int, int]:
     return n, len(chars)
 
 
+def train_bpe(text_file: Path, prefix: str | Path, vocab_size: int, **settings) -> None:
+    """Train a SentencePiece BPE that keeps text as written (identity normalisation, whitespace kept, a dummy prefix
+    like LLaMA's): the settings every tokenizer trained in this package shares; `settings` adds the rest."""
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(
+        input=str(text_file),
+        model_prefix=str(prefix),
+        model_type="bpe",
+        vocab_size=vocab_size,
+        normalization_rule_name="identity",
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        minloglevel=2,
+        **settings,
+    )
+
+
 def train_pieces(
     paths: Sequence[Path],
     merged_pieces: int,
@@ -41,7 +59,6 @@ def train_pieces(
 ) -> list[str]:
     """Pieces (as text, '▁' turned back into a space) of a BPE trained on `paths`, best first. The trained
     vocabulary holds every character of the corpus (SentencePiece requires it) plus `merged_pieces` merges."""
-    import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2 as pb2
 
     with tempfile.TemporaryDirectory(prefix="colossal_shear_learn_") as tmp:
@@ -51,17 +68,13 @@ def train_pieces(
             raise VocabError(f"--learn_from_corpus: no text in {', '.join(map(str, paths))}")
         prefix = os.path.join(tmp, "learned")
         try:
-            spm.SentencePieceTrainer.train(
-                input=str(text),
-                model_prefix=prefix,
-                model_type="bpe",
-                vocab_size=n_chars + merged_pieces + 1,
+            train_bpe(
+                text,
+                prefix,
+                n_chars + merged_pieces + 1,
                 hard_vocab_limit=False,  # a small corpus yields fewer pieces instead of an error
                 character_coverage=0.9995,
                 split_digits=split_digits,
-                normalization_rule_name="identity",
-                add_dummy_prefix=True,
-                remove_extra_whitespaces=False,
                 byte_fallback=False,
                 max_sentence_length=MAX_SENTENCE_BYTES,
                 input_sentence_size=2_000_000,
@@ -70,7 +83,6 @@ def train_pieces(
                 bos_id=-1,
                 eos_id=-1,
                 unk_id=0,
-                minloglevel=2,
             )
         except RuntimeError as e:
             raise VocabError(f"--learn_from_corpus: SentencePiece training failed: {e}") from None
