@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 from conftest import run_distributed
-from test_train import TRAIN, _args, dataset, tb_scalars  # noqa: F401 (fixture)
+from test_train import TRAIN, _args, tb_scalars
 
 from colossal_shear.core.config import parse
 from colossal_shear.train.config import TrainConfig

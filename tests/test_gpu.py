@@ -9,7 +9,7 @@ import sys
 
 import pytest
 from conftest import ROOT, gpu_env, run_distributed
-from test_train import TRAIN, _args, dataset, tb_scalars  # noqa: F401 (fixture)
+from test_train import TRAIN, _args, tb_scalars
 
 from colossal_shear.train.config import PLUGINS
 
