@@ -15,9 +15,10 @@ Modules, by responsibility:
 """
 
 from colossal_shear.core.errors import VocabError
+from colossal_shear.vocab.config import TokenizerConfig
 from colossal_shear.vocab.id_map import ID_MAP_FILE, read_id_map, write_id_map
 from colossal_shear.vocab.report import TokenizerReport
-from colossal_shear.vocab.tokenizer import TokenizerConfig, init_tokenizer, open_tokenizer
+from colossal_shear.vocab.tokenizer import init_tokenizer, open_tokenizer
 
 __all__ = [
     "ID_MAP_FILE",
