@@ -139,7 +139,9 @@ def build_bundled(root: str | os.PathLike) -> dict[str, Path]:
 if __name__ == "__main__":
     import sys
 
+    from colossal_shear.core.logger import get_logger
+
     if len(sys.argv) != 2:
         sys.exit("usage: python -m colossal_shear.bundled OUTPUT_DIR   (builds the bundled tokenizer and tiny models)")
     for name, path in build_bundled(sys.argv[1]).items():
-        print(f"{name}: {path}")
+        get_logger(__name__).info(f"{name}: {path}")

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 
 from colossal_shear.core import config as configuration
+from colossal_shear.core import logger
 from colossal_shear.core.errors import UserError
 from colossal_shear.data.config import PrepareConfig
 from colossal_shear.pruning.config import OneShotConfig
@@ -25,6 +26,8 @@ CLIS = {
     "train.py": TrainConfig,
     "colossal_shear/report.py": ReportConfig,  # python -m colossal_shear.report
 }
+
+log = logger.get_logger(__name__)
 
 # OS errors about a path the user gave (its name is in the message) are user errors too
 PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
@@ -54,17 +57,16 @@ def run(script: str, work: Callable, show: Callable, argv=None, description: str
 
 def report(prog: str, error: BaseException) -> None:
     """One line on stderr, once per job. Before the process group is up every rank meets the same user error (the
-    checks run before ranks diverge), so only rank 0 prints it, unless it is marked `rank_local`; after that, the
-    first rank to meet a message prints it (`report_here`, set by colossal_shear.train.collective.fail)."""
-    rank = int(os.environ.get("RANK", "0") or 0)
-    if hasattr(error, "report_here"):
-        if not error.report_here:
-            return
-    elif rank != 0 and not getattr(error, "rank_local", False):
-        return
-    where = f"[rank {rank}] " if getattr(error, "rank_local", False) else ""
+    checks run before ranks diverge), so it is shown by rank 0 (the logger's default), unless it is marked
+    `rank_local`; after that, the first rank to meet a message prints it (`report_here`, set by
+    colossal_shear.train.collective.fail)."""
+    rank_local = getattr(error, "rank_local", False)
+    if hasattr(error, "report_here") and not error.report_here:
+        return  # another rank claimed this message and prints it
+    shown = logger.HERE if rank_local or hasattr(error, "report_here") else None  # None: the logger's rank 0
+    where = f"[rank {logger.rank()}] " if rank_local else ""
     message = " ".join(str(error).split("\n")) if str(error) else type(error).__name__
-    print(f"{prog}: error: {where}{message}", file=sys.stderr, flush=True)
+    log.error(f"{prog}: error: {where}{message}", extra=shown)
 
 
 def cli_docs() -> str:

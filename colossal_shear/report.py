@@ -20,7 +20,9 @@ from colossal_shear.core.config import option
 from colossal_shear.core.constants import PRUNE_TOLERANCE
 from colossal_shear.core.errors import ConfigError
 from colossal_shear.core.fsutil import atomic_write_bytes, atomic_write_text
+from colossal_shear.core.logger import get_logger
 
+log = get_logger(__name__)
 STAGE_ORDER = ("align", "prune", "continue", "replay")
 
 
@@ -229,9 +231,9 @@ def run(cfg: ReportConfig):
 def show(result) -> None:
     report, summary = result
     width = max((len(k) for k, _ in summary), default=10)
-    print(f"report: {report}")
+    log.info(f"report: {report}")
     for k, v in summary:
-        print(f"  {k:<{width}}  {v}")
+        log.info(f"  {k:<{width}}  {v}")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ def test_loopback_master_uses_lo():
             assert (choice.ifname, choice.address) == ("lo", "127.0.0.1"), choice
 
 
-def test_configure_sets_what_is_unset_and_says_it_once_per_host():
+def test_configure_sets_what_is_unset_and_says_so():
+    """Which process shows the line (each host's local rank 0) is the logger's: tests/test_logging.py."""
     base = {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
     lines = []
     env = {**base, "LOCAL_RANK": "0"}
@@ -43,7 +44,7 @@ def test_configure_sets_what_is_unset_and_says_it_once_per_host():
     env = {**base, "LOCAL_RANK": "1", "GLOO_SOCKET_IFNAME": "eth7"}
     network.configure(env, log=lines.append)
     assert (env["GLOO_SOCKET_IFNAME"], env["NCCL_SOCKET_IFNAME"]) == ("eth7", "lo")  # a given name is kept
-    assert len(lines) == 1  # only local rank 0 speaks
+    assert len(lines) == 2 and "GLOO_SOCKET_IFNAME=eth7 (given)" in lines[1]
 
     for off in (
         {"COLOSSAL_SHEAR_AUTO_IFNAME": "0"},
@@ -53,7 +54,7 @@ def test_configure_sets_what_is_unset_and_says_it_once_per_host():
         env = {**base, "LOCAL_RANK": "0", **off}
         assert network.configure(env, log=lines.append) is None
         assert env.get("GLOO_SOCKET_IFNAME") == off.get("GLOO_SOCKET_IFNAME")
-    assert len(lines) == 1
+    assert len(lines) == 2
 
 
 def test_dist_timeout():
@@ -66,7 +67,7 @@ def test_dist_timeout():
 
 PROBE = """
 import json, sys
-from colossal_shear.train import network
+from colossal_shear.train.distributed import network
 out = {}
 for host in sys.argv[1:]:
     try:

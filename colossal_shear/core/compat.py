@@ -345,5 +345,8 @@ if __name__ == "__main__":
         warnings.filterwarnings("ignore")
         from colossalai.booster import Booster  # noqa: F401  (the import chain users hit first)
 
-        print("colossal_shear environment:", ", ".join(f"{k} {v}" for k, v in versions().items()))
-        print("compat patches applied:", ", ".join(install()) or "none")
+        from colossal_shear.core.logger import get_logger
+
+        log = get_logger(__name__)
+        log.info("colossal_shear environment: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
+        log.info("compat patches applied: " + (", ".join(install()) or "none"))

@@ -22,6 +22,9 @@ import typing
 from pathlib import Path
 
 from colossal_shear.core.errors import ConfigError
+from colossal_shear.core.logger import get_logger
+
+log = get_logger(__name__)
 
 _NONE = ("none", "null", "~", "")
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
@@ -225,9 +228,16 @@ def _default_text(f: _Field) -> str:
     return str(d)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """argparse's own error (unknown flag, missing value), its usage and one line, shown once per job."""
+        log.error(f"{self.format_usage()}{self.prog}: error: {message}")
+        self.exit(2)
+
+
 def build_parser(cls, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
     """argparse from the dataclass; every flag defaults to 'not given' so YAML values are not overridden."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog,
         description=description,
         argument_default=argparse.SUPPRESS,
@@ -283,7 +293,7 @@ def build_parser(cls, prog: str | None = None, description: str | None = None) -
 
 def parse(cls, argv: typing.Sequence[str] | None = None, prog: str | None = None, description: str | None = None):
     """Defaults < YAML (--config) < flags; returns an instance of `cls`. Bad values raise ConfigError (one line);
-    argparse's own errors (unknown flag, missing value) print one line and exit 2 as usual."""
+    argparse's own errors (unknown flag, missing value) print the usage and one line, once per job, and exit 2."""
     parser = build_parser(cls, prog, description)
     given = vars(parser.parse_args(None if argv is None else [str(a) for a in argv]))
     values = load_yaml(given.pop("config"), cls) if given.get("config") else {}

@@ -2,7 +2,10 @@
 
 Why one: a job of N processes must say each thing once. Records are shown on rank 0 only (RANK, as torchrun and
 `colossalai run` set it); a record that only some rank can know (its own failure, its own interface) is marked
-`extra=EVERY_RANK` and is then shown on every rank, prefixed `[rank N]` when the job has more than one process.
+`extra=EVERY_RANK` and is then shown on every rank, prefixed `[rank N]` when the job has more than one process;
+one that differs by host (the network interface it chose) is `extra=EVERY_HOST`, shown by each host's local rank 0;
+and one this process says for the whole job (it claimed the message with `collective.claim_report`, or the message
+names its rank itself) is `extra=HERE`, shown by the process that logs it. Nothing else asks the rank.
 
 One format: the message alone, so the lines users read (and scripts grep) are what the code wrote. INFO and below go
 to stdout, WARNING and above to stderr, both looked up when written (redirections and pytest's capture apply) and
@@ -17,11 +20,18 @@ import sys
 
 ROOT = "colossal_shear"
 EVERY_RANK = {"every_rank": True}  # `log.info(msg, extra=EVERY_RANK)`: shown on every rank, not only rank 0
+EVERY_HOST = {"every_host": True}  # shown as written by each host's local rank 0 (LOCAL_RANK), once per host
+HERE = {"here": True}  # shown as written by the process that logs it: it speaks for the job (see above)
 
 
 def rank() -> int:
     """This process's global rank in the job (0 outside a distributed launch)."""
     return int(os.environ.get("RANK", "0") or 0)
+
+
+def local_rank() -> int:
+    """This process's rank on its host (LOCAL_RANK; 0 outside a distributed launch)."""
+    return int(os.environ.get("LOCAL_RANK", "0") or 0)
 
 
 def world_size() -> int:
@@ -30,6 +40,10 @@ def world_size() -> int:
 
 class _RankFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "here", False):
+            return True
+        if getattr(record, "every_host", False):
+            return local_rank() == 0
         if getattr(record, "every_rank", False):
             if world_size() > 1 and not getattr(record, "rank_prefixed", False):
                 record.msg, record.rank_prefixed = f"[rank {rank()}] {record.msg}", True

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from colossal_shear.core.errors import UserError
+from colossal_shear.core.logger import EVERY_HOST, get_logger
 
 IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 AUTO_VAR = "COLOSSAL_SHEAR_AUTO_IFNAME"
@@ -247,8 +248,8 @@ def choose_interface(master_addr: str, master_port: int, multi_node: bool) -> Ch
 
 def configure(environ=None, log=None) -> Choice | None:
     """Set GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME (those unset) for a torchrun / colossalai-run worker, and say
-    which interface on this host's local rank 0. Does nothing for a world of one or with
-    COLOSSAL_SHEAR_AUTO_IFNAME=0."""
+    which interface (`log`; by default the package logger, which shows it once per host). Does nothing for a world
+    of one or with COLOSSAL_SHEAR_AUTO_IFNAME=0."""
     env = os.environ if environ is None else environ
     if env.get(AUTO_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
@@ -260,14 +261,13 @@ def configure(environ=None, log=None) -> Choice | None:
     choice = choose_interface(env["MASTER_ADDR"], int(env.get("MASTER_PORT", "0")), multi_node=world > local_world)
     for var in unset:
         env[var] = choice.ifname
-    if env.get("LOCAL_RANK", "0") == "0":
-        kept = [f"{v}={env[v]} (given)" for v in IFNAME_VARS if v not in unset]
-        (log or _print)(
-            f"network: host {socket.gethostname()} uses {choice.ifname} ({choice.address}) for "
-            f"{' and '.join(unset)}: {choice.reason}"
-            + (f"; {', '.join(kept)}" if kept else "")
-            + f". Override with {' / '.join(IFNAME_VARS)}, or {AUTO_VAR}=0 for gloo/NCCL's defaults."
-        )
+    kept = [f"{v}={env[v]} (given)" for v in IFNAME_VARS if v not in unset]
+    (log or _say)(
+        f"network: host {socket.gethostname()} uses {choice.ifname} ({choice.address}) for "
+        f"{' and '.join(unset)}: {choice.reason}"
+        + (f"; {', '.join(kept)}" if kept else "")
+        + f". Override with {' / '.join(IFNAME_VARS)}, or {AUTO_VAR}=0 for gloo/NCCL's defaults."
+    )
     return choice
 
 
@@ -285,5 +285,5 @@ def dist_timeout(environ=None) -> timedelta | None:
     return timedelta(seconds=seconds)
 
 
-def _print(line: str) -> None:
-    print(line, flush=True)
+def _say(line: str) -> None:
+    get_logger(__name__).info(line, extra=EVERY_HOST)

@@ -32,10 +32,12 @@ import torch.distributed as dist
 from colossal_shear.core.compat import save_keeping_os_reason
 from colossal_shear.core.errors import UserError
 from colossal_shear.core.fsutil import atomic_write_text, file_digests, publish_dir
+from colossal_shear.core.logger import get_logger
 from colossal_shear.train.distributed.collective import gather
 
 LATEST, MANIFEST = "latest", "manifest.json"
 TRAINER_STATE, RANK_STATE = "trainer_state.pt", "rank-{rank}.pt"
+log = get_logger(__name__)
 STEP_DIR = re.compile(r"step-(\d+)")
 
 
@@ -240,8 +242,8 @@ class CheckpointManager:
         """Restore the model, the optimizer and every registered component from a checkpoint, or from the newest
         verified checkpoint of a save_dir. Every check runs before the first collective load."""
         chosen, (shared, mine), note = self._choose(Path(path))
-        if note and dist.get_rank() == 0:
-            print(note, flush=True)
+        if note:
+            log.info(note)
         try:
             self.booster.load_model(self.model, str(chosen / "model"))
             self.booster.load_optimizer(self.optimizer, str(chosen / "optimizer"))

@@ -1,14 +1,19 @@
-"""Run logging on rank 0: tensorboard scalars, a progress bar, and a one-line summary per log interval."""
+"""Run logging: tensorboard scalars and a progress bar (one process keeps them: `enabled`, rank 0), and a one-line
+summary per log interval through the package logger, which shows it once per job."""
 
 from __future__ import annotations
 
 import json
 import sys
 
+from colossal_shear.core.logger import get_logger
+
+log = get_logger(__name__)
+
 
 class RunLogger:
     def __init__(self, cfg, total_steps: int, enabled: bool, start_step: int = 0):
-        self.enabled, self.interval = enabled, max(1, cfg.log_interval)
+        self.interval = max(1, cfg.log_interval)
         self.writer = self.bar = None
         if not enabled:
             return
@@ -22,8 +27,6 @@ class RunLogger:
             self.bar = tqdm(total=total_steps, initial=start_step, desc=f"{cfg.stage}", dynamic_ncols=True)
 
     def step(self, step: int, scalars: dict) -> None:
-        if not self.enabled:
-            return
         if self.writer:
             for k, v in scalars.items():
                 if v is not None:
@@ -33,28 +36,22 @@ class RunLogger:
             self.bar.set_postfix(loss=f"{scalars['loss']:.4f}")
         if step % self.interval == 0:
             parts = [f"step {step}"] + [_fmt(k, v) for k, v in scalars.items() if v is not None and "/" not in k]
-            self._print(" | ".join(parts))
+            log.info(" | ".join(parts))
 
     def scalars(self, step: int, values: dict) -> None:
-        """Extra tensorboard points (domain weights, ...), also printed on one line."""
-        if not self.enabled:
-            return
+        """Extra tensorboard points (domain weights, ...), also logged on one line."""
         if self.writer:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, step)
-        self._print(f"step {step} | " + " | ".join(f"{k} {v:.4g}" for k, v in values.items()))
+        log.info(f"step {step} | " + " | ".join(f"{k} {v:.4g}" for k, v in values.items()))
 
     def eval(self, step: int, losses: dict) -> None:
-        if not self.enabled:
-            return
         if self.writer:
             for cat, v in losses.items():
                 self.writer.add_scalar(f"eval/loss/{cat}", v, step)
-        self._print(f"eval step {step} | " + " | ".join(f"{c} {v:.4f}" for c, v in losses.items()))
+        log.info(f"eval step {step} | " + " | ".join(f"{c} {v:.4f}" for c, v in losses.items()))
 
     def close(self, result: dict) -> None:
-        if not self.enabled:
-            return
         if self.bar:
             self.bar.close()
         if self.writer:
@@ -62,13 +59,7 @@ class RunLogger:
             self.writer.close()
         summary = {k: v for k, v in result.items() if k != "losses"}
         summary["final_loss"] = result["losses"][-1] if result["losses"] else None
-        self._print("done " + json.dumps(summary))
-
-    def _print(self, line: str) -> None:
-        if self.bar:
-            self.bar.write(line)
-        else:
-            print(line, flush=True)
+        log.info("done " + json.dumps(summary))
 
 
 def _fmt(k, v):

@@ -11,14 +11,13 @@ optimizer and scheduler are untouched), with betas (0.9, 0.95).
 
 from __future__ import annotations
 
-import sys
-
 import torch
 import torch.distributed as dist
 
 from colossal_shear.core.constants import (
     PRUNE_TOLERANCE as CONVERGED_TOLERANCE,
 )  # one threshold for the log and the report
+from colossal_shear.core.logger import get_logger
 from colossal_shear.pruning.fold import fold
 from colossal_shear.pruning.lagrangian import Lagrangian
 from colossal_shear.pruning.masked_model import MaskedModel
@@ -26,6 +25,8 @@ from colossal_shear.pruning.masks import PruningMasks
 from colossal_shear.pruning.shape import PruneShape
 from colossal_shear.train.optim import resolve_warmup, warmup_cosine
 from colossal_shear.train.stages.base import StageHooks
+
+log = get_logger(__name__)
 
 # The target ramp: RAMP_FRACTION of the prune steps, at least RAMP_MIN_STEPS (the masks need about that long to
 # follow a moving target without overshooting it), never more than all of them.
@@ -76,8 +77,7 @@ class PruneStage(StageHooks):
             )
 
     def _say(self, line: str) -> None:
-        if self.dp_rank == 0:
-            print(f"prune: {line}", file=sys.stderr if "WARNING" in line else sys.stdout, flush=True)
+        (log.warning if "WARNING" in line else log.info)(f"prune: {line}")
 
     def _current_z(self):
         if self.masks.training:
