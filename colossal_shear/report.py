@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from colossal_shear.core.config import option
@@ -32,9 +32,6 @@ def read_scalars(logdir: str | os.PathLike) -> dict[str, list[tuple[int, float]]
     acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
-# |expected - target| sparsity above this at the end of the prune stage: not converged (the stage's log and the report).
 
 
 def prune_convergence(scalars: dict) -> dict[str, float]:
@@ -97,6 +94,18 @@ def _plot(series: dict[str, list[tuple[int, float]]], title: str, ylabel: str, p
     return atomic_write_bytes(path, png.getvalue())
 
 
+@dataclass
+class _RunScalars:
+    """A run's curves, stages laid end to end (each stage's steps shifted past the previous stages' last step)."""
+
+    losses: dict = field(default_factory=dict)  # stage -> train loss points
+    evals: dict = field(default_factory=dict)  # category -> eval loss points
+    weights: dict = field(default_factory=dict)  # "stage: domain" -> weight points
+    sparsity: dict = field(default_factory=dict)  # expected_sparsity/dim, target_sparsity/dim -> points
+    rows: list = field(default_factory=list)  # (stage, steps, first loss, last loss, {category: final eval loss})
+    gaps: dict = field(default_factory=dict)  # the prune stage's convergence gaps
+
+
 def make_report(
     tensorboard_dir,
     out_dir,
@@ -108,55 +117,95 @@ def make_report(
     """Write report.md and the plots; return its path and the summary rows (what, value)."""
     tb, out = Path(tensorboard_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    present = (
-        [s for s in stages if (tb / s).is_dir()]
-        + sorted(p.name for p in tb.iterdir() if p.is_dir() and p.name not in stages)
-        if tb.is_dir()
-        else []
+    logged = _read_stages(tb, _present_stages(tb, stages))
+    plots = [
+        _plot(logged.losses, "training loss per stage", "loss", out / "loss_per_stage.png"),
+        _plot(logged.evals, "held-out loss per category", "loss", out / "eval_loss_per_category.png"),
+        _plot(logged.weights, "domain weights (dynamic loading)", "weight", out / "domain_weights.png"),
+        _plot(logged.sparsity, "expected vs target sparsity during pruning", "sparsity", out / "expected_sparsity.png"),
+    ]
+    summary = _summary(logged, models, tokenizers, eval_texts)
+    lines = ["# Run report", ""] + _convergence_warning(logged.gaps)
+    if summary:
+        lines += ["| what | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in summary] + [""]
+    lines += _final_eval_table(logged.rows)
+    for p in plots:
+        if p is not None:
+            lines += [f"![{p.stem}]({p.name})", ""]
+    report = atomic_write_text(out / "report.md", "\n".join(lines))
+    return report, summary
+
+
+def _present_stages(tb: Path, stages) -> list[str]:
+    """The stages with logs, in the order of `stages`, then any other sub-directory by name."""
+    if not tb.is_dir():
+        return []
+    return [s for s in stages if (tb / s).is_dir()] + sorted(
+        p.name for p in tb.iterdir() if p.is_dir() and p.name not in stages
     )
-    losses, evals, weights, sparsity, rows, offset, gaps = {}, {}, {}, {}, [], 0, {}
+
+
+def _read_stages(tb: Path, present: list[str]) -> _RunScalars:
+    logged, offset = _RunScalars(), 0
     for stage in present:
         scalars = read_scalars(tb / stage)
         train = scalars.get("train/loss", [])
-        shift = lambda pts, offset=offset: [(s + offset, v) for s, v in pts]
-        losses[stage] = shift(train)
-        final_eval = {}
-        for tag, pts in scalars.items():
-            if tag.startswith("eval/loss/"):
-                cat = tag.split("/", 2)[2]
-                evals.setdefault(cat, []).extend(shift(pts))
-                final_eval[cat] = pts[-1][1]
-            elif tag.startswith("domain_weight/"):
-                weights.setdefault(f"{stage}: {tag.split('/', 1)[1]}", []).extend(shift(pts))
-            elif tag.startswith("prune/expected_sparsity/") or tag.startswith("prune/target_sparsity/"):
-                sparsity[tag.split("/", 1)[1]] = shift(pts)
+        final_eval = _add_stage(logged, stage, scalars, offset)
         if stage == "prune":
-            gaps = prune_convergence(scalars)
-        rows.append((stage, len(train), train[0][1] if train else None, train[-1][1] if train else None, final_eval))
+            logged.gaps = prune_convergence(scalars)
+        logged.rows.append(
+            (stage, len(train), train[0][1] if train else None, train[-1][1] if train else None, final_eval)
+        )
         offset += max((s for s, _ in train), default=0)
+    return logged
 
-    plots = [
-        _plot(losses, "training loss per stage", "loss", out / "loss_per_stage.png"),
-        _plot(evals, "held-out loss per category", "loss", out / "eval_loss_per_category.png"),
-        _plot(weights, "domain weights (dynamic loading)", "weight", out / "domain_weights.png"),
-        _plot(sparsity, "expected vs target sparsity during pruning", "sparsity", out / "expected_sparsity.png"),
+
+def _add_stage(logged: _RunScalars, stage: str, scalars: dict, offset: int) -> dict[str, float]:
+    """Add one stage's curves, shifted by `offset` steps; return its final eval loss per category."""
+
+    def shift(pts):
+        return [(s + offset, v) for s, v in pts]
+
+    logged.losses[stage] = shift(scalars.get("train/loss", []))
+    final_eval = {}
+    for tag, pts in scalars.items():
+        if tag.startswith("eval/loss/"):
+            cat = tag.split("/", 2)[2]
+            logged.evals.setdefault(cat, []).extend(shift(pts))
+            final_eval[cat] = pts[-1][1]
+        elif tag.startswith("domain_weight/"):
+            logged.weights.setdefault(f"{stage}: {tag.split('/', 1)[1]}", []).extend(shift(pts))
+        elif tag.startswith("prune/expected_sparsity/") or tag.startswith("prune/target_sparsity/"):
+            logged.sparsity[tag.split("/", 1)[1]] = shift(pts)
+    return final_eval
+
+
+def _not_converged(gaps: dict) -> dict:
+    return {k: v for k, v in gaps.items() if v > PRUNE_TOLERANCE}
+
+
+def _convergence_warning(gaps: dict) -> list[str]:
+    off = _not_converged(gaps)
+    if not off:
+        return []
+    return [
+        "**WARNING: the prune stage did not converge**: |expected - target| sparsity "
+        + ", ".join(f"{k} {v:.3f}" for k, v in off.items())
+        + f" (> {PRUNE_TOLERANCE}) at its last step; "
+        "the folded model was forced to the target shape. Give it more steps (docs/pruning.md).",
+        "",
     ]
-    lines = ["# Run report", ""]
+
+
+def _summary(logged: _RunScalars, models, tokenizers, eval_texts) -> list[tuple[str, str]]:
+    """(what, value): prune convergence, tokens per character, parameter counts, each stage's loss."""
     summary = []
-    off = {k: v for k, v in gaps.items() if v > PRUNE_TOLERANCE}
-    if off:
-        lines += [
-            "**WARNING: the prune stage did not converge**: |expected - target| sparsity "
-            + ", ".join(f"{k} {v:.3f}" for k, v in off.items())
-            + f" (> {PRUNE_TOLERANCE}) at its last step; "
-            "the folded model was forced to the target shape. Give it more steps (docs/pruning.md).",
-            "",
-        ]
-    if gaps:
+    if logged.gaps:
+        gaps = ", ".join(f"{k} {v:.3f}" for k, v in logged.gaps.items())
         summary.append(
             (
                 "prune convergence (sparsity gap to target)",
-                ", ".join(f"{k} {v:.3f}" for k, v in gaps.items()) + (" (NOT converged)" if off else ""),
+                gaps + (" (NOT converged)" if _not_converged(logged.gaps) else ""),
             )
         )
     if tokenizers and eval_texts:
@@ -168,29 +217,26 @@ def make_report(
     for name, path in (models or {}).items():
         if Path(path).is_dir():
             summary.append((f"parameters ({name})", f"{count_params(path):,}"))
-    for stage, n, first, last, _final_eval in rows:
+    for stage, n, first, last, _final_eval in logged.rows:
         if last is not None:
             summary.append((f"loss ({stage})", f"{first:.4f} → {last:.4f} over {n} steps"))
-    if summary:
-        lines += ["| what | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in summary] + [""]
-    if rows:
-        cats = sorted({c for *_, e in rows for c in e})
-        if cats:
-            lines += [
-                "## Final held-out loss per category",
-                "",
-                "| stage | " + " | ".join(cats) + " |",
-                "|---|" + "---|" * len(cats),
-            ]
-            lines += [
-                f"| {s} | " + " | ".join(f"{e[c]:.4f}" if c in e else "" for c in cats) + " |" for s, _, _, _, e in rows
-            ]
-            lines.append("")
-    for p in plots:
-        if p is not None:
-            lines += [f"![{p.stem}]({p.name})", ""]
-    report = atomic_write_text(out / "report.md", "\n".join(lines))
-    return report, summary
+    return summary
+
+
+def _final_eval_table(rows: list) -> list[str]:
+    cats = sorted({c for *_, e in rows for c in e})
+    if not cats:
+        return []
+    return (
+        [
+            "## Final held-out loss per category",
+            "",
+            "| stage | " + " | ".join(cats) + " |",
+            "|---|" + "---|" * len(cats),
+        ]
+        + [f"| {s} | " + " | ".join(f"{e[c]:.4f}" if c in e else "" for c in cats) + " |" for s, _, _, _, e in rows]
+        + [""]
+    )
 
 
 def _pairs(items, flag: str) -> dict:

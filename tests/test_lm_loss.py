@@ -1,4 +1,4 @@
-"""The chunked LM loss and distillation loss (colossal_shear.train.lm_loss): the same loss and gradients as the
+"""The chunked LM loss and distillation loss (colossal_shear.train.losses): the same loss and gradients as the
 reference over full fp32 logits, on their own, inside the bundled Llama models (tied and untied heads, packed
 batches), under the Booster plugins, and with the memory bound the chunking exists for."""
 
@@ -13,8 +13,15 @@ import torch.nn.functional as F
 from conftest import ROOT, run_distributed
 from transformers import AutoModelForCausalLM
 
-from colossal_shear.train import attention
-from colossal_shear.train.losses import chunked_cross_entropy, chunked_kd_loss, install_chunked_loss, kd_loss
+from colossal_shear.train import attention, losses
+from colossal_shear.train.losses import (
+    CHUNK_BYTES,
+    chunk_rows,
+    chunked_cross_entropy,
+    chunked_kd_loss,
+    install_chunked_loss,
+    kd_loss,
+)
 from colossal_shear.train.stages.distill import Distillation
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -29,10 +36,10 @@ def _random_case(vocab=50, hidden=8, batch=2, length=13, seed=0):
     return h, w, labels
 
 
-@pytest.mark.parametrize("chunk_rows", [1, 5, 7, 100])
-def test_chunked_cross_entropy_matches_full_logits(chunk_rows):
+@pytest.mark.parametrize("chunk_tokens", [1, 5, 7, 100])
+def test_chunked_cross_entropy_matches_full_logits(chunk_tokens):
     h, w, labels = _random_case()
-    loss = chunked_cross_entropy(h, w, labels, chunk_elements=chunk_rows * w.shape[0])
+    loss = chunked_cross_entropy(h, w, labels, chunk_tokens=chunk_tokens)
     ref = F.cross_entropy((h @ w.T)[:, :-1].reshape(-1, w.shape[0]), labels[:, 1:].reshape(-1))
     torch.testing.assert_close(loss, ref, **TOL)
     for got, want in zip(torch.autograd.grad(loss * 3, (h, w)), torch.autograd.grad(ref * 3, (h, w))):
@@ -41,7 +48,7 @@ def test_chunked_cross_entropy_matches_full_logits(chunk_rows):
 
 def test_chunked_cross_entropy_sum_over_num_items_and_no_labels():
     h, w, labels = _random_case()
-    loss = chunked_cross_entropy(h, w, labels, num_items_in_batch=40, chunk_elements=3 * w.shape[0])
+    loss = chunked_cross_entropy(h, w, labels, num_items_in_batch=40, chunk_tokens=3)
     ref = F.cross_entropy((h @ w.T)[:, :-1].reshape(-1, w.shape[0]), labels[:, 1:].reshape(-1), reduction="sum") / 40
     torch.testing.assert_close(loss, ref, **TOL)
     none = chunked_cross_entropy(h, w, torch.full_like(labels, -100))
@@ -50,12 +57,47 @@ def test_chunked_cross_entropy_sum_over_num_items_and_no_labels():
         torch.testing.assert_close(chunked_cross_entropy(h, w, labels), ref * 40 / (labels[:, 1:] != -100).sum(), **TOL)
 
 
+@pytest.mark.parametrize(
+    "vocab, hidden, dtype, fp32_buffers, bytes_per_logit, budget",
+    [
+        (128256, 64, torch.float32, 2, 8, CHUNK_BYTES),  # the bench's case: the floor, 65 tokens
+        (128256, 64, torch.bfloat16, 2, 10, CHUNK_BYTES),  # + the head-dtype copy: 52 tokens
+        (32000, 64, torch.float16, 5, 22, CHUNK_BYTES),  # the distillation loss's five fp32 buffers
+        (128256, 2048, torch.bfloat16, 2, 10, 128256 * 2048 * 4),  # a large head: its fp32 gradient, 819 tokens
+        (32000, 4096, torch.float32, 2, 8, 32000 * 4096 * 4),  # 2,048 tokens
+    ],
+)
+def test_chunk_rows_follow_the_memory_budget(vocab, hidden, dtype, fp32_buffers, bytes_per_logit, budget):
+    """A chunk takes as many tokens as its vocabulary-sized buffers fit in the budget: max(CHUNK_BYTES, the head's
+    fp32 gradient), whatever the vocabulary and the head's dtype."""
+    weight = torch.empty(vocab, hidden, dtype=dtype, device="meta")
+    rows = chunk_rows(weight, fp32_buffers)
+    assert rows * vocab * bytes_per_logit <= budget < (rows + 1) * vocab * bytes_per_logit
+    assert chunk_rows(weight, fp32_buffers, chunk_bytes=3 * vocab * bytes_per_logit) == 3
+    assert chunk_rows(weight, fp32_buffers, chunk_bytes=1) == 1  # never an empty chunk
+
+
+def test_loss_with_budget_sized_chunks_matches_full_logits(monkeypatch):
+    """With chunks sized by the budget (here 5 tokens' worth), the loss and gradients stay the full logits' ones."""
+    h, w, labels = _random_case()
+    monkeypatch.setattr(losses, "CHUNK_BYTES", 5 * w.shape[0] * 8 + 7)
+    sizes = []
+    apply = losses._ChunkedCrossEntropy.apply
+    monkeypatch.setattr(losses._ChunkedCrossEntropy, "apply", lambda *a: sizes.append(a[4]) or apply(*a))
+    loss = chunked_cross_entropy(h, w, labels)
+    assert sizes == [5]
+    ref = F.cross_entropy((h @ w.T)[:, :-1].reshape(-1, w.shape[0]), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, ref, **TOL)
+    for got, want in zip(torch.autograd.grad(loss, (h, w)), torch.autograd.grad(ref, (h, w))):
+        torch.testing.assert_close(got, want, **TOL)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_chunked_kd_matches_kd_loss(temperature):
     h, w, labels = _random_case()
     g = torch.Generator().manual_seed(5)
     th, tw = torch.randn(2, 13, 6, generator=g), torch.randn(50, 6, generator=g)
-    loss = chunked_kd_loss(h, w, th, tw, labels, temperature, chunk_elements=4 * 50)
+    loss = chunked_kd_loss(h, w, th, tw, labels, temperature, chunk_tokens=4)
     ref = kd_loss(h @ w.T, th @ tw.T, labels, temperature)
     torch.testing.assert_close(loss, ref, **TOL)
     for got, want in zip(torch.autograd.grad(loss, (h, w)), torch.autograd.grad(ref, (h, w))):
@@ -86,7 +128,7 @@ def test_model_loss_and_grads_match_reference(fixture, request):
     path = request.getfixturevalue(fixture)
     ref = attention.install(AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa"), "sdpa")
     chunked = attention.install(AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa"), "sdpa")
-    install_chunked_loss(chunked, chunk_elements=7 * chunked.config.vocab_size)
+    install_chunked_loss(chunked, chunk_tokens=7)
     inputs = _packed_batch(ref.config.vocab_size)
     ref_out, ref_grads = _grads(ref, inputs)
     out, grads = _grads(chunked, inputs)
@@ -108,7 +150,7 @@ def test_distillation_hook_chunked_matches_full(model_dir, tied_model_dir):
     for chunked in (False, True):
         student = attention.install(AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa"), "sdpa")
         if chunked:
-            install_chunked_loss(student, chunk_elements=5 * student.config.vocab_size)
+            install_chunked_loss(student, chunk_tokens=5)
         hook = Distillation(teacher, 1.0, 2.0, 1)
         out = student(**inputs)
         term = hook.extra_loss(0, inputs, out)

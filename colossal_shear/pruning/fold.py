@@ -29,76 +29,94 @@ def _kept(v: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(v != 0, as_tuple=False).flatten()
 
 
+MASK_DIMS = {  # each mask kind's shape, by PruneShape field
+    "hidden": ("hidden",),
+    "layer": ("layers",),
+    "group": ("layers", "kv_heads"),
+    "head": ("layers", "heads"),
+    "intermediate": ("layers", "intermediate"),
+}
+
+
 def folded_layout(config, z: dict) -> dict:
     """Which layers / groups / heads / neurons / channels survive, per kept layer; checks the layout is uniform."""
     s = PruneShape.from_config(config)
-    ones = lambda *shape: torch.ones(shape)  # noqa: E731
     zc = {k: v.detach().float().cpu() for k, v in z.items() if v is not None}
-    expected = {
-        "hidden": (s.hidden,),
-        "layer": (s.layers,),
-        "group": (s.layers, s.kv_heads),
-        "head": (s.layers, s.heads),
-        "intermediate": (s.layers, s.intermediate),
-    }
-    for k, v in zc.items():
-        if k not in expected:
-            raise ValueError(f"unknown mask kind {k!r} (expected {', '.join(expected)})")
-        if tuple(v.shape) != expected[k]:
-            raise ValueError(f"mask {k!r} has shape {tuple(v.shape)}, expected {expected[k]}")
-        if not torch.isfinite(v).all() or (v < 0).any():
-            raise ValueError(f"mask {k!r} must be finite and >= 0")
-    hidden = zc.get("hidden", ones(s.hidden))
-    layer = zc.get("layer", ones(s.layers))
-    heads = effective_heads(zc, s)
-    heads = ones(s.layers, s.heads) if heads is None else heads
-    inter = zc.get("intermediate", ones(s.layers, s.intermediate))
-    ratio = s.heads // s.kv_heads
-    kept_layers = _kept(layer).tolist()
+    _check_masks(zc, s)
+    gates = _gates(zc, s)
+    kept_layers = _kept(gates["layer"]).tolist()
     if not kept_layers:
         raise ValueError("the layer mask removes every layer")
-    kept_hidden = _kept(hidden)
+    kept_hidden = _kept(gates["hidden"])
     if kept_hidden.numel() == 0:
         raise ValueError("the hidden mask removes every channel")
-    per_layer, counts = [], set()
-    for i in kept_layers:
-        h = heads[i].view(s.kv_heads, ratio) != 0
-        groups = torch.nonzero(h.any(-1)).flatten()
-        per_group = {int(h[g].sum()) for g in groups}
-        neurons = _kept(inter[i])
-        if len(groups) == 0:
-            raise ValueError(f"layer {i} keeps no attention head (remove the layer with the layer mask instead)")
-        if len(per_group) != 1:
-            raise ValueError(
-                f"layer {i}: kept KV groups keep different numbers of query heads {sorted(per_group)}; "
-                "grouped-query attention needs the same number in every group"
-            )
-        if neurons.numel() == 0:
-            raise ValueError(f"layer {i} keeps no MLP neuron (remove the layer with the layer mask instead)")
-        counts.add((len(groups), per_group.pop(), int(neurons.numel())))
-        per_layer.append({"layer": i, "groups": groups, "heads": _kept(heads[i]), "neurons": neurons})
+    per_layer = [_layer_units(i, gates["heads"][i], gates["intermediate"][i], s) for i in kept_layers]
+    return {
+        "shape": _uniform_shape(per_layer, kept_hidden),
+        **gates,
+        "kept_hidden": kept_hidden,
+        "layers": per_layer,
+    }
+
+
+def _check_masks(zc: dict, s: PruneShape) -> None:
+    """Every mask is of a known kind, of its kind's shape, finite and >= 0."""
+    for k, v in zc.items():
+        if k not in MASK_DIMS:
+            raise ValueError(f"unknown mask kind {k!r} (expected {', '.join(MASK_DIMS)})")
+        expected = tuple(getattr(s, d) for d in MASK_DIMS[k])
+        if tuple(v.shape) != expected:
+            raise ValueError(f"mask {k!r} has shape {tuple(v.shape)}, expected {expected}")
+        if not torch.isfinite(v).all() or (v < 0).any():
+            raise ValueError(f"mask {k!r} must be finite and >= 0")
+
+
+def _gates(zc: dict, s: PruneShape) -> dict:
+    """The gates of hidden channels, layers, query heads (group gates folded in) and neurons; a missing kind = 1."""
+    heads = effective_heads(zc, s)
+    return {
+        "hidden": zc.get("hidden", torch.ones(s.hidden)),
+        "layer": zc.get("layer", torch.ones(s.layers)),
+        "heads": torch.ones(s.layers, s.heads) if heads is None else heads,
+        "intermediate": zc.get("intermediate", torch.ones(s.layers, s.intermediate)),
+    }
+
+
+def _layer_units(i: int, head_gates: torch.Tensor, neuron_gates: torch.Tensor, s: PruneShape) -> dict:
+    """Kept layer i's surviving KV groups, query heads and neurons; refuses a layer grouped-query attention or the
+    MLP cannot keep."""
+    h = head_gates.view(s.kv_heads, s.heads // s.kv_heads) != 0
+    groups = torch.nonzero(h.any(-1)).flatten()
+    per_group = {int(h[g].sum()) for g in groups}
+    neurons = _kept(neuron_gates)
+    if len(groups) == 0:
+        raise ValueError(f"layer {i} keeps no attention head (remove the layer with the layer mask instead)")
+    if len(per_group) != 1:
+        raise ValueError(
+            f"layer {i}: kept KV groups keep different numbers of query heads {sorted(per_group)}; "
+            "grouped-query attention needs the same number in every group"
+        )
+    if neurons.numel() == 0:
+        raise ValueError(f"layer {i} keeps no MLP neuron (remove the layer with the layer mask instead)")
+    return {"layer": i, "groups": groups, "heads": _kept(head_gates), "neurons": neurons}
+
+
+def _uniform_shape(per_layer: list[dict], kept_hidden: torch.Tensor) -> PruneShape:
+    """The folded shape, when every kept layer keeps the same numbers of groups, heads per group and neurons."""
+    counts = {(len(u["groups"]), len(u["heads"]) // len(u["groups"]), len(u["neurons"])) for u in per_layer}
     if len(counts) != 1:
         raise ValueError(
             "kept layers have different shapes (kv groups, heads per group, neurons): "
             f"{sorted(counts)}; a Hugging Face Llama config needs one shape for every layer"
         )
     n_groups, per_group, n_neurons = counts.pop()
-    shape = PruneShape(
+    return PruneShape(
         hidden=int(kept_hidden.numel()),
         heads=n_groups * per_group,
-        layers=len(kept_layers),
+        layers=len(per_layer),
         intermediate=n_neurons,
         kv_heads=n_groups,
     )
-    return {
-        "shape": shape,
-        "hidden": hidden,
-        "layer": layer,
-        "heads": heads,
-        "intermediate": inter,
-        "kept_hidden": kept_hidden,
-        "layers": per_layer,
-    }
 
 
 @torch.no_grad()
@@ -106,88 +124,34 @@ def fold(model: nn.Module, z: dict, target: PruneShape | None = None) -> nn.Modu
     """A new smaller plain HF model of the same class with the masks `z` folded in (the source is not modified).
     With `target`, the folded shape must equal it (ValueError otherwise)."""
     model = unwrap(model)
-    base = decoder_of(model)
+    device = decoder_of(model).embed_tokens.weight.device
     config = model.config
     source = PruneShape.from_config(config)
     hd = head_dim_of(config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     lay = folded_layout(config, z)
+    _check_foldable(lay, source, target, tied)
+    new = _build(type(model), _folded_config(config, lay["shape"], hd), _folded_state(model, lay, hd, tied), device)
+    if getattr(model, "generation_config", None) is not None and hasattr(new, "generation_config"):
+        new.generation_config = copy.deepcopy(model.generation_config)
+    return new.eval()
+
+
+def _check_foldable(lay: dict, source: PruneShape, target: PruneShape | None, tied: bool) -> None:
+    """The folded shape is the target (when given) and fits the source; a tied model's hidden gates are 0 / 1."""
     shape: PruneShape = lay["shape"]
     if target is not None and shape != target:
         raise ValueError(f"the masks fold to {shape.describe()}, not the target {target.describe()}")
     shape.validate_against(source)
-    kh = lay["kept_hidden"]
-    hidden_scale = lay["hidden"][kh]
-    if tied and not torch.all(hidden_scale == 1):
+    if tied and not torch.all(lay["hidden"][lay["kept_hidden"]] == 1):
         raise ValueError(
             "a tied model needs hidden mask values of exactly 0 or 1: a scale on hidden channels cannot "
             "be folded into a matrix that is both the embedding and the LM head"
         )
 
-    def dev(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return t.to(like.device)
 
-    def scaled(w: torch.Tensor, rows=None, cols=None, row_scale=None, col_scale=None) -> torch.Tensor:
-        out = w
-        if rows is not None:
-            out = out.index_select(0, dev(rows, w))
-        if cols is not None:
-            out = out.index_select(1, dev(cols, w))
-        if row_scale is None and col_scale is None:
-            return out.clone()
-        out = out.float()
-        if row_scale is not None:
-            out = out * dev(row_scale, w).view(-1, *([1] * (out.dim() - 1)))
-        if col_scale is not None:
-            out = out * dev(col_scale, w)
-        return out.to(w.dtype)
-
-    def rows_of(units: torch.Tensor, size: int) -> torch.Tensor:  # head/group indices -> weight rows
-        return (units[:, None] * size + torch.arange(size)).flatten()
-
-    sd: dict[str, torch.Tensor] = {}
-    prefix = "model." if base is not model else ""
-    emb = base.embed_tokens.weight
-    sd[prefix + "embed_tokens.weight"] = scaled(emb, cols=kh, col_scale=None if tied else hidden_scale)
-    sd[prefix + "norm.weight"] = scaled(base.norm.weight, rows=kh)
-    for j, info in enumerate(lay["layers"]):
-        i = info["layer"]
-        src = base.layers[i]
-        p = f"{prefix}layers.{j}."
-        attn, mlp = src.self_attn, src.mlp
-        q_rows, kv_rows = rows_of(info["heads"], hd), rows_of(info["groups"], hd)
-        head_scale = lay["heads"][i][info["heads"]].repeat_interleave(hd)
-        out_scale = lay["layer"][i] * hidden_scale
-        sd[p + "input_layernorm.weight"] = scaled(src.input_layernorm.weight, rows=kh)
-        sd[p + "post_attention_layernorm.weight"] = scaled(src.post_attention_layernorm.weight, rows=kh)
-        sd[p + "self_attn.q_proj.weight"] = scaled(attn.q_proj.weight, rows=q_rows, cols=kh)
-        sd[p + "self_attn.k_proj.weight"] = scaled(attn.k_proj.weight, rows=kv_rows, cols=kh)
-        sd[p + "self_attn.v_proj.weight"] = scaled(attn.v_proj.weight, rows=kv_rows, cols=kh)
-        sd[p + "self_attn.o_proj.weight"] = scaled(
-            attn.o_proj.weight, rows=kh, cols=q_rows, row_scale=out_scale, col_scale=head_scale
-        )
-        for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
-            bias = getattr(attn, name).bias
-            if bias is not None:
-                sd[p + f"self_attn.{name}.bias"] = scaled(bias, rows=rows)
-        if attn.o_proj.bias is not None:
-            sd[p + "self_attn.o_proj.bias"] = scaled(attn.o_proj.bias, rows=kh, row_scale=out_scale)
-        n = info["neurons"]
-        sd[p + "mlp.gate_proj.weight"] = scaled(mlp.gate_proj.weight, rows=n, cols=kh)
-        sd[p + "mlp.up_proj.weight"] = scaled(mlp.up_proj.weight, rows=n, cols=kh)
-        sd[p + "mlp.down_proj.weight"] = scaled(
-            mlp.down_proj.weight, rows=kh, cols=n, row_scale=out_scale, col_scale=lay["intermediate"][i][n]
-        )
-        for name in ("gate_proj", "up_proj"):
-            bias = getattr(mlp, name).bias
-            if bias is not None:
-                sd[p + f"mlp.{name}.bias"] = scaled(bias, rows=n)
-        if mlp.down_proj.bias is not None:
-            sd[p + "mlp.down_proj.bias"] = scaled(mlp.down_proj.bias, rows=kh, row_scale=out_scale)
-    if base is not model:
-        head = model.get_output_embeddings()
-        sd["lm_head.weight"] = sd[prefix + "embed_tokens.weight"] if tied else scaled(head.weight, cols=kh)
-
+def _folded_config(config, shape: PruneShape, hd: int):
+    """The source config with the folded shape; the head dimension kept explicitly."""
     new_config = copy.deepcopy(config)
     new_config.hidden_size = shape.hidden
     new_config.num_attention_heads = shape.heads
@@ -195,10 +159,96 @@ def fold(model: nn.Module, z: dict, target: PruneShape | None = None) -> nn.Modu
     new_config.num_hidden_layers = shape.layers
     new_config.intermediate_size = shape.intermediate
     new_config.head_dim = hd
-    new = _build(type(model), new_config, sd, emb.device)
-    if getattr(model, "generation_config", None) is not None and hasattr(new, "generation_config"):
-        new.generation_config = copy.deepcopy(model.generation_config)
-    return new.eval()
+    return new_config
+
+
+def _scaled(w: torch.Tensor, rows=None, cols=None, row_scale=None, col_scale=None) -> torch.Tensor:
+    """w's selected rows / columns (a copy), scaled (in fp32, back to w's dtype) by row and column gates."""
+    out = w
+    if rows is not None:
+        out = out.index_select(0, rows.to(w.device))
+    if cols is not None:
+        out = out.index_select(1, cols.to(w.device))
+    if row_scale is None and col_scale is None:
+        return out.clone()
+    out = out.float()
+    if row_scale is not None:
+        out = out * row_scale.to(w.device).view(-1, *([1] * (out.dim() - 1)))
+    if col_scale is not None:
+        out = out * col_scale.to(w.device)
+    return out.to(w.dtype)
+
+
+def _rows_of(units: torch.Tensor, size: int) -> torch.Tensor:
+    """Head / group indices -> their weight rows."""
+    return (units[:, None] * size + torch.arange(size)).flatten()
+
+
+def _folded_state(model: nn.Module, lay: dict, hd: int, tied: bool) -> dict[str, torch.Tensor]:
+    """The folded model's state dict: embedding, final norm, the kept layers renumbered, the LM head."""
+    base = decoder_of(model)
+    prefix = "model." if base is not model else ""
+    kh = lay["kept_hidden"]
+    emb = _scaled(base.embed_tokens.weight, cols=kh, col_scale=None if tied else lay["hidden"][kh])
+    sd = {prefix + "embed_tokens.weight": emb, prefix + "norm.weight": _scaled(base.norm.weight, rows=kh)}
+    for j, units in enumerate(lay["layers"]):
+        sd.update(_folded_layer(base.layers[units["layer"]], f"{prefix}layers.{j}.", units, lay, hd))
+    if base is not model:
+        head = model.get_output_embeddings()
+        sd["lm_head.weight"] = emb if tied else _scaled(head.weight, cols=kh)
+    return sd
+
+
+def _folded_layer(src: nn.Module, p: str, units: dict, lay: dict, hd: int) -> dict[str, torch.Tensor]:
+    """One kept decoder layer's tensors under the prefix `p`; its outputs scaled by the layer gate (x hidden gates)."""
+    i, kh = units["layer"], lay["kept_hidden"]
+    out_scale = lay["layer"][i] * lay["hidden"][kh]
+    sd = {
+        p + "input_layernorm.weight": _scaled(src.input_layernorm.weight, rows=kh),
+        p + "post_attention_layernorm.weight": _scaled(src.post_attention_layernorm.weight, rows=kh),
+    }
+    sd.update(_folded_attention(src.self_attn, p + "self_attn.", units, lay["heads"][i], hd, kh, out_scale))
+    sd.update(_folded_mlp(src.mlp, p + "mlp.", units["neurons"], lay["intermediate"][i], kh, out_scale))
+    return sd
+
+
+def _folded_attention(attn, p: str, units: dict, head_gates, hd: int, kh, out_scale) -> dict[str, torch.Tensor]:
+    """The kept heads' q rows and groups' k / v rows; o_proj's input columns scaled by the effective head gates."""
+    q_rows, kv_rows = _rows_of(units["heads"], hd), _rows_of(units["groups"], hd)
+    head_scale = head_gates[units["heads"]].repeat_interleave(hd)
+    sd = {
+        p + "q_proj.weight": _scaled(attn.q_proj.weight, rows=q_rows, cols=kh),
+        p + "k_proj.weight": _scaled(attn.k_proj.weight, rows=kv_rows, cols=kh),
+        p + "v_proj.weight": _scaled(attn.v_proj.weight, rows=kv_rows, cols=kh),
+        p + "o_proj.weight": _scaled(
+            attn.o_proj.weight, rows=kh, cols=q_rows, row_scale=out_scale, col_scale=head_scale
+        ),
+    }
+    for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+        bias = getattr(attn, name).bias
+        if bias is not None:
+            sd[p + f"{name}.bias"] = _scaled(bias, rows=rows)
+    if attn.o_proj.bias is not None:
+        sd[p + "o_proj.bias"] = _scaled(attn.o_proj.bias, rows=kh, row_scale=out_scale)
+    return sd
+
+
+def _folded_mlp(mlp, p: str, neurons, neuron_gates, kh, out_scale) -> dict[str, torch.Tensor]:
+    """The kept neurons' gate / up rows; down_proj's input columns scaled by their gates."""
+    sd = {
+        p + "gate_proj.weight": _scaled(mlp.gate_proj.weight, rows=neurons, cols=kh),
+        p + "up_proj.weight": _scaled(mlp.up_proj.weight, rows=neurons, cols=kh),
+        p + "down_proj.weight": _scaled(
+            mlp.down_proj.weight, rows=kh, cols=neurons, row_scale=out_scale, col_scale=neuron_gates[neurons]
+        ),
+    }
+    for name in ("gate_proj", "up_proj"):
+        bias = getattr(mlp, name).bias
+        if bias is not None:
+            sd[p + f"{name}.bias"] = _scaled(bias, rows=neurons)
+    if mlp.down_proj.bias is not None:
+        sd[p + "down_proj.bias"] = _scaled(mlp.down_proj.bias, rows=kh, row_scale=out_scale)
+    return sd
 
 
 def _build(cls, config, state: dict, device) -> nn.Module:

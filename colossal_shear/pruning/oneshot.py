@@ -62,84 +62,98 @@ class _Stats:
         return self.sq.sqrt()
 
 
+class _ImportanceHooks:
+    """Forward hooks on a decoder's layers that accumulate the calibration statistics of every kind."""
+
+    def __init__(self, s: PruneShape, hd: int, device):
+        self.s, self.hd = s, hd
+        self.norm_stats = [[_Stats(), _Stats()] for _ in range(s.layers)]
+        self.head_stats = [_Stats() for _ in range(s.layers)]
+        self.neuron_stats = [_Stats() for _ in range(s.layers)]
+        self.cos_sum = torch.zeros(s.layers, dtype=torch.float64, device=device)
+        self.tokens = torch.zeros((), dtype=torch.float64, device=device)
+        self.mask = None  # the current batch's real tokens [B, T]
+        self.handles = []
+
+    def register(self, layers, want_width: bool, want_depth: bool) -> None:
+        for i, layer in enumerate(layers):
+            if want_width:
+                self.handles.append(layer.input_layernorm.register_forward_hook(self._abs_out(self.norm_stats[i][0])))
+                self.handles.append(
+                    layer.post_attention_layernorm.register_forward_hook(self._abs_out(self.norm_stats[i][1]))
+                )
+                self.handles.append(layer.self_attn.o_proj.register_forward_pre_hook(self._head_norms(i)))
+                self.handles.append(layer.mlp.down_proj.register_forward_pre_hook(self._abs_in(self.neuron_stats[i])))
+            if want_depth:
+                self.handles.append(layer.register_forward_hook(self._block_influence(i), with_kwargs=True))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def _abs_out(self, stats: _Stats):
+        return lambda mod, args, out: stats.add(out.abs(), self.mask)
+
+    def _abs_in(self, stats: _Stats):
+        return lambda mod, args: stats.add(args[0].abs(), self.mask)
+
+    def _head_norms(self, i: int):
+        def hook(mod, args):
+            x = args[0]
+            per_head = x.float().reshape(*x.shape[:-1], self.s.heads, self.hd).norm(dim=-1)
+            self.head_stats[i].add(per_head, self.mask)
+
+        return hook
+
+    def _block_influence(self, i: int):
+        def hook(mod, args, kwargs, out):
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h_out = out[0] if isinstance(out, (tuple, list)) else out
+            cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)  # [B, T]
+            self.cos_sum[i] += (cos.double() * self.mask.double()).sum()
+
+        return hook
+
+    def scores(self, want_width: bool, want_depth: bool) -> dict:
+        out = {}
+        if want_width:
+            out["hidden"] = sum(st.l2() for pair in self.norm_stats for st in pair)
+            out["head"] = torch.stack([st.l2() for st in self.head_stats])
+            out["intermediate"] = torch.stack([st.l2() for st in self.neuron_stats])
+        if want_depth:
+            out["layer"] = (1 - self.cos_sum / self.tokens).float()
+        return out
+
+
 @torch.no_grad()
 def collect_importance(model: nn.Module, batches, want_width: bool = True, want_depth: bool = True) -> dict:
     """Run the calibration batches once; return {'hidden' [d], 'head' [L, H], 'intermediate' [L, F],
     'layer' [L] (block influence)} (fp32, on the model's device)."""
     model = unwrap(model)
     base = decoder_of(model)
-    s = PruneShape.from_config(model.config)
-    hd = head_dim_of(model.config)
     device = base.embed_tokens.weight.device
-    L = s.layers
-    norm_stats = [[_Stats(), _Stats()] for _ in range(L)]
-    head_stats = [_Stats() for _ in range(L)]
-    neuron_stats = [_Stats() for _ in range(L)]
-    cos_sum = torch.zeros(L, dtype=torch.float64, device=device)
-    tokens = torch.zeros((), dtype=torch.float64, device=device)
-    state = {}
-    handles = []
-
-    def norm_hook(i, j):
-        def hook(mod, args, out):
-            norm_stats[i][j].add(out.abs(), state["mask"])
-
-        return hook
-
-    def head_hook(i):
-        def hook(mod, args):
-            x = args[0]
-            per_head = x.float().reshape(*x.shape[:-1], s.heads, hd).norm(dim=-1)
-            head_stats[i].add(per_head, state["mask"])
-
-        return hook
-
-    def neuron_hook(i):
-        def hook(mod, args):
-            neuron_stats[i].add(args[0].abs(), state["mask"])
-
-        return hook
-
-    def layer_hook(i):
-        def hook(mod, args, kwargs, out):
-            h_in = args[0] if args else kwargs["hidden_states"]
-            h_out = out[0] if isinstance(out, (tuple, list)) else out
-            cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)  # [B, T]
-            cos_sum[i] += (cos.double() * state["mask"].double()).sum()
-
-        return hook
-
+    hooks = _ImportanceHooks(PruneShape.from_config(model.config), head_dim_of(model.config), device)
     try:
-        for i, layer in enumerate(base.layers):
-            if want_width:
-                handles.append(layer.input_layernorm.register_forward_hook(norm_hook(i, 0)))
-                handles.append(layer.post_attention_layernorm.register_forward_hook(norm_hook(i, 1)))
-                handles.append(layer.self_attn.o_proj.register_forward_pre_hook(head_hook(i)))
-                handles.append(layer.mlp.down_proj.register_forward_pre_hook(neuron_hook(i)))
-            if want_depth:
-                handles.append(layer.register_forward_hook(layer_hook(i), with_kwargs=True))
-        was_training = model.training
-        model.eval()
-        try:
-            for ids, mask in _batches(batches, device):
-                state["mask"] = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-                tokens += state["mask"].sum()
-                base(input_ids=ids, attention_mask=mask, use_cache=False)
-        finally:
-            model.train(was_training)
+        hooks.register(base.layers, want_width, want_depth)
+        _run_calibration(model, base, batches, device, hooks)
     finally:
-        for h in handles:
-            h.remove()
-    if tokens.item() == 0:
+        hooks.remove()
+    if hooks.tokens.item() == 0:
         raise PruneError("no calibration tokens (empty batches)")
-    out = {}
-    if want_width:
-        out["hidden"] = sum(st.l2() for pair in norm_stats for st in pair)
-        out["head"] = torch.stack([st.l2() for st in head_stats])
-        out["intermediate"] = torch.stack([st.l2() for st in neuron_stats])
-    if want_depth:
-        out["layer"] = (1 - cos_sum / tokens).float()
-    return out
+    return hooks.scores(want_width, want_depth)
+
+
+def _run_calibration(model: nn.Module, base: nn.Module, batches, device, hooks: _ImportanceHooks) -> None:
+    """The decoder's forward over every batch, in eval mode (the model's mode restored after)."""
+    was_training = model.training
+    model.eval()
+    try:
+        for ids, mask in _batches(batches, device):
+            hooks.mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+            hooks.tokens += hooks.mask.sum()
+            base(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        model.train(was_training)
 
 
 def group_scores(head: torch.Tensor, s: PruneShape) -> torch.Tensor:
@@ -283,10 +297,23 @@ class OneShotReport:
 
 def prune_oneshot(cfg: OneShotConfig) -> OneShotReport:
     """Load `cfg.pretrained`, choose masks with `cfg.method`, fold and write a plain HF model to `cfg.output_dir`."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     from colossal_shear.pruning.fold import fold, save_folded
 
+    src_dir, out = _check_options(cfg)
+    config, source, target = _source_and_target(cfg, src_dir)
+    model = _load_model(cfg, src_dir)
+    batches, n_seq, n_tok = _calibration(cfg, src_dir)
+    z = _choose_masks(cfg, model, config, batches, target)
+    small = fold(model, z, target)
+    save_folded(small, None, out, tokenizer_dir=src_dir, overwrite=cfg.overwrite)
+    kept = torch.nonzero(z["layer"] != 0).flatten().tolist()
+    return OneShotReport(
+        cfg.method, out, source, target, model.num_parameters(), small.num_parameters(), n_seq, n_tok, kept
+    )
+
+
+def _check_options(cfg: OneShotConfig) -> tuple[Path, Path]:
+    """The source and output directories, once the options are known to fit together."""
     if cfg.method not in METHODS:
         raise PruneError(f"--method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
     src_dir = Path(os.path.expanduser(str(cfg.pretrained)))
@@ -301,6 +328,13 @@ def prune_oneshot(cfg: OneShotConfig) -> OneShotReport:
         raise PruneError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     if cfg.keep_layers is not None and cfg.method != "depth":
         raise PruneError("--keep_layers is for --method depth")
+    return src_dir, out
+
+
+def _source_and_target(cfg: OneShotConfig, src_dir: Path):
+    """The source config, its shape and the target shape (checked against the source and the method)."""
+    from transformers import AutoConfig
+
     config = AutoConfig.from_pretrained(src_dir, trust_remote_code=False)
     for name in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size"):
         if not hasattr(config, name):
@@ -322,6 +356,12 @@ def prune_oneshot(cfg: OneShotConfig) -> OneShotReport:
                 f"--method depth removes whole layers only; the target also shrinks "
                 f"{', '.join(narrower)}: use --method importance"
             )
+    return config, source, target
+
+
+def _load_model(cfg: OneShotConfig, src_dir: Path) -> nn.Module:
+    """The source model on --device (default: cuda when available), in eval mode; a LLaMA-style decoder."""
+    from transformers import AutoModelForCausalLM
 
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[cfg.dtype] if cfg.dtype else "auto"
@@ -332,29 +372,31 @@ def prune_oneshot(cfg: OneShotConfig) -> OneShotReport:
         decoder_of(model)
     except TypeError as e:
         raise PruneError(str(e)) from None
-    model.eval()
-    batches, n_seq, n_tok = None, 0, 0
-    needs_data = cfg.method == "importance" or (cfg.method == "depth" and cfg.keep_layers is None)
-    if needs_data:
-        tokenizer = AutoTokenizer.from_pretrained(src_dir, trust_remote_code=False)
-        batches = calibration_batches(
-            tokenizer,
-            cfg.calibration_dataset,
-            cfg.num_calibration_samples,
-            cfg.calibration_length,
-            cfg.calibration_batch_size,
-        )
-        n_seq = sum(len(b["input_ids"]) for b in batches)
-        n_tok = int(sum(int(b["attention_mask"].sum()) for b in batches))
-    if cfg.method == "importance":
-        z = importance_masks(model, batches, target)
-    elif cfg.method == "depth":
-        z = depth_masks(model, batches, target, cfg.keep_layers)
-    else:
-        z = random_masks(config, target, cfg.seed)
-    small = fold(model, z, target)
-    save_folded(small, None, out, tokenizer_dir=src_dir, overwrite=cfg.overwrite)
-    kept = torch.nonzero(z["layer"] != 0).flatten().tolist()
-    return OneShotReport(
-        cfg.method, out, source, target, model.num_parameters(), small.num_parameters(), n_seq, n_tok, kept
+    return model.eval()
+
+
+def _calibration(cfg: OneShotConfig, src_dir: Path) -> tuple[list[dict] | None, int, int]:
+    """The calibration batches, their sequences and real tokens, for the methods that score on data."""
+    if not (cfg.method == "importance" or (cfg.method == "depth" and cfg.keep_layers is None)):
+        return None, 0, 0
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(src_dir, trust_remote_code=False)
+    batches = calibration_batches(
+        tokenizer,
+        cfg.calibration_dataset,
+        cfg.num_calibration_samples,
+        cfg.calibration_length,
+        cfg.calibration_batch_size,
     )
+    n_seq = sum(len(b["input_ids"]) for b in batches)
+    n_tok = int(sum(int(b["attention_mask"].sum()) for b in batches))
+    return batches, n_seq, n_tok
+
+
+def _choose_masks(cfg: OneShotConfig, model: nn.Module, config, batches, target: PruneShape) -> dict:
+    if cfg.method == "importance":
+        return importance_masks(model, batches, target)
+    if cfg.method == "depth":
+        return depth_masks(model, batches, target, cfg.keep_layers)
+    return random_masks(config, target, cfg.seed)

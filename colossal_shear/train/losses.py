@@ -2,12 +2,13 @@
 [tokens, vocabulary] are never held. With Llama-3's 128,256-token vocabulary they are most of a small model's memory
 (2 × 2,048 tokens: 2.1 GB in fp32, plus their gradient).
 
-Each autograd Function computes, per chunk of tokens, the logits in the head's dtype, the loss terms in fp32, and at
-once the gradients w.r.t. the hidden states and the head weight (the way fused linear cross-entropy kernels do), so
-backward only scales what forward stored. `install_chunked_loss` replaces one model's forward (Hugging Face
-`*ForCausalLM` with a bias-free linear head) so that `model(**inputs).loss` keeps working; with labels the output
-carries no logits but `last_hidden_state` and `lm_head_weight`, from which the distillation hook computes its chunked
-KL term. Without labels the model's own forward runs.
+Each autograd Function computes, per chunk of tokens (as many as a memory budget allows: `chunk_rows`), the logits
+in the head's dtype, the loss terms in fp32, and at once the gradients w.r.t. the hidden states and the head weight
+(the way fused linear cross-entropy kernels do), so backward only scales what forward stored. `install_chunked_loss`
+replaces one model's forward (Hugging Face `*ForCausalLM` with a bias-free linear head) so that
+`model(**inputs).loss` keeps working; with labels the output carries no logits but `last_hidden_state` and
+`lm_head_weight`, from which the distillation hook computes its chunked KL term. Without labels the model's own
+forward runs.
 
 Under `--plugin 3d` with tensor or pipeline parallelism shardformer replaces the model's forward with its own
 (vocabulary-parallel cross-entropy over the sharded head, sequence split), so the reference loss path runs there.
@@ -24,11 +25,26 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from colossal_shear.data.tokenization import IGNORE_INDEX
 
-CHUNK_ELEMENTS = 2**25  # logits per chunk (128 MB in fp32): tokens per chunk = CHUNK_ELEMENTS // vocabulary
+CHUNK_BYTES = 64 * 2**20  # the least memory a chunk's vocabulary-sized buffers may take (see chunk_rows)
+CE_FP32_BUFFERS = 2  # the fp32 logits and logsumexp's exp(logits - max); the gradient is computed in place
+KD_FP32_BUFFERS = 5  # log_s, log_t, p_t, and (log_t - log_s) with its product by p_t
 
 
-def _chunk_rows(vocab: int, chunk_elements: int) -> int:
-    return max(1, chunk_elements // max(1, vocab))
+def chunk_rows(weight: torch.Tensor, fp32_buffers: int = CE_FP32_BUFFERS, chunk_bytes: int | None = None) -> int:
+    """Tokens per chunk for a head weight [V, H]: as many as keep the chunk's vocabulary-sized buffers (per token,
+    `fp32_buffers` fp32 rows of V, plus V in the head's dtype when that is not fp32: the logits before `.float()`
+    and the gradient before the matmuls) within `chunk_bytes`.
+
+    The budget, unless given: the fp32 gradient of the head that the loss accumulates anyway (V × H × 4 bytes), and
+    at least CHUNK_BYTES. The floor keeps the 128,256-vocabulary, hidden-64 case of bench/lm_loss_memory.py (head
+    gradient 33 MB) within the 1.5 GB aimed for (docs/benchmarks.md); above it a chunk holds no more than the loss
+    already holds for the head, and takes 4·H / (bytes per logit) tokens whatever the vocabulary (0.4 × H for the
+    cross-entropy over a bf16 head), so a large head is not passed over (its weight read twice, a [V, H] gradient
+    added) for every few tokens."""
+    vocab, hidden = weight.shape
+    budget = chunk_bytes if chunk_bytes is not None else max(CHUNK_BYTES, vocab * hidden * 4)
+    head_copy = 0 if weight.dtype == torch.float32 else weight.element_size()
+    return max(1, budget // max(1, vocab * (4 * fp32_buffers + head_copy)))
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -75,11 +91,12 @@ def chunked_cross_entropy(
     weight: torch.Tensor,
     labels: torch.Tensor,
     num_items_in_batch=None,
-    chunk_elements: int = CHUNK_ELEMENTS,
+    chunk_tokens: int | None = None,
 ) -> torch.Tensor:
     """Hugging Face's causal-LM loss (labels shifted by one, -100 ignored, mean over labelled tokens or a sum over
-    `num_items_in_batch`) of hidden [B, T, H] through a head weight [V, H], without [B·T, V] logits. No host
-    synchronisation: the denominator stays on the device."""
+    `num_items_in_batch`) of hidden [B, T, H] through a head weight [V, H], without [B·T, V] logits: chunks of
+    `chunk_tokens` tokens, by default as many as chunk_rows allows. No host synchronisation: the denominator stays
+    on the device."""
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     targets = labels[:, 1:].reshape(-1).to(hidden.device)
     if num_items_in_batch is not None:
@@ -87,9 +104,8 @@ def chunked_cross_entropy(
     else:
         denominator = (targets != IGNORE_INDEX).sum().clamp(min=1).float()
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _ChunkedCrossEntropy.apply(
-        hidden, weight, targets, denominator, _chunk_rows(weight.shape[0], chunk_elements), with_grad
-    )
+    chunk = chunk_tokens or chunk_rows(weight, CE_FP32_BUFFERS)
+    return _ChunkedCrossEntropy.apply(hidden, weight, targets, denominator, chunk, with_grad)
 
 
 class _ChunkedKD(torch.autograd.Function):
@@ -138,7 +154,7 @@ def chunked_kd_loss(
     teacher_weight: torch.Tensor,
     labels: torch.Tensor,
     temperature: float = 1.0,
-    chunk_elements: int = CHUNK_ELEMENTS,
+    chunk_tokens: int | None = None,
 ) -> torch.Tensor:
     """colossal_shear.pruning.distill.kd_loss (T²·KL(teacher ‖ student) per labelled token, after the causal shift)
     from hidden states and head weights, without the student's or the teacher's full logits."""
@@ -162,7 +178,7 @@ def chunked_kd_loss(
         keep,
         denominator,
         float(temperature),
-        _chunk_rows(weight.shape[0], chunk_elements),
+        chunk_tokens or chunk_rows(weight, KD_FP32_BUFFERS),
         with_grad,
     )
 
@@ -197,9 +213,10 @@ def supports_chunked_loss(model) -> str | None:
     return None
 
 
-def install_chunked_loss(model, chunk_elements: int = CHUNK_ELEMENTS):
-    """Make `model(..., labels=...)` compute the chunked loss (no logits); returns the model. Raises ValueError with
-    the reason when the model is not a supported causal LM."""
+def install_chunked_loss(model, chunk_tokens: int | None = None):
+    """Make `model(..., labels=...)` compute the chunked loss (no logits; `chunk_tokens` per chunk, by default as
+    chunk_rows sizes them); returns the model. Raises ValueError with the reason when the model is not a supported
+    causal LM."""
     reason = supports_chunked_loss(model)
     if reason:
         raise ValueError(f"the chunked LM loss cannot be used: {reason} (use --lm_loss full)")
@@ -218,23 +235,7 @@ def install_chunked_loss(model, chunk_elements: int = CHUNK_ELEMENTS):
         cache_position=None,
         **kwargs,
     ):
-        if labels is None:  # the class's forward, not a captured bound method: a deep copy calls its own
-            return type(self).forward(
-                self,
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                inputs_embeds=inputs_embeds,
-                use_cache=use_cache,
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
-                cache_position=cache_position,
-                **kwargs,
-            )
-        num_items = kwargs.pop("num_items_in_batch", None)
-        kwargs.pop("logits_to_keep", None)
-        out = self.get_decoder()(
+        inputs = dict(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -246,20 +247,30 @@ def install_chunked_loss(model, chunk_elements: int = CHUNK_ELEMENTS):
             cache_position=cache_position,
             **kwargs,
         )
-        hidden, weight = out.last_hidden_state, head_weight(self)
-        loss = chunked_cross_entropy(hidden, weight, labels, num_items, chunk_elements)
-        return ChunkedCausalLMOutput(
-            loss=loss,
-            logits=None,
-            past_key_values=out.past_key_values,
-            hidden_states=out.hidden_states,
-            attentions=out.attentions,
-            last_hidden_state=hidden,
-            lm_head_weight=weight,
-        )
+        if labels is None:  # the class's forward, not a captured bound method: a deep copy calls its own
+            return type(self).forward(self, **inputs)
+        return _chunked_lm_output(self, inputs, labels, chunk_tokens)
 
     model.forward = types.MethodType(forward, model)
     return model
+
+
+def _chunked_lm_output(model, inputs: dict, labels, chunk_tokens: int | None) -> ChunkedCausalLMOutput:
+    """The decoder's pass and the chunked loss over the head: the output carries hidden states, not logits."""
+    num_items = inputs.pop("num_items_in_batch", None)
+    inputs.pop("logits_to_keep", None)
+    out = model.get_decoder()(**inputs)
+    hidden, weight = out.last_hidden_state, head_weight(model)
+    loss = chunked_cross_entropy(hidden, weight, labels, num_items, chunk_tokens)
+    return ChunkedCausalLMOutput(
+        loss=loss,
+        logits=None,
+        past_key_values=out.past_key_values,
+        hidden_states=out.hidden_states,
+        attentions=out.attentions,
+        last_hidden_state=hidden,
+        lm_head_weight=weight,
+    )
 
 
 def kd_loss(

@@ -42,7 +42,7 @@ def main():
             "sdpa",
         )
         if variant == "chunked":
-            install_chunked_loss(model, chunk_elements=7 * model.config.vocab_size)
+            install_chunked_loss(model, chunk_tokens=7)
         g = torch.Generator().manual_seed(100 + dp_rank)
         ids = torch.randint(3, model.config.vocab_size, (2, 32), generator=g)
         docs = torch.tensor([[0] * 12 + [1] * 20, [0] * 25 + [1] * 7])
