@@ -148,13 +148,12 @@ class CalibrationReport:
         return out
 
 
-def _say(cfg: CalibrationConfig, msg: str) -> None:
-    if cfg.progress is not None:
-        cfg.progress(msg)
-
-
 def stderr_progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """The `progress` of `init_model.py` (`--progress`, on by default): one line per step, on stderr, as docs/cli.md
+    says. Progress is a display, like the other commands' progress bars (also on stderr), not a result: the package
+    logger's INFO lines go to stdout, where the resize report is."""
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -166,27 +165,41 @@ def calibration_windows(files: list[Path], tokenizer, max_targets: int, seq_len:
     """Token windows (BOS + text + EOS per record, as data preparation builds documents, split into windows of at
     most `seq_len` + 1 tokens) holding `max_targets` next-token positions in all, spread evenly over the files and
     taken from the start of each file. Records: JSONL (`text`, or `source` + `target`) or plain text."""
+    quotas = [max_targets // len(files) + (i < max_targets % len(files)) for i in range(len(files))]
+    return [w for path, quota in zip(files, quotas) for w in _file_windows(path, tokenizer, quota, seq_len)]
+
+
+def _file_windows(path: Path, tokenizer, quota: int, seq_len: int) -> list[list[int]]:
+    """The windows of one file, from its start, holding `quota` next-token positions (fewer if the file is short)."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     windows: list[list[int]] = []
-    quotas = [max_targets // len(files) + (i < max_targets % len(files)) for i in range(len(files))]
-    for path, quota in zip(files, quotas):
-        got, any_text = 0, False
-        for rec in iter_corpus([path]):
-            if got >= quota:
-                break
-            if not rec.text.strip():
-                continue
-            any_text = True
-            ids = tokenizer(rec.text, add_special_tokens=False)["input_ids"]
-            doc = ([bos] if bos is not None else []) + ids + ([eos] if eos is not None else [])
-            for start in range(0, len(doc) - 1, seq_len):
-                take = min(seq_len, len(doc) - 1 - start, quota - got)
-                if take <= 0:
-                    break
-                windows.append(doc[start : start + take + 1])
-                got += take
-        if not any_text:
-            raise CalibrationError(f"calibration file {path} holds no text")
+    got, any_text = 0, False
+    for rec in iter_corpus([path]):
+        if got >= quota:
+            break
+        if not rec.text.strip():
+            continue
+        any_text = True
+        ids = tokenizer(rec.text, add_special_tokens=False)["input_ids"]
+        doc = ([bos] if bos is not None else []) + ids + ([eos] if eos is not None else [])
+        cut = _split_document(doc, seq_len, quota - got)
+        windows += cut
+        got += sum(len(w) - 1 for w in cut)
+    if not any_text:
+        raise CalibrationError(f"calibration file {path} holds no text")
+    return windows
+
+
+def _split_document(doc: list[int], seq_len: int, budget: int) -> list[list[int]]:
+    """`doc` cut into windows of at most `seq_len` + 1 tokens (each window's last token starts the next one),
+    holding at most `budget` next-token positions."""
+    windows = []
+    for start in range(0, len(doc) - 1, seq_len):
+        take = min(seq_len, len(doc) - 1 - start, budget)
+        if take <= 0:
+            break
+        windows.append(doc[start : start + take + 1])
+        budget -= take
     return windows
 
 
@@ -639,6 +652,56 @@ def last_subtoken_rows(src: torch.Tensor, plan, device: torch.device) -> torch.T
     return out
 
 
+@dataclass
+class _Run:
+    """What every step of one calibration reads and writes: the model's matrices, the windows of calibration text
+    and the feature rows of the new pieces (A: sub-token mean, B: first sub-token, C: mean of the old rows)."""
+
+    model: object
+    plan: object
+    cfg: CalibrationConfig
+    windows: list[list[int]]
+    device: torch.device
+    weight: torch.nn.Parameter  # the output matrix (the shared one when tied)
+    emb: torch.nn.Parameter  # the input matrix
+    src_out: torch.Tensor  # the source model's output matrix (the feature rows come from it)
+    src_in: torch.Tensor | None  # the source model's input matrix
+    A: torch.Tensor
+    B: torch.Tensor
+    C: torch.Tensor
+    bucket: torch.Tensor
+    new_ids_dev: torch.Tensor | None = None  # the new ids on the model's device (set once the model is there)
+
+    def say(self, msg: str) -> None:
+        if self.cfg.progress is not None:
+            self.cfg.progress(msg)
+
+    def write(self, matrix: torch.nn.Parameter, rows: torch.Tensor) -> None:
+        """Put `rows` into the new rows of `matrix` (the model's input or output matrix)."""
+        with torch.no_grad():
+            matrix.data.index_copy_(0, self.new_ids_dev, rows.to(matrix.device, matrix.dtype))
+
+    def last_subtoken_rows(self) -> torch.Tensor:
+        """Each new piece's last sub-token row of the source input matrix (output matrix where there is none)."""
+        return last_subtoken_rows(self.src_in if self.src_in is not None else self.src_out, self.plan, self.device)
+
+    def objective(self) -> tuple[Objective, torch.Tensor]:
+        """Read the calibration text with the model as it stands: the objective and each position's window index."""
+        H, y, seq = hidden_states(self.model, self.windows, self.device, self.cfg.batch_tokens, self.cfg.progress)
+        return Objective(H, y, self.weight.data, self.plan.new_ids), seq
+
+
+@dataclass
+class _Fitted:
+    """One read of the calibration text and the 12-scalar fit on it."""
+
+    obj: Objective
+    seq: torch.Tensor
+    theta: torch.Tensor
+    loss: float
+    subtoken_mean_loss: float  # of the first read: what --init subtoken_mean gives
+
+
 def calibrate_new_rows(
     model,
     tokenizer,
@@ -657,11 +720,25 @@ def calibrate_new_rows(
     just read; its row carries more of the word than the mean of bytes that many words share). Tied: one row serves
     both; it is fitted, the text re-read with it as input, and fitted again (`cfg.tied_passes`)."""
     t0 = time.monotonic()
+    run = _prepare(model, tokenizer, plan, src_out, src_in, cfg)
+    moved = run.device.type != "cpu"
+    if moved:
+        model.to(run.device)
+    try:
+        report = _calibrate(run, tied)
+    finally:
+        if moved:
+            model.to("cpu")
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+def _prepare(model, tokenizer, plan, src_out, src_in, cfg: CalibrationConfig) -> _Run:
+    """Check the model and the text, cut the text into windows and build the feature rows (nothing is written)."""
     check_supported(model)
     if len(plan.new_ids) == 0:
         raise CalibrationError("--init calibrated: the target tokenizer adds no new tokens")
     device = device_for_calibration()
-    say = cfg.progress or (lambda m: None)
     windows = calibration_windows(cfg.files, tokenizer, cfg.tokens, cfg.seq_len)
     new_set = set(plan.new_ids.tolist())
     if not any(t in new_set for w in windows for t in w):
@@ -670,126 +747,167 @@ def calibrate_new_rows(
             f"{len(plan.new_ids):,} new tokens: give text in the new language"
         )
     head = model.get_output_embeddings()
-    weight = head.weight if head is not None else model.get_input_embeddings().weight
     emb = model.get_input_embeddings().weight
     A, B, C, bucket = feature_rows(src_out, plan, device)
-    moved = device.type != "cpu"
-    if moved:
-        model.to(device)
-    new_ids_dev = plan.new_ids.to(weight.device)
-    A_in = feature_rows(src_in, plan, device)[0] if (tied and src_in is not None) else A  # input-row sub-token means
-    input_losses: dict[str, float] = {}
-    chosen_w, tied_mix = None, None
-    try:
-        if tied:
-            candidates = [("pass", i) for i in range(cfg.tied_passes)]
-        else:
-            weights = (1.0,) + tuple(w for w in cfg.input_weights if w != 1.0)  # first: what subtoken_mean gives
-            candidates = [("input", w) for w in weights]
-            if any(w != 1.0 for w in weights):
-                mean_in = emb.data[new_ids_dev].to(device, torch.float32)  # sub-token means of the input rows
-                last_in = last_subtoken_rows(src_in if src_in is not None else src_out, plan, device)
-        best = None
-        first_loss = None
-        for n, (kind, value) in enumerate(candidates):
-            if kind == "input":
-                if value != 1.0 or n:
-                    rows_in = mean_in * value + last_in * (1.0 - value)
-                    with torch.no_grad():
-                        emb.data.index_copy_(0, new_ids_dev, rows_in.to(emb.device, emb.dtype))
-                say(
-                    f"calibration: input rows {value:g}·mean + {1 - value:g}·last: reading {cfg.tokens:,} positions "
-                    f"on {device}"
-                )
-            else:
-                say(f"calibration: pass {value + 1}/{len(candidates)}: reading {cfg.tokens:,} positions on {device}")
-            H, y, seq = hidden_states(model, windows, device, cfg.batch_tokens, cfg.progress)
-            obj = Objective(H, y, weight.data, plan.new_ids)
-            if first_loss is None:  # sub-token means in and out: what --init subtoken_mean gives
-                first_loss = obj.loss_and_grad(A, grad=False)[0]
-            fit = CoefficientFit(obj, A, B, C, bucket)
-            theta, _, fit_loss = fit.fit()
-            del fit
-            say(f"calibration: loss {first_loss:.4f} (sub-token mean) -> {fit_loss:.4f} (fit)")
-            if kind == "pass":
-                best = (fit_loss, value, theta, obj, seq)
-                rows = rows_from_theta(theta, A, B, C, bucket)
-                if value + 1 < len(candidates):  # the next pass reads with these rows
-                    with torch.no_grad():
-                        weight.data.index_copy_(0, new_ids_dev, rows.to(weight.device, weight.dtype))
-            else:
-                input_losses[f"{value:g}"] = fit_loss
-                if best is None or fit_loss < best[0]:
-                    best = (fit_loss, value, theta, obj, seq)
-            del obj
-        fit_loss, value, theta, obj, seq = best
-        if kind == "input":
-            chosen_w = value
-            if len(candidates) > 1:
-                rows_in = mean_in * value + last_in * (1.0 - value)
-                with torch.no_grad():
-                    emb.data.index_copy_(0, new_ids_dev, rows_in.to(emb.device, emb.dtype))
-        rows = rows_from_theta(theta, A, B, C, bucket)
-        refined_loss, taken = None, 0
-        if cfg.refine_steps > 0:
-            rows, taken, _ = refine(obj, rows, A, B, seq, cfg.refine_steps, cfg.refine_l2, cfg.progress)
-            refined_loss = obj.loss_and_grad(rows, grad=False)[0]
-        bias_loss, bias_summary = None, None
-        if cfg.bias:
-            rows, bias_summary = fit_bias(obj, rows, seq, tuple(cfg.bias_lambdas), cfg.bias_iters, cfg.progress)
-            bias_loss = obj.loss_and_grad(rows, grad=False)[0]
-        with torch.no_grad():
-            weight.data.index_copy_(0, new_ids_dev, rows.to(weight.device, weight.dtype))
-        final_loss = next(x for x in (bias_loss, refined_loss, fit_loss) if x is not None)
-        if tied:  # the rows are also inputs: blend in a better input row, keep what the calibration text prefers
-            inp = None
-            if any(g for g in cfg.tied_input_mix):
-                inp = A_in * 0.5 + last_subtoken_rows(src_in if src_in is not None else src_out, plan, device) * 0.5
-            tried = {}
-            for g in cfg.tied_input_mix:
-                cand = rows if not g else rows * (1.0 - g) + inp * g
-                with torch.no_grad():
-                    weight.data.index_copy_(0, new_ids_dev, cand.to(weight.device, weight.dtype))
-                tried[g] = (_saved_loss(model, windows, device, cfg, weight, plan, cand), cand)
-                say(f"calibration: shared rows {1 - g:g}·fitted + {g:g}·input row: loss {tried[g][0]:.4f}")
-            mix = min(tried, key=lambda g: (tried[g][0], g))
-            final_loss, rows = tried[mix]
-            with torch.no_grad():
-                weight.data.index_copy_(0, new_ids_dev, rows.to(weight.device, weight.dtype))
-            input_losses = {f"{g:g}": v[0] for g, v in tried.items()}
-            chosen_w = None
-            tied_mix = mix
-    finally:
-        if moved:
-            model.to("cpu")
-    counts = torch.bincount(bucket.cpu(), minlength=len(BUCKETS)).tolist()
-    seen = obj.tgt_slot[obj.is_new]
-    return CalibrationReport(
-        positions=obj.P,
-        new_targets=int(obj.is_new.sum()),
-        new_tokens_seen=int(torch.unique(seen).numel()),
-        coefficients={k: [round(float(v), 6) for v in theta[i].tolist()] for i, k in enumerate(BUCKETS)},
-        loss_subtoken_mean=first_loss,
-        loss_fit=fit_loss,
-        loss_refined=refined_loss,
-        refine_steps_taken=taken,
-        loss_final=final_loss,
-        tied=tied,
-        passes=len(candidates) if tied else 1,
-        device=str(device),
-        seconds=time.monotonic() - t0,
-        bucket_sizes=dict(zip(BUCKETS, counts)),
-        input_weight=chosen_w,
-        input_losses=input_losses,
-        loss_bias=bias_loss,
-        bias=bias_summary,
-        tied_mix=tied_mix,
+    return _Run(
+        model=model,
+        plan=plan,
+        cfg=cfg,
+        windows=windows,
+        device=device,
+        weight=head.weight if head is not None else emb,
+        emb=emb,
+        src_out=src_out,
+        src_in=src_in,
+        A=A,
+        B=B,
+        C=C,
+        bucket=bucket,
     )
 
 
-def _saved_loss(model, windows, device, cfg, weight, plan, rows) -> float:
-    H, y, _ = hidden_states(model, windows, device, cfg.batch_tokens, cfg.progress)
-    return Objective(H, y, weight.data, plan.new_ids).loss_and_grad(rows, grad=False)[0]
+def _calibrate(run: _Run, tied: bool) -> CalibrationReport:
+    """The steps, with the model on the calibration device: fit (tied: passes; untied: one fit per input-row
+    candidate), refine, per-token bias, write the rows, and (tied) choose the input-row blend of the shared rows."""
+    run.new_ids_dev = run.plan.new_ids.to(run.weight.device)
+    if tied:
+        fitted = _fit_tied_passes(run)
+        report = _fit_report(run, fitted, tied=True, passes=run.cfg.tied_passes)
+    else:
+        fitted, input_weight, input_losses = _fit_input_candidates(run)
+        report = _fit_report(run, fitted, tied=False, passes=1)
+        report.input_weight, report.input_losses = input_weight, input_losses
+    rows = rows_from_theta(fitted.theta, run.A, run.B, run.C, run.bucket)
+    rows = _refine_rows(run, fitted, rows, report)
+    rows = _bias_rows(run, fitted, rows, report)
+    run.write(run.weight, rows)
+    report.loss_final = next(x for x in (report.loss_bias, report.loss_refined, report.loss_fit) if x is not None)
+    if tied:  # the rows are also inputs: blend in a better input row, keep what the calibration text prefers
+        _choose_tied_mix(run, rows, report)
+    return report
+
+
+def _fit(run: _Run, first: _Fitted | None) -> _Fitted:
+    """Read the calibration text with the model as it stands and fit the 12 scalars on it."""
+    obj, seq = run.objective()
+    # sub-token means in and out (the first read): what --init subtoken_mean gives
+    start = first.subtoken_mean_loss if first is not None else obj.loss_and_grad(run.A, grad=False)[0]
+    theta, _, loss = CoefficientFit(obj, run.A, run.B, run.C, run.bucket).fit()
+    run.say(f"calibration: loss {start:.4f} (sub-token mean) -> {loss:.4f} (fit)")
+    return _Fitted(obj, seq, theta, loss, start)
+
+
+def _fit_tied_passes(run: _Run) -> _Fitted:
+    """Tied: fit, write the fitted rows (they are also the inputs), re-read the text with them, fit again."""
+    passes = run.cfg.tied_passes
+    fitted = None
+    for i in range(passes):
+        run.say(f"calibration: pass {i + 1}/{passes}: reading {run.cfg.tokens:,} positions on {run.device}")
+        fitted = _fit(run, fitted)
+        if i + 1 < passes:  # the next pass reads with these rows
+            run.write(run.weight, rows_from_theta(fitted.theta, run.A, run.B, run.C, run.bucket))
+    return fitted
+
+
+def _fit_input_candidates(run: _Run) -> tuple[_Fitted, float, dict[str, float]]:
+    """Untied: one fit per candidate input row w·mean + (1 - w)·last sub-token row; the lowest fitted loss wins and
+    its input rows are left in the model. Returns that fit, its w and the fitted loss per w."""
+    weights = (1.0,) + tuple(w for w in run.cfg.input_weights if w != 1.0)  # first: what subtoken_mean gives
+    input_rows = _input_row_blend(run) if len(weights) > 1 else None
+    losses: dict[str, float] = {}
+    first = best = chosen = None
+    for n, w in enumerate(weights):
+        if n:  # the first candidate (w = 1) is what the resize wrote
+            run.write(run.emb, input_rows(w))
+        run.say(
+            f"calibration: input rows {w:g}·mean + {1 - w:g}·last: reading {run.cfg.tokens:,} positions on {run.device}"
+        )
+        fitted = _fit(run, first)
+        if first is None:
+            first = fitted
+        losses[f"{w:g}"] = fitted.loss
+        if best is None or fitted.loss < best.loss:
+            best, chosen = fitted, w
+        del fitted  # only the best fit's hidden states are kept while the next candidate is read
+    if input_rows is not None:
+        run.write(run.emb, input_rows(chosen))
+    return best, chosen, losses
+
+
+def _input_row_blend(run: _Run) -> Callable[[float], torch.Tensor]:
+    """w -> w·(sub-token mean) + (1 - w)·(last sub-token row): candidate new input rows (float32). The means are
+    the input rows the resize wrote."""
+    mean_in = run.emb.data[run.new_ids_dev].to(run.device, torch.float32)
+    last_in = run.last_subtoken_rows()
+    return lambda w: mean_in * w + last_in * (1.0 - w)
+
+
+def _fit_report(run: _Run, fitted: _Fitted, tied: bool, passes: int) -> CalibrationReport:
+    """The report of the fit; the later steps add their losses to it."""
+    obj = fitted.obj
+    counts = torch.bincount(run.bucket.cpu(), minlength=len(BUCKETS)).tolist()
+    return CalibrationReport(
+        positions=obj.P,
+        new_targets=int(obj.is_new.sum()),
+        new_tokens_seen=int(torch.unique(obj.tgt_slot[obj.is_new]).numel()),
+        coefficients={k: [round(float(v), 6) for v in fitted.theta[i].tolist()] for i, k in enumerate(BUCKETS)},
+        loss_subtoken_mean=fitted.subtoken_mean_loss,
+        loss_fit=fitted.loss,
+        tied=tied,
+        passes=passes,
+        device=str(run.device),
+        bucket_sizes=dict(zip(BUCKETS, counts)),
+    )
+
+
+def _refine_rows(run: _Run, fitted: _Fitted, rows: torch.Tensor, report: CalibrationReport) -> torch.Tensor:
+    """Step 2 (`refine_steps` > 0): the shared linear correction, early-stopped on the held-out windows."""
+    cfg = run.cfg
+    if cfg.refine_steps <= 0:
+        return rows
+    rows, report.refine_steps_taken, _ = refine(
+        fitted.obj, rows, run.A, run.B, fitted.seq, cfg.refine_steps, cfg.refine_l2, cfg.progress
+    )
+    report.loss_refined = fitted.obj.loss_and_grad(rows, grad=False)[0]
+    return rows
+
+
+def _bias_rows(run: _Run, fitted: _Fitted, rows: torch.Tensor, report: CalibrationReport) -> torch.Tensor:
+    """Step 3 (`bias`): a per-token bias along the constant direction, its λ chosen on the held-out windows."""
+    cfg = run.cfg
+    if not cfg.bias:
+        return rows
+    rows, report.bias = fit_bias(fitted.obj, rows, fitted.seq, tuple(cfg.bias_lambdas), cfg.bias_iters, cfg.progress)
+    report.loss_bias = fitted.obj.loss_and_grad(rows, grad=False)[0]
+    return rows
+
+
+def _choose_tied_mix(run: _Run, rows: torch.Tensor, report: CalibrationReport) -> None:
+    """Tied: shared rows (1 - g)·fitted + g·(0.5·mean + 0.5·last sub-token row) for each g of `tied_input_mix`, the
+    text re-read with each as inputs; the one with the lowest calibration loss is left in the model."""
+    mixes = run.cfg.tied_input_mix
+    inp = None
+    if any(g for g in mixes):
+        mean_in = feature_rows(run.src_in, run.plan, run.device)[0] if run.src_in is not None else run.A
+        inp = mean_in * 0.5 + run.last_subtoken_rows() * 0.5
+    tried = {}
+    for g in mixes:
+        cand = rows if not g else rows * (1.0 - g) + inp * g
+        run.write(run.weight, cand)
+        tried[g] = (_saved_loss(run, cand), cand)
+        run.say(f"calibration: shared rows {1 - g:g}·fitted + {g:g}·input row: loss {tried[g][0]:.4f}")
+    mix = min(tried, key=lambda g: (tried[g][0], g))
+    report.loss_final, rows = tried[mix]
+    run.write(run.weight, rows)
+    report.input_losses = {f"{g:g}": v[0] for g, v in tried.items()}
+    report.input_weight = None
+    report.tied_mix = mix
+
+
+def _saved_loss(run: _Run, rows: torch.Tensor) -> float:
+    """The calibration loss of `rows` with the model as it stands (the rows already written, as inputs too)."""
+    obj, _ = run.objective()
+    return obj.loss_and_grad(rows, grad=False)[0]
 
 
 def untie(model) -> None:

@@ -61,11 +61,15 @@ def copy_configs(source_dir: Path, tmp: Path, id_map: dict[int, int] | None) -> 
         if not src.exists():
             continue
         obj = read_json(src, name)
-        if id_map is not None:
-            if name == "tokenizer_config.json" and "added_tokens_decoder" in obj:
-                obj["added_tokens_decoder"] = {
-                    str(id_map[int(k)]): v for k, v in obj["added_tokens_decoder"].items() if int(k) in id_map
-                }
-            elif name == "added_tokens.json":
-                obj = {c: id_map[int(i)] for c, i in obj.items() if int(i) in id_map}
-        write_json(tmp / name, obj)
+        write_json(tmp / name, _renumbered(name, obj, id_map) if id_map is not None else obj)
+
+
+def _renumbered(name: str, obj: dict, id_map: dict[int, int]) -> dict:
+    """A tokenizer config file's content with the ids it mentions renumbered (tokens without a new id dropped)."""
+    if name == "tokenizer_config.json" and "added_tokens_decoder" in obj:
+        obj["added_tokens_decoder"] = {
+            str(id_map[int(k)]): v for k, v in obj["added_tokens_decoder"].items() if int(k) in id_map
+        }
+    elif name == "added_tokens.json":
+        obj = {c: id_map[int(i)] for c, i in obj.items() if int(i) in id_map}
+    return obj

@@ -120,34 +120,39 @@ def count_tokens(
             for j in range(3):
                 acc[j] += v[j]
 
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(
-            total=sum(Path(p).stat().st_size for p in paths),
-            unit="B",
-            unit_scale=True,
-            desc=desc,
-            leave=False,
-            disable=None,
-        )
+    bar = _progress_bar(paths, desc) if progress else None
     try:
         if num_workers <= 1:
-            encoder = load_encoder(spec)
-            for chunk in _chunks(paths, bar):
-                merge(_count_chunk(chunk, vocab_size, encoder))
+            _count_here(paths, spec, vocab_size, bar, merge)
         else:
-            ctx = mp.get_context("spawn")  # tokenizer libraries hold threads: never fork them
-            with ctx.Pool(num_workers, initializer=_init_worker, initargs=(spec,)) as pool:
-                pending: deque = deque()
-                for chunk in _chunks(paths, bar):
-                    pending.append(pool.apply_async(_count_chunk, (chunk, vocab_size)))
-                    while len(pending) >= 2 * num_workers:
-                        merge(pending.popleft().get())
-                while pending:
-                    merge(pending.popleft().get())
+            _count_in_pool(paths, spec, vocab_size, num_workers, bar, merge)
     finally:
         if bar is not None:
             bar.close()
     return CorpusCounts(total, per_cat)
+
+
+def _progress_bar(paths: Sequence[Path], desc: str):
+    from tqdm import tqdm
+
+    total = sum(Path(p).stat().st_size for p in paths)
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False, disable=None)
+
+
+def _count_here(paths, spec: EncoderSpec, vocab_size: int, bar, merge) -> None:
+    encoder = load_encoder(spec)
+    for chunk in _chunks(paths, bar):
+        merge(_count_chunk(chunk, vocab_size, encoder))
+
+
+def _count_in_pool(paths, spec: EncoderSpec, vocab_size: int, num_workers: int, bar, merge) -> None:
+    """Chunks counted by `num_workers` processes, at most two per worker in flight, merged in order."""
+    ctx = mp.get_context("spawn")  # tokenizer libraries hold threads: never fork them
+    with ctx.Pool(num_workers, initializer=_init_worker, initargs=(spec,)) as pool:
+        pending: deque = deque()
+        for chunk in _chunks(paths, bar):
+            pending.append(pool.apply_async(_count_chunk, (chunk, vocab_size)))
+            while len(pending) >= 2 * num_workers:
+                merge(pending.popleft().get())
+        while pending:
+            merge(pending.popleft().get())

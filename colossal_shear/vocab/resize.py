@@ -19,7 +19,6 @@ output keeps that dtype unless `--dtype` asks for another one, and a lossy conve
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,10 +26,11 @@ import torch
 
 from colossal_shear.core.constants import DTYPES, ID_MAP_FILE
 from colossal_shear.core.fsutil import atomic_dir, check_target, copy_tokenizer_files
+from colossal_shear.core.logger import get_logger
 from colossal_shear.vocab.config import INITS, ResizeConfig, ResizeError
 from colossal_shear.vocab.id_map import read_id_map
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 CHUNK_ROWS = 8192
@@ -308,8 +308,44 @@ class ResizeReport:
 def resize_model(cfg: ResizeConfig) -> ResizeReport:
     """Load the source model once (CPU, its own dtype), resize embeddings and LM head to the target tokenizer,
     update config / generation config ids, and save model + tokenizer files atomically to the target path."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
+    src, tgt_tok_dir, target = _check_paths(cfg)
+    src_tok = _load_tokenizer(src, "source")
+    tgt_tok = _load_tokenizer(tgt_tok_dir, "target tokenizer")
+    notes: list[str] = []
+    src_dtype, out_dtype = _plan_dtypes(cfg, src, AutoConfig.from_pretrained(src), notes)
+    model, tied = _load_model(src, src_dtype)
+    source_rows = model.get_input_embeddings().weight.shape[0]
+    plan = _plan_rows(cfg, src_tok, tgt_tok, tgt_tok_dir, source_rows)
+    src_in, src_out = _source_matrices(model)  # before the resize replaces them: calibrated init reads them
+    _resize_rows(model, plan, cfg, tied)
+    tied = _untie_if_asked(model, cfg, tied, notes)
+    calibration = _calibrate_if_asked(model, tgt_tok, plan, src_in, src_out, cfg, tied, notes)
+    del src_in, src_out
+    _remap_special_ids(model, plan.id_map, tgt_tok)
+    if out_dtype != src_dtype:
+        model = model.to(out_dtype)
+    model.config.torch_dtype = out_dtype
+    report = ResizeReport(
+        source_rows=source_rows,
+        target_rows=plan.padded_size,
+        tokenizer_size=len(tgt_tok),
+        copied=len(plan.copy_dst),
+        initialised=len(plan.new_ids),
+        padding=plan.padding,
+        init=cfg.init,
+        dtype=str(out_dtype).replace("torch.", ""),
+        tied=tied,
+        notes=notes,
+        calibration=calibration,
+    )
+    _save(model, plan, report, cfg, tgt_tok_dir, target)
+    return report
+
+
+def _check_paths(cfg: ResizeConfig) -> tuple[Path, Path, Path]:
+    """The source model, target tokenizer and target model paths, checked before anything is loaded."""
     cfg.validate()
     src = Path(cfg.source_model_and_tokenizer_path)
     tgt_tok_dir = Path(cfg.target_tokenizer_path)
@@ -319,11 +355,12 @@ def resize_model(cfg: ResizeConfig) -> ResizeReport:
     if not tgt_tok_dir.is_dir():
         raise ResizeError(f"target tokenizer directory not found: {tgt_tok_dir}")
     check_target(target, cfg.overwrite, sources=(src, tgt_tok_dir), error=ResizeError)
+    return src, tgt_tok_dir, target
 
-    src_tok = _load_tokenizer(src, "source")
-    tgt_tok = _load_tokenizer(tgt_tok_dir, "target tokenizer")
-    config = AutoConfig.from_pretrained(src)
-    notes: list[str] = []
+
+def _plan_dtypes(cfg: ResizeConfig, src: Path, config, notes: list[str]) -> tuple[torch.dtype, torch.dtype]:
+    """The dtype to load in (the stored weights'; config.json's only as a fallback) and the one to save in
+    (`--dtype`, a lossy conversion only with `--allow_downcast`)."""
     weights_dtype = stored_dtype(src)
     cfg_dtype = _config_dtype(config)
     src_dtype = weights_dtype or cfg_dtype or torch.float32
@@ -341,31 +378,51 @@ def resize_model(cfg: ResizeConfig) -> ResizeReport:
                 "precision; pass --allow_downcast to do it anyway"
             )
         notes.append(f"converting {src_dtype} -> {out_dtype} as asked (--dtype {cfg.dtype} --allow_downcast)")
+    return src_dtype, out_dtype
 
-    model = AutoModelForCausalLM.from_pretrained(src, torch_dtype=src_dtype, low_cpu_mem_usage=True)
+
+def _load_model(src: Path, dtype: torch.dtype):
+    """The source model (CPU, eval mode) and whether its LM head shares the input embeddings."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, torch_dtype=dtype, low_cpu_mem_usage=True)
     model.eval()
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
     if head is not None and getattr(head, "bias", None) is not None:
         raise ResizeError("LM heads with a bias are not supported")
-    tied = head is not None and head.weight is emb.weight
-    source_rows = emb.weight.shape[0]
-    real_rows = min(source_rows, len(src_tok))
+    return model, head is not None and head.weight is emb.weight
 
+
+def _plan_rows(cfg: ResizeConfig, src_tok, tgt_tok, tgt_tok_dir: Path, source_rows: int) -> RowPlan:
+    """Where each row of the new matrices comes from: kept rows by id map, new rows from their sub-pieces."""
     id_map = map_ids(src_tok, tgt_tok, tgt_tok_dir, source_rows)
     new_ids = sorted(set(range(len(tgt_tok))) - set(id_map.values()))
     subs = subtoken_ids(src_tok, tgt_tok, new_ids, source_rows) if cfg.init in ("subtoken_mean", "calibrated") else {}
-    plan = make_plan(id_map, len(tgt_tok), subs, real_rows, cfg.pad_to_multiple_of)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    row_init = "subtoken_mean" if cfg.init == "calibrated" else cfg.init  # calibrated starts from it
-    src_in, src_out = emb.weight.data, (head if head is not None else emb).weight.data  # source rows (calibrated)
+    real_rows = min(source_rows, len(src_tok))
+    return make_plan(id_map, len(tgt_tok), subs, real_rows, cfg.pad_to_multiple_of)
 
+
+def _source_matrices(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """The source model's input and output matrices (the same tensor when tied)."""
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    return emb.weight.data, (head if head is not None else emb).weight.data
+
+
+def _resize_rows(model, plan: RowPlan, cfg: ResizeConfig, tied: bool) -> None:
+    """New input embeddings and LM head (tied: the one shared matrix) of the plan's padded size; the new rows
+    initialised by `cfg.init` (calibrated: by sub-token mean, which the calibration starts from)."""
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    row_init = "subtoken_mean" if cfg.init == "calibrated" else cfg.init
     with torch.no_grad():
         new_emb = resize_matrix(emb.weight.data, plan, row_init, gen)
         emb.weight = torch.nn.Parameter(new_emb, requires_grad=emb.weight.requires_grad)
         emb.num_embeddings = plan.padded_size
         if emb.padding_idx is not None:
-            emb.padding_idx = id_map.get(emb.padding_idx)
+            emb.padding_idx = plan.id_map.get(emb.padding_idx)
         if head is not None:
             if tied:
                 model.tie_weights()
@@ -374,52 +431,51 @@ def resize_model(cfg: ResizeConfig) -> ResizeReport:
                 head.weight = torch.nn.Parameter(new_head, requires_grad=head.weight.requires_grad)
             head.out_features = plan.padded_size
     model.config.vocab_size = plan.padded_size
-    calibration = None
-    if cfg.untie_embeddings and tied:
-        from colossal_shear.vocab.calibration import untie
 
-        untie(model)
-        tied = False
-        notes.append("untied: the LM head is now its own matrix (--untie_embeddings)")
-    if cfg.init == "calibrated":
-        from colossal_shear.vocab.calibration import calibrate_new_rows
 
-        calibration = calibrate_new_rows(model, tgt_tok, plan, src_out, cfg.calibration(), tied, src_in).__dict__
-        notes.append(
-            "tied: the calibrated rows are shared by the input embeddings and the LM head "
-            "(--untie_embeddings gives the head its own rows)"
-            if tied
-            else "untied: calibrated LM-head rows; input rows as the calibration chose"
-        )
-    del src_in, src_out
+def _untie_if_asked(model, cfg: ResizeConfig, tied: bool, notes: list[str]) -> bool:
+    """`--untie_embeddings` on a tied model: the LM head becomes its own matrix. Returns whether it is still tied."""
+    if not (cfg.untie_embeddings and tied):
+        return tied
+    from colossal_shear.vocab.calibration import untie
+
+    untie(model)
+    notes.append("untied: the LM head is now its own matrix (--untie_embeddings)")
+    return False
+
+
+def _calibrate_if_asked(model, tgt_tok, plan, src_in, src_out, cfg: ResizeConfig, tied: bool, notes) -> dict | None:
+    """`--init calibrated`: the new rows fitted on the calibration text; returns the CalibrationReport's fields."""
+    if cfg.init != "calibrated":
+        return None
+    from colossal_shear.vocab.calibration import calibrate_new_rows
+
+    calibration = calibrate_new_rows(model, tgt_tok, plan, src_out, cfg.calibration(), tied, src_in).__dict__
+    notes.append(
+        "tied: the calibrated rows are shared by the input embeddings and the LM head "
+        "(--untie_embeddings gives the head its own rows)"
+        if tied
+        else "untied: calibrated LM-head rows; input rows as the calibration chose"
+    )
+    return calibration
+
+
+def _remap_special_ids(model, id_map: dict[int, int], tgt_tok) -> None:
+    """bos / eos / pad ids of the config and generation config to their new ids (pad: the tokenizer's if unset)."""
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         for obj in (model.config, getattr(model, "generation_config", None)):
             if obj is not None and getattr(obj, name, None) is not None:
                 setattr(obj, name, _remap_token_id(getattr(obj, name), id_map, name))
     if model.config.pad_token_id is None and tgt_tok.pad_token_id is not None:
         model.config.pad_token_id = tgt_tok.pad_token_id
-    if out_dtype != src_dtype:
-        model = model.to(out_dtype)
-    model.config.torch_dtype = out_dtype
+
+
+def _save(model, plan: RowPlan, report: ResizeReport, cfg: ResizeConfig, tgt_tok_dir: Path, target: Path) -> None:
+    """Model, tokenizer files, new_rows.json and resize_report.json, written to a temporary sibling and renamed."""
+    from colossal_shear.vocab.rows import write_new_rows
 
     with atomic_dir(target, cfg.overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=cfg.max_shard_size)
         copy_tokenizer_files(tgt_tok_dir, tmp)
-        report = ResizeReport(
-            source_rows=source_rows,
-            target_rows=plan.padded_size,
-            tokenizer_size=len(tgt_tok),
-            copied=len(plan.copy_dst),
-            initialised=len(plan.new_ids),
-            padding=plan.padding,
-            init=cfg.init,
-            dtype=str(out_dtype).replace("torch.", ""),
-            tied=tied,
-            notes=notes,
-            calibration=calibration,
-        )
-        from colossal_shear.vocab.rows import write_new_rows
-
         write_new_rows(tmp, plan, cfg.init)
         (tmp / "resize_report.json").write_text(json.dumps(dict(report.__dict__), indent=2), encoding="utf-8")
-    return report

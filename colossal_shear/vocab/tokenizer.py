@@ -9,7 +9,6 @@ per character, and only then rename it into place.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import numpy as np
 from colossal_shear.core.constants import VOCAB_REPORT_FILE
 from colossal_shear.core.errors import VocabError
 from colossal_shear.core.fsutil import atomic_dir, check_target
+from colossal_shear.core.logger import get_logger
 from colossal_shear.vocab.common import write_json
 from colossal_shear.vocab.config import TokenizerConfig
 from colossal_shear.vocab.corpus import check_readable
@@ -28,7 +28,7 @@ from colossal_shear.vocab.pieces import Candidate, Selection, read_pieces, selec
 from colossal_shear.vocab.report import EvalRow, PieceStats, PruneStats, TokenizerReport
 from colossal_shear.vocab.sentencepiece_edit import SentencePieceVocab
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # Texts every produced tokenizer must round-trip (and, for SentencePiece, encode exactly like `sentencepiece`).
 PROBES = (
@@ -187,6 +187,32 @@ def _verify(tmp: Path, cfg: TokenizerConfig, vocab, report: TokenizerReport, ext
 def init_tokenizer(cfg: TokenizerConfig) -> TokenizerReport:
     """Expand and/or prune `cfg.source_tokenizer_dir` into `cfg.target_tokenizer_dir`; returns the report (also
     written as vocab_report.json beside the tokenizer, with id_map.json)."""
+    source, target = _check_inputs(cfg)
+    vocab = open_tokenizer(source)
+    file_candidates = read_pieces(Path(cfg.expand_tokens_file)) if cfg.expand_tokens_file else []
+    report = TokenizerReport(str(source), str(target), vocab.describe(), vocab_before=len(vocab))
+    source_spec = vocab.encoder_spec(source)
+    source_size = len(vocab)
+    pruned_ids = _prune(cfg, vocab, source_spec, report)
+    added_texts = _expand(cfg, vocab, file_candidates, report) if file_candidates or cfg.learn_from_corpus else []
+    report.vocab_after = len(vocab)
+    id_map = pruned_ids if pruned_ids is not None else {i: i for i in range(source_size)}
+    with atomic_dir(target, cfg.overwrite) as tmp:
+        vocab.save(tmp, pruned_ids)
+        write_id_map(tmp, id_map)
+        _verify(tmp, cfg, vocab, report, [" ".join(added_texts)] if added_texts else [])
+        if pruned_ids is None and vocab.pieces()[:source_size] != open_tokenizer(source).pieces():
+            raise VocabError("internal error: an existing piece changed its id")  # pragma: no cover
+        if cfg.eval_file:
+            report.eval_files = [str(p) for p in cfg.eval_file]
+            report.eval = _eval_rows(cfg.eval_file, source_spec, vocab.encoder_spec(tmp), source_size, len(vocab), cfg)
+        write_json(tmp / VOCAB_REPORT_FILE, report.to_json())
+    return report
+
+
+def _check_inputs(cfg: TokenizerConfig) -> tuple[Path, Path]:
+    """The source and target directories, once the flags are valid, the target is free and every input file is
+    readable (nothing is computed before)."""
     cfg.validate()
     source = Path(cfg.source_tokenizer_dir)
     target = Path(cfg.target_tokenizer_dir)
@@ -196,76 +222,65 @@ def init_tokenizer(cfg: TokenizerConfig) -> TokenizerReport:
     check_readable(cfg.learn_from_corpus, "--learn_from_corpus file")
     check_readable(cfg.prune_corpus, "--prune_corpus file")
     check_readable(cfg.eval_file, "--eval_file")
-    vocab = open_tokenizer(source)
-    file_candidates = read_pieces(Path(cfg.expand_tokens_file)) if cfg.expand_tokens_file else []
+    return source, target
 
-    report = TokenizerReport(str(source), str(target), vocab.describe(), vocab_before=len(vocab))
-    source_spec = vocab.encoder_spec(source)
-    source_size = len(vocab)
-    id_map = {i: i for i in range(len(vocab))}
-    pruned = False
 
-    if cfg.prune_corpus:
-        counts = count_tokens(
-            cfg.prune_corpus, source_spec, len(vocab), cfg.num_workers, cfg.progress, "counting tokens"
+def _prune(cfg: TokenizerConfig, vocab, source_spec, report: TokenizerReport) -> dict[int, int] | None:
+    """`--prune_corpus`: count the source tokens in the corpus, keep the used ones (`select_kept`) and renumber.
+    Returns old id -> new id; None without pruning."""
+    if not cfg.prune_corpus:
+        return None
+    counts = count_tokens(cfg.prune_corpus, source_spec, len(vocab), cfg.num_workers, cfg.progress, "counting tokens")
+    if counts.records == 0:
+        raise VocabError(f"--prune_corpus: no text in {', '.join(map(str, cfg.prune_corpus))}")
+    keep, report.prune = select_kept(vocab, counts, cfg.keep_top_k, cfg.min_count)
+    return vocab.prune(keep)
+
+
+def _expand(cfg: TokenizerConfig, vocab, file_candidates: list[Candidate], report: TokenizerReport) -> list[str]:
+    """Add the pieces of `--expand_tokens_file`, then those learned from `--learn_from_corpus`. Returns the first
+    200 added pieces as plain text (a probe for the checks)."""
+    present_texts = {t["content"] for t in getattr(vocab, "added", [])}
+    sel = select_pieces(file_candidates, vocab.to_internal, _present_fn(vocab), present_texts=present_texts)
+    stats = PieceStats(
+        requested=sel.requested,
+        duplicates=sel.duplicates,
+        present=sel.present,
+        rejected_empty=sel.rejected["empty"],
+        rejected_whitespace=sel.rejected["whitespace"],
+        rejected_invalid=sel.rejected["invalid"],
+        examples=dict(sel.examples),
+    )
+    to_add = list(sel.to_add)
+    if cfg.learn_from_corpus:
+        to_add += _learned_pieces(cfg, vocab, set(to_add), present_texts, stats, report)
+    res = vocab.expand(to_add, cfg.add_intermediates)
+    stats.added = len(res.added)
+    stats.intermediates = len(res.intermediates)
+    stats.unreachable = len(res.unreachable)
+    if res.intermediates:
+        stats.examples["intermediate"] = res.intermediates[:5]
+    report.pieces = stats
+    pieces = vocab.pieces()
+    return [_piece_text(vocab, p) for p in pieces[res.first_new_id : res.first_new_id + 200]]
+
+
+def _learned_pieces(cfg, vocab, seen: set[str], present_texts: set[str], stats: PieceStats, report) -> list[str]:
+    """The pieces learned from the corpus that the tokenizer (and the file's pieces, `seen`) lack; counted in
+    `stats`, a shortfall noted in the report."""
+    learned = _learn(cfg, vocab, seen, present_texts)
+    stats.learned_considered = learned.requested
+    stats.learned_added = len(learned.to_add)
+    stats.present += learned.present
+    stats.duplicates += learned.duplicates
+    stats.rejected_invalid += learned.rejected["invalid"]
+    for k, v in learned.examples.items():
+        stats.examples.setdefault(f"learned, {k}", v)
+    if len(learned.to_add) < cfg.num_new_pieces:
+        report.notes.append(
+            f"the corpus yielded only {len(learned.to_add)} new pieces of the {cfg.num_new_pieces} asked for"
         )
-        if counts.records == 0:
-            raise VocabError(f"--prune_corpus: no text in {', '.join(map(str, cfg.prune_corpus))}")
-        keep, report.prune = select_kept(vocab, counts, cfg.keep_top_k, cfg.min_count)
-        id_map = vocab.prune(keep)
-        pruned = True
-
-    added_texts: list[str] = []
-    if file_candidates or cfg.learn_from_corpus:
-        present_texts = {t["content"] for t in getattr(vocab, "added", [])}
-        sel = select_pieces(file_candidates, vocab.to_internal, _present_fn(vocab), present_texts=present_texts)
-        stats = PieceStats(
-            requested=sel.requested,
-            duplicates=sel.duplicates,
-            present=sel.present,
-            rejected_empty=sel.rejected["empty"],
-            rejected_whitespace=sel.rejected["whitespace"],
-            rejected_invalid=sel.rejected["invalid"],
-            examples=dict(sel.examples),
-        )
-        to_add = list(sel.to_add)
-        if cfg.learn_from_corpus:
-            learned = _learn(cfg, vocab, set(to_add), present_texts)
-            stats.learned_considered = learned.requested
-            stats.learned_added = len(learned.to_add)
-            stats.present += learned.present
-            stats.duplicates += learned.duplicates
-            stats.rejected_invalid += learned.rejected["invalid"]
-            for k, v in learned.examples.items():
-                stats.examples.setdefault(f"learned, {k}", v)
-            to_add += learned.to_add
-            if len(learned.to_add) < cfg.num_new_pieces:
-                report.notes.append(
-                    f"the corpus yielded only {len(learned.to_add)} new pieces of the {cfg.num_new_pieces} asked for"
-                )
-        res = vocab.expand(to_add, cfg.add_intermediates)
-        stats.added = len(res.added)
-        stats.intermediates = len(res.intermediates)
-        stats.unreachable = len(res.unreachable)
-        if res.intermediates:
-            stats.examples["intermediate"] = res.intermediates[:5]
-        report.pieces = stats
-        pieces = vocab.pieces()
-        added_texts = [_piece_text(vocab, p) for p in pieces[res.first_new_id : res.first_new_id + 200]]
-
-    report.vocab_after = len(vocab)
-    with atomic_dir(target, cfg.overwrite) as tmp:
-        vocab.save(tmp, id_map if pruned else None)
-        write_id_map(tmp, id_map)
-        probes = [" ".join(added_texts)] if added_texts else []
-        _verify(tmp, cfg, vocab, report, probes)
-        if not pruned and vocab.pieces()[:source_size] != open_tokenizer(source).pieces():
-            raise VocabError("internal error: an existing piece changed its id")  # pragma: no cover
-        if cfg.eval_file:
-            report.eval_files = [str(p) for p in cfg.eval_file]
-            report.eval = _eval_rows(cfg.eval_file, source_spec, vocab.encoder_spec(tmp), source_size, len(vocab), cfg)
-        write_json(tmp / VOCAB_REPORT_FILE, report.to_json())
-    return report
+    return learned.to_add
 
 
 def _piece_text(vocab, piece: str) -> str:
