@@ -8,8 +8,9 @@ and one this process says for the whole job (it claimed the message with `collec
 names its rank itself) is `extra=HERE`, shown by the process that logs it. Nothing else asks the rank.
 
 One format: the message alone, so the lines users read (and scripts grep) are what the code wrote. INFO and below go
-to stdout, WARNING and above to stderr, both looked up when written (redirections and pytest's capture apply) and
-through tqdm when a progress bar is on screen, so bars are not torn. COLOSSAL_SHEAR_LOG_LEVEL (e.g. WARNING) quiets it.
+to stdout, WARNING and above (and lines marked `extra=PROGRESS`) to stderr, both looked up when written (redirections
+and pytest's capture apply) and through tqdm when a progress bar is on screen, so bars are not torn.
+COLOSSAL_SHEAR_LOG_LEVEL (e.g. WARNING) quiets it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ ROOT = "colossal_shear"
 EVERY_RANK = {"every_rank": True}  # `log.info(msg, extra=EVERY_RANK)`: shown on every rank, not only rank 0
 EVERY_HOST = {"every_host": True}  # shown as written by each host's local rank 0 (LOCAL_RANK), once per host
 HERE = {"here": True}  # shown as written by the process that logs it: it speaks for the job (see above)
+PROGRESS = {"progress": True}  # a progress line: a display, not a result, so on stderr like progress bars
 
 
 def rank() -> int:
@@ -52,11 +54,12 @@ class _RankFilter(logging.Filter):
 
 
 class _StreamHandler(logging.Handler):
-    """stdout below WARNING, stderr from WARNING on; the stream is looked up at each record."""
+    """stdout below WARNING, stderr from WARNING on and for progress lines; the stream is looked up at each record."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+            to_stderr = record.levelno >= logging.WARNING or getattr(record, "progress", False)
+            stream = sys.stderr if to_stderr else sys.stdout
             line = self.format(record)
             tqdm = sys.modules.get("tqdm")
             if tqdm is not None and getattr(tqdm.tqdm, "_instances", None):

@@ -33,7 +33,6 @@ The work runs on the GPU when one is present.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,11 +41,14 @@ from pathlib import Path
 import torch
 
 from colossal_shear.core.errors import VocabError
+from colossal_shear.core.logger import PROGRESS, get_logger
 from colossal_shear.vocab.corpus import check_readable, iter_corpus
 
 BUCKETS = ("1", "2", "3", "4+")  # number of sub-tokens of a new piece
 ROW_CHUNK = 4096  # vocabulary rows per log-sum-exp chunk
 VALIDATION_EVERY = 5  # refinement: every 5th calibration sequence is held out for early stopping
+
+log = get_logger(__name__)
 
 
 class CalibrationError(VocabError):
@@ -152,8 +154,7 @@ def stderr_progress(msg: str) -> None:
     """The `progress` of `init_model.py` (`--progress`, on by default): one line per step, on stderr, as docs/cli.md
     says. Progress is a display, like the other commands' progress bars (also on stderr), not a result: the package
     logger's INFO lines go to stdout, where the resize report is."""
-    sys.stderr.write(msg + "\n")
-    sys.stderr.flush()
+    log.info(msg, extra=PROGRESS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
