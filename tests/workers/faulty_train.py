@@ -99,7 +99,7 @@ def work(cfg):
 
     def setup(self):
         original_setup(self)
-        self.fault = Fault(os.environ["FAULT"], cfg.accumulation_steps, self.model)
+        self.fault = Fault(os.environ["FAULT"], cfg.optim.accumulation_steps, self.model)
         self.hooks.hooks.append(self.fault)
         if self.fault.kind == "count":
             install_counters(self.fault)
