@@ -56,6 +56,7 @@ def test_readme_names_only_flags_that_exist():
         "--steps",
         "--include",
         "--exclude",
+        "--fix",
     }
     readme = (ROOT / "README.md").read_text()
     named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", readme))
