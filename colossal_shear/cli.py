@@ -76,7 +76,9 @@ def cli_docs() -> str:
         "Generated from the config dataclasses by `python -m colossal_shear.cli > docs/cli.md`; "
         "`tests/test_config.py` fails when this file and the code disagree. Every CLI also takes "
         "`--config FILE.yaml` (any of its options; flags given on the command line win) and `--help`. "
-        "A bool option `--x` is switched off by the `--no_x` flag shown beside it.\n",
+        "A bool option `--x` is switched off by the `--no_x` flag shown beside it. Options listed under a section "
+        "(`### optim`) are flat flags all the same (`--lr`); in YAML they go under the section's name "
+        "(`optim: {lr: 1e-4}`, as a run saves its `config.yaml`) or at the top level (`lr: 1e-4`).\n",
     ]
     for script in CLIS:
         cls = CLIS[script]

@@ -59,8 +59,8 @@ def test_resolve_refuses_with_the_reason(choice, device, plugin, flash, words):
 
 
 def test_use_flash_attn_is_an_alias_and_refused_on_cpu(model_dir, tmp_path):
-    assert parse(TrainConfig, ["--use_flash_attn"]).attn_implementation == "flash"
-    assert parse(TrainConfig, []).attn_implementation == "auto"
+    assert parse(TrainConfig, ["--use_flash_attn"]).model.attn_implementation == "flash"
+    assert parse(TrainConfig, []).model.attn_implementation == "auto"
     proc = subprocess.run(
         [
             sys.executable,

@@ -142,6 +142,8 @@ def test_model_loss_and_grads_match_reference(fixture, request):
 
 def test_distillation_hook_chunked_matches_full(model_dir, tied_model_dir):
     """The distillation stage hook on the chunked output (hidden states) equals it on full logits."""
+    from colossal_shear.train.config import DistillConfig
+
     teacher = attention.install(
         AutoModelForCausalLM.from_pretrained(tied_model_dir, attn_implementation="sdpa"), "sdpa"
     ).requires_grad_(False)
@@ -151,7 +153,7 @@ def test_distillation_hook_chunked_matches_full(model_dir, tied_model_dir):
         student = attention.install(AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa"), "sdpa")
         if chunked:
             install_chunked_loss(student, chunk_tokens=5)
-        hook = Distillation(teacher, 1.0, 2.0, 1)
+        hook = Distillation(DistillConfig(kd_weight=1.0, kd_temperature=2.0), teacher, 1)
         out = student(**inputs)
         term = hook.extra_loss(0, inputs, out)
         term.backward()

@@ -278,7 +278,12 @@ def test_yaml_config_and_flag_precedence(tmp_path):
     cfg_file = tmp_path / "stage.yaml"
     cfg_file.write_text("lr: 0.001\nbatch_size: 4\ndataset: data/a\n")
     cfg = parse(TrainConfig, ["--config", cfg_file, "--batch_size", "8"])
-    assert (cfg.lr, cfg.batch_size, cfg.dataset, cfg.parallel.plugin) == (0.001, 8, ["data/a"], "zero2")
+    assert (cfg.optim.lr, cfg.optim.batch_size, cfg.data.dataset, cfg.parallel.plugin) == (
+        0.001,
+        8,
+        ["data/a"],
+        "zero2",
+    )
     cfg_file.write_text("learning_rate: 1\n")
     with pytest.raises(ConfigError, match="unknown option 'learning_rate'"):
         parse(TrainConfig, ["--config", cfg_file])

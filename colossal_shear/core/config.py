@@ -5,7 +5,8 @@ docs/cli.md are all derived from it, and values from both sources are converted 
 
 Precedence: field defaults < `--config FILE.yaml` < flags given on the command line. A nested dataclass field
 (`option_section`) is one section: its options are flat flags (`--tp 2`) and, in YAML, either a mapping under the
-section's name (`parallel: {tp: 2}`, as saved) or flat keys (`tp: 2`).
+section's name (`parallel: {tp: 2}`, as saved) or flat keys (`tp: 2`, as files written before the section existed).
+`--help` and docs/cli.md list the options section by section.
 
 jsonargparse was tried first: it would change every flag's syntax (`--overwrite true`, `--dataset+ a`), ignores help
 kept in field metadata, and reports a bad value as a multi-line traceback; this module is the small part we need.
@@ -192,6 +193,10 @@ def sections(cls) -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.metadata.get("section")}
 
 
+def section_help(cls, name: str) -> str:
+    return next(f.metadata.get("help") or "" for f in dataclasses.fields(cls) if f.name == name)
+
+
 def flat_fields(cls) -> list[_Field]:
     """Every option of `cls`, nested sections' options included, each once (names are unique across sections)."""
     out, hints = [], typing.get_type_hints(cls)
@@ -204,9 +209,9 @@ def flat_fields(cls) -> list[_Field]:
             out += [_Field(g.name, sub_hints[g.name], g, f.name) for g in dataclasses.fields(sub) if g.init]
         else:
             out.append(_Field(f.name, hints[f.name], f, None))
-    names = [f.name for f in out]
+    names = [f.name for f in out] + list(sections(cls))
     dup = {n for n in names if names.count(n) > 1}
-    assert not dup, f"{cls.__name__}: option names declared twice: {dup}"
+    assert not dup, f"{cls.__name__}: option or section names declared twice: {dup}"
     return out
 
 
@@ -249,46 +254,50 @@ def build_parser(cls, prog: str | None = None, description: str | None = None) -
         help="YAML file of any of these options (flags given on "
         "the command line override it); the file a run saves beside its outputs reproduces it",
     )
+    groups = {name: parser.add_argument_group(f"{name} options", section_help(cls, name)) for name in sections(cls)}
     for f in flat_fields(cls):
-        help_ = (f.meta.get("help") or "").replace("%", "%%")
-        choices = f.meta.get("choices")
-        help_ += f" (default: {_default_text(f)})".replace("%", "%%")
-        flags = [f"--{f.name}", *f.meta.get("aliases", ())]
-        for flag, const in f.meta.get("const_flags", {}).items():
-            parser.add_argument(
-                flag, dest=f.name, action="store_const", const=const, help=f"alias of --{f.name} {const}"
-            )
-        if f.hint is bool:
-            parser.add_argument(*flags, dest=f.name, action="store_true", help=help_)
-            negative = f.meta.get("negative") or f"--no_{f.name}"
-            parser.add_argument(negative, dest=f.name, action="store_false", help=f"set --{f.name} off")
-            continue
-        origin = typing.get_origin(f.hint)
-        args = typing.get_args(f.hint)
-        is_list = origin is list or any(typing.get_origin(a) is list for a in args)
-        scalar = f.hint
-        if origin in (typing.Union, types.UnionType):
-            scalar = next(a for a in args if a is not type(None))
-        item = typing.get_args(scalar)[0] if typing.get_origin(scalar) is list else scalar
-        where = f"--{f.name}"
-
-        def parse_one(text, item=item, where=where, choices=choices):
-            try:
-                return convert(text, typing.Optional[item], where, choices)  # noqa: UP045 (a runtime type)
-            except ConfigError as e:
-                raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
-
-        # items of a list that may be joined by `sep` are converted after splitting (in from_dict)
-        parser.add_argument(
-            *flags,
-            dest=f.name,
-            type=str if f.meta.get("sep") else parse_one,
-            nargs="+" if is_list else None,
-            metavar=f.meta.get("metavar")
-            or ("{" + ",".join(map(str, choices)) + "}" if choices else _type_name(item).upper()),
-            help=help_,
-        )
+        _add_option(groups.get(f.section, parser), f)
     return parser
+
+
+def _add_option(parser, f: _Field) -> None:
+    """The flag(s) of one option on `parser` (the parser or its section's argument group)."""
+    help_ = (f.meta.get("help") or "").replace("%", "%%")
+    choices = f.meta.get("choices")
+    help_ += f" (default: {_default_text(f)})".replace("%", "%%")
+    flags = [f"--{f.name}", *f.meta.get("aliases", ())]
+    for flag, const in f.meta.get("const_flags", {}).items():
+        parser.add_argument(flag, dest=f.name, action="store_const", const=const, help=f"alias of --{f.name} {const}")
+    if f.hint is bool:
+        parser.add_argument(*flags, dest=f.name, action="store_true", help=help_)
+        negative = f.meta.get("negative") or f"--no_{f.name}"
+        parser.add_argument(negative, dest=f.name, action="store_false", help=f"set --{f.name} off")
+        return
+    origin = typing.get_origin(f.hint)
+    args = typing.get_args(f.hint)
+    is_list = origin is list or any(typing.get_origin(a) is list for a in args)
+    scalar = f.hint
+    if origin in (typing.Union, types.UnionType):
+        scalar = next(a for a in args if a is not type(None))
+    item = typing.get_args(scalar)[0] if typing.get_origin(scalar) is list else scalar
+    where = f"--{f.name}"
+
+    def parse_one(text, item=item, where=where, choices=choices):
+        try:
+            return convert(text, typing.Optional[item], where, choices)  # noqa: UP045 (a runtime type)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+
+    # items of a list that may be joined by `sep` are converted after splitting (in from_dict)
+    parser.add_argument(
+        *flags,
+        dest=f.name,
+        type=str if f.meta.get("sep") else parse_one,
+        nargs="+" if is_list else None,
+        metavar=f.meta.get("metavar")
+        or ("{" + ",".join(map(str, choices)) + "}" if choices else _type_name(item).upper()),
+        help=help_,
+    )
 
 
 def parse(cls, argv: typing.Sequence[str] | None = None, prog: str | None = None, description: str | None = None):
@@ -334,7 +343,28 @@ def _construct(cls, kwargs: dict, source: str):
 
 
 def load_yaml(path, cls) -> dict:
-    """Flat option values from a YAML mapping (sections as nested mappings or flat keys), converted to their types."""
+    """Flat option values from a YAML mapping, converted to their types. A section's options may sit under its name
+    (`optim: {lr: 1e-4}`, as saved) or at the top level (`lr: 1e-4`, as files written before the section existed);
+    an option given both ways is an error."""
+    fields = {f.name: f for f in flat_fields(cls)}
+    flat, given = {}, set()
+    for section, key, value in _entries(path, _read_mapping(path), sections(cls)):
+        name, value = _option_of(path, fields, section, key, value)
+        if name is None:  # a const flag set to false
+            continue
+        if name == key:
+            if name in given:
+                raise ConfigError(f"{path}: {name} is given twice (at the top level and under {fields[name].section})")
+            given.add(name)
+        flat[name] = value
+    out = {}
+    for key, value in flat.items():
+        f = fields[key]
+        out[key] = convert(value, f.hint, f"{path}: {key}", f.meta.get("choices"), f.meta.get("sep"))
+    return out
+
+
+def _read_mapping(path) -> dict:
     import yaml
 
     p = Path(path)
@@ -348,34 +378,39 @@ def load_yaml(path, cls) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of option: value, got {type(data).__name__}")
-    fields = {f.name: f for f in flat_fields(cls)}
-    consts = {
-        flag.lstrip("-"): (f.name, const)
-        for f in fields.values()
-        for flag, const in f.meta.get("const_flags", {}).items()
-    }
-    secs = sections(cls)
-    flat: dict = {}
+    return data
+
+
+def _entries(path, data: dict, secs: dict):
+    """(section or None, key, value) for every entry of the file, each section's mapping opened."""
     for key, value in data.items():
-        if key in consts:
-            if convert(value, bool, f"{path}: {key}"):
-                flat[consts[key][0]] = consts[key][1]
+        if key not in secs:
+            yield None, key, value
             continue
-        if key in secs and isinstance(value, dict):
-            for sub_key, sub_value in value.items():
-                f = fields.get(sub_key)
-                if f is None or f.section != key:
-                    raise ConfigError(f"{path}: unknown option {key}.{sub_key}{_suggest(sub_key, fields)}")
-                flat[sub_key] = sub_value
-        elif key in fields:
-            flat[key] = value
-        else:
-            raise ConfigError(f"{path}: unknown option {key!r}{_suggest(str(key), fields)}")
-    out = {}
-    for key, value in flat.items():
-        f = fields[key]
-        out[key] = convert(value, f.hint, f"{path}: {key}", f.meta.get("choices"), f.meta.get("sep"))
-    return out
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{path}: {key}: expected a mapping of option: value, got {type(value).__name__}")
+        for sub_key, sub_value in (value or {}).items():
+            yield key, sub_key, sub_value
+
+
+def _option_of(path, fields: dict, section: str | None, key, value):
+    """(option name, value) of one entry at the top level (`section` None) or inside a section: an option of that
+    place, or a const flag's name set to true (`use_flash_attn: true`); (None, None) for one set to false."""
+    here = [f for f in fields.values() if section is None or f.section == section]
+    consts = {flag.lstrip("-"): (f.name, c) for f in here for flag, c in f.meta.get("const_flags", {}).items()}
+    if key in consts:
+        label = f"{section}.{key}" if section else key
+        return consts[key] if convert(value, bool, f"{path}: {label}") else (None, None)
+    f = fields.get(key)
+    if f is not None and f in here:
+        return key, value
+    if f is not None:
+        hint = f" ({key} belongs {f'under {f.section}' if f.section else 'at the top level'})"
+    else:
+        hint = _suggest(
+            str(key), [g.name for g in here] + ([] if section else sorted({g.section for g in here} - {None}))
+        )
+    raise ConfigError(f"{path}: unknown option {f'{section}.{key}' if section else repr(key)}{hint}")
 
 
 def _suggest(key: str, names) -> str:
@@ -411,9 +446,19 @@ def to_yaml(cfg) -> str:
 
 
 def flag_table(cls) -> str:
-    """The markdown table of a CLI's flags (docs/cli.md is generated from these)."""
+    """The markdown flag table(s) of a CLI (docs/cli.md is generated from these): the top-level options, then one
+    table per section under its own heading."""
+    fields = flat_fields(cls)
+    top = [f for f in fields if f.section is None]
+    parts = [_table(top)] if top else []
+    for name in sections(cls):
+        parts.append(f"### `{name}`: {section_help(cls, name)}\n\n" + _table([f for f in fields if f.section == name]))
+    return "\n\n".join(parts)
+
+
+def _table(fields: list[_Field]) -> str:
     rows = ["| flag | type | default | what it does |", "|---|---|---|---|"]
-    for f in flat_fields(cls):
+    for f in fields:
         flag = f"`--{f.name}`"
         others = [f"`{a}`" for a in f.meta.get("aliases", ())]
         others += [f"`{k}` = `--{f.name} {v}`" for k, v in f.meta.get("const_flags", {}).items()]

@@ -36,7 +36,7 @@ def real_tokens(batch: dict) -> int:
 def make_sampler(cfg, data, dp_rank: int, dp_size: int, reference_losses=None):
     """Bucket order by default; with --dynamic_loading, categories drawn by weights that evaluations move.
     Returns (sampler, DomainWeights or None)."""
-    if not cfg.dynamic_loading:
+    if not cfg.data.dynamic_loading:
         return BucketSampler(data.part_sizes, dp_rank, dp_size, seed=cfg.seed), None
     from colossal_shear.data.domain_weights import DomainSampler, DomainWeights
 

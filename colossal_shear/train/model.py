@@ -14,7 +14,7 @@ from colossal_shear.train.distributed.plugins import device_type, model_dtype
 
 def attention_implementation(cfg: TrainConfig) -> str:
     """'sdpa', 'flex' or 'flash' for this run (attention.resolve); the refusal comes before any model is loaded."""
-    return attention.resolve(cfg.attn_implementation, device_type(), cfg.parallel.plugin)
+    return attention.resolve(cfg.model.attn_implementation, device_type(), cfg.parallel.plugin)
 
 
 def build_model(cfg: TrainConfig, model_path: str):
@@ -32,11 +32,11 @@ def build_model(cfg: TrainConfig, model_path: str):
         model_path,
         torch_dtype=model_dtype(cfg.parallel),
         attn_implementation=attention.HF_NAMES[implementation],
-        trust_remote_code=cfg.trust_remote_code,
+        trust_remote_code=cfg.model.trust_remote_code,
         **kwargs,
     )
     attention.install(model, implementation)
-    if cfg.lm_loss == "chunked":
+    if cfg.model.lm_loss == "chunked":
         from colossal_shear.train.losses import install_chunked_loss, supports_chunked_loss
 
         reason = supports_chunked_loss(model)
@@ -44,18 +44,18 @@ def build_model(cfg: TrainConfig, model_path: str):
             install_chunked_loss(model)
         else:
             warnings.warn(f"--lm_loss chunked: {reason}; the model's own loss over full logits is used", stacklevel=2)
-    if cfg.use_grad_checkpoint:
+    if cfg.model.use_grad_checkpoint:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.freezes_body:
         trainable = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
         for p in model.parameters():
             p.requires_grad_(id(p) in trainable)
-    if cfg.train_embeddings == "new":  # old rows frozen by a gradient hook, registered before boost (freeze.py)
+    if cfg.model.train_embeddings == "new":  # old rows frozen by a gradient hook, registered before boost (freeze.py)
         from colossal_shear.train.stages.freeze import freeze_old_rows
 
         freeze_old_rows(model, model_path)
     model.config.use_cache = False
-    if cfg.compile:
+    if cfg.model.compile:
         model.compile()
     return model
 
@@ -70,7 +70,7 @@ def load_frozen_model(cfg: TrainConfig, path: str, device):
         path,
         torch_dtype=model_dtype(cfg.parallel),
         attn_implementation=attention.HF_NAMES[implementation],
-        trust_remote_code=cfg.trust_remote_code,
+        trust_remote_code=cfg.model.trust_remote_code,
     ).to(device)
     model.eval().requires_grad_(False)
     return attention.install(model, implementation)

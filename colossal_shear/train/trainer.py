@@ -30,6 +30,7 @@ from colossal_shear.train.distributed.plugins import booster_kwargs, device_type
 from colossal_shear.train.engine import make_engine, tensors_finite
 from colossal_shear.train.evaluate import evaluate_losses
 from colossal_shear.train.io import checkpoint as ckpt
+from colossal_shear.train.io.export import export_hf
 from colossal_shear.train.io.metrics import flops_per_token, peak_flops
 from colossal_shear.train.io.run_logger import RunLogger
 from colossal_shear.train.model import build_model, load_frozen_model
@@ -105,21 +106,21 @@ class Trainer:
     def setup(self) -> Trainer:
         from colossalai.booster import Booster
 
-        cfg, par = self.cfg, self.cfg.parallel
+        cfg, par, opt = self.cfg, self.cfg.parallel, self.cfg.optim
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = (
             torch.device("cuda", torch.cuda.current_device()) if device_type() == "cuda" else torch.device("cpu")
         )
-        self.plugin = make_plugin(par, max_norm=cfg.grad_clip)
+        self.plugin = make_plugin(par, max_norm=opt.grad_clip)
         self.ranks = Ranks.of(self.plugin)
         self.booster = Booster(plugin=self.plugin, **booster_kwargs(par))
-        self.engine = make_engine(self.booster, par, cfg.grad_clip, self.device, self.ranks.loss_rank)
+        self.engine = make_engine(self.booster, par, opt.grad_clip, self.device, self.ranks.loss_rank)
         torch.manual_seed(cfg.seed)
 
-        per_step = cfg.batch_size * cfg.accumulation_steps
+        per_step = opt.batch_size * opt.accumulation_steps
         steps_per_epoch = max(1, -(-sum(self.data.part_sizes) // self.ranks.dp_size) // per_step)
-        self.total_steps = cfg.max_steps or steps_per_epoch * cfg.num_epochs
-        warmup = resolve_warmup(cfg.warmup_steps, self.total_steps)
+        self.total_steps = opt.max_steps or steps_per_epoch * opt.num_epochs
+        self.warmup_steps = resolve_warmup(opt.warmup_steps, self.total_steps)
 
         model = build_model(cfg, self.inputs.model_path)
         self.sampler, weights = make_sampler(
@@ -127,26 +128,20 @@ class Trainer:
             self.data,
             self.ranks.dp_rank,
             self.ranks.dp_size,
-            self._reference_losses() if cfg.dynamic_loading else None,
+            self._reference_losses() if cfg.data.dynamic_loading else None,
         )
         self.hooks = HookList(self._stage_hooks(model, weights))
         optimizer = make_optimizer(
-            param_groups([p for p in model.parameters() if p.requires_grad], cfg.weight_decay),
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
+            param_groups([p for p in model.parameters() if p.requires_grad], opt.weight_decay),
+            lr=opt.lr,
+            weight_decay=opt.weight_decay,
         )
-        scheduler = warmup_cosine(optimizer, warmup, self.total_steps)
+        scheduler = warmup_cosine(optimizer, self.warmup_steps, self.total_steps)
         self.model, self.optimizer, _, _, self.scheduler = self.booster.boost(model, optimizer, lr_scheduler=scheduler)
-        self.batches = Batches(self.data, self.sampler, cfg.batch_size)
+        self.batches = Batches(self.data, self.sampler, opt.batch_size)
 
         self.checkpointer = ckpt.CheckpointManager(
-            self.booster,
-            self.model,
-            self.optimizer,
-            cfg.save_dir,
-            cfg.save_interval,
-            cfg.keep_last,
-            ckpt.layout(par, self.world, self.ranks.dp_size),
+            cfg.checkpoint, self.booster, self.model, self.optimizer, ckpt.layout(par, self.world, self.ranks.dp_size)
         )
         self.checkpointer.register("train", self.state)
         self.checkpointer.register("scheduler", self.scheduler)
@@ -167,13 +162,23 @@ class Trainer:
             from colossal_shear.train.stages.prune import PruneStage
 
             hooks.append(
-                PruneStage(cfg, model, self.inputs.model_config, self.total_steps, self.device, self.ranks.dp_rank)
+                PruneStage(
+                    cfg.prune,
+                    model,
+                    self.inputs.model_config,
+                    total_steps=self.total_steps,
+                    warmup_steps=self.warmup_steps,
+                    seed=cfg.seed,
+                    calibration_dataset=cfg.data.dataset[0],
+                    device=self.device,
+                    dp_rank=self.ranks.dp_rank,
+                )
             )
-        if cfg.teacher:
+        if cfg.distill.teacher:
             from colossal_shear.train.stages.distill import Distillation
 
-            teacher = load_frozen_model(cfg, cfg.teacher, self.device)
-            hooks.append(Distillation(teacher, cfg.kd_weight, cfg.kd_temperature, cfg.accumulation_steps))
+            teacher = load_frozen_model(cfg, cfg.distill.teacher, self.device)
+            hooks.append(Distillation(cfg.distill, teacher, cfg.optim.accumulation_steps))
         if weights is not None:
             from colossal_shear.train.stages.dynamic_loading import DynamicLoading
 
@@ -184,9 +189,9 @@ class Trainer:
         """Per-category reference losses for dynamic loading: given, or the eval loss of --reference_model."""
         from colossal_shear.data.domain_weights import parse_reference_losses
 
-        if self.cfg.reference_loss:
-            return parse_reference_losses(self.cfg.reference_loss)
-        ref = load_frozen_model(self.cfg, self.cfg.reference_model, self.device)
+        if self.cfg.data.reference_loss:
+            return parse_reference_losses(self.cfg.data.reference_loss)
+        ref = load_frozen_model(self.cfg, self.cfg.data.reference_model, self.device)
 
         def loss_fn(inputs, ref=ref):
             with self.engine.autocast():
@@ -194,7 +199,7 @@ class Trainer:
 
         losses = evaluate_losses(
             self.evals,
-            self.cfg.batch_size,
+            self.cfg.optim.batch_size,
             loss_fn,
             self.engine.compute_dtype,
             self.device,
@@ -207,12 +212,12 @@ class Trainer:
 
     def resume(self) -> None:
         """Restore a checkpoint when one is given, then open the run's outputs (saved config, logger)."""
-        cfg = self.cfg
-        if cfg.load_checkpoint and not ckpt.is_hf_model_dir(cfg.load_checkpoint):
-            self.good_checkpoint = self.checkpointer.resume(cfg.load_checkpoint)
-        if cfg.save_dir and self.rank == 0:
-            save_config(cfg, Path(cfg.save_dir) / "config.yaml")
-        self.logger = RunLogger(cfg, self.total_steps, self.rank == 0, start_step=self.state.step)
+        cfg, where = self.cfg, self.cfg.checkpoint
+        if where.load_checkpoint and not ckpt.is_hf_model_dir(where.load_checkpoint):
+            self.good_checkpoint = self.checkpointer.resume(where.load_checkpoint)
+        if where.save_dir and self.rank == 0:
+            save_config(cfg, Path(where.save_dir) / "config.yaml")
+        self.logger = RunLogger(cfg.log, cfg.stage, self.total_steps, self.rank == 0, start_step=self.state.step)
         if self.state.step == 0:
             start = self.hooks.start_scalars()
             if start:
@@ -222,14 +227,15 @@ class Trainer:
 
     def train(self) -> dict:
         self.resume()
-        end = min(self.total_steps, self.cfg.stop_at_step or self.total_steps)
+        end = min(self.total_steps, self.cfg.checkpoint.stop_at_step or self.total_steps)
         self.model.train()
         while self.state.step < end:
             result = self.train_step()
             self.log_step(result)
-            if self.bad_run >= self.cfg.max_bad_steps:
+            if self.bad_run >= self.cfg.optim.max_bad_steps:
                 raise self._diverged(f"{self.bad_run} consecutive steps had a NaN/inf loss or gradient norm")
-            if self.evals is not None and self.cfg.eval_interval and self.state.step % self.cfg.eval_interval == 0:
+            every = self.cfg.log.eval_interval
+            if self.evals is not None and every and self.state.step % every == 0:
                 self.evaluate()
             if self.checkpointer.due(self.state.step) and not self.bad_run:
                 self.save()
@@ -266,7 +272,7 @@ class Trainer:
         together when any rank's loss, objective or gradients are not finite. Losses stay on the device: the one
         host synchronisation of the step is that decision, which also brings back the step's loss and tokens."""
         started = time.perf_counter()
-        step, n = self.state.step, self.cfg.accumulation_steps
+        step, n = self.state.step, self.cfg.optim.accumulation_steps
         losses, objectives, tokens = [], [], 0
         for micro in range(n):
             batch = self.batches.next()
@@ -349,7 +355,7 @@ class Trainer:
         self.hooks.train(False)
         losses = evaluate_losses(
             self.evals,
-            self.cfg.batch_size,
+            self.cfg.optim.batch_size,
             lambda inputs: self.engine.eval_loss(self.model, inputs),
             self.engine.compute_dtype,
             self.device,
@@ -367,15 +373,15 @@ class Trainer:
         return losses
 
     def export(self) -> None:
-        if self.cfg.export_dir:
-            ckpt.export_hf(
+        if self.cfg.checkpoint.export_dir:
+            export_hf(
                 self.booster,
                 self.model,
-                self.cfg.export_dir,
+                self.cfg.checkpoint.export_dir,
                 self.inputs.model_config,
                 self.inputs.tokenizer,
                 model_dtype(self.cfg.parallel),
-                self.cfg.overwrite,
+                self.cfg.checkpoint.overwrite,
                 self.hooks.export_transform(),
             )
 
@@ -383,8 +389,8 @@ class Trainer:
         result = {"steps": self.state.step, "losses": self.history, "skipped": self.state.skipped}
         if self.last_eval is not None and self.state.step >= self.total_steps:
             result["eval"] = self.last_eval
-        if self.cfg.export_dir and self.state.step >= self.total_steps:
-            result["export_dir"] = self.cfg.export_dir
+        if self.cfg.checkpoint.export_dir and self.state.step >= self.total_steps:
+            result["export_dir"] = self.cfg.checkpoint.export_dir
         self.logger.close(result)
         return result
 

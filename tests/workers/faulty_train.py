@@ -7,7 +7,7 @@ $FAULT_LOG.rank-R.json (every optimizer step's `applied`, and the host synchroni
     FAULT=count         no fault: count host synchronisations (torch.distributed.all_reduce, and Tensor.item, tolist,
                         __float__, __int__, __bool__) per step and phase; the wrappers call the real functions.
 
-Conversions made by host-side batch preparation (colossal_shear/train/data.py and colossal_shear/data/, on the CPU
+Conversions made by host-side batch preparation (colossal_shear/train/batches.py and colossal_shear/data/, on the CPU
 batch before it is moved to the device) are not synchronisations and are left out of the counts.
 """
 
@@ -25,7 +25,7 @@ from colossal_shear.train import trainer as trainer_module
 from colossal_shear.train.stages.base import StageHooks
 from colossal_shear.train.trainer import Trainer
 
-HOST_SIDE = (os.path.join("colossal_shear", "train", "data.py"), os.path.join("colossal_shear", "data", ""))
+HOST_SIDE = (os.path.join("colossal_shear", "train", "batches.py"), os.path.join("colossal_shear", "data", ""))
 
 
 class Fault(StageHooks):
@@ -99,7 +99,7 @@ def work(cfg):
 
     def setup(self):
         original_setup(self)
-        self.fault = Fault(os.environ["FAULT"], cfg.accumulation_steps, self.model)
+        self.fault = Fault(os.environ["FAULT"], cfg.optim.accumulation_steps, self.model)
         self.hooks.hooks.append(self.fault)
         if self.fault.kind == "count":
             install_counters(self.fault)

@@ -33,6 +33,7 @@ from colossal_shear.core.compat import save_keeping_os_reason
 from colossal_shear.core.errors import UserError
 from colossal_shear.core.fsutil import atomic_write_text, file_digests, publish_dir
 from colossal_shear.core.logger import get_logger
+from colossal_shear.train.config import CheckpointConfig
 from colossal_shear.train.distributed.collective import gather
 
 LATEST, MANIFEST = "latest", "manifest.json"
@@ -154,15 +155,15 @@ class RNGState:
 
 
 class CheckpointManager:
-    """The checkpoint policy (every `interval` steps and at the end, the newest `keep_last` kept, `latest` replaced
-    last) and its contents: the Booster's sharded model and optimizer, plus every registered stateful component
-    (`state_dict`/`load_state_dict`): shared ones in `trainer_state.pt` (the same on every rank, written by rank 0)
-    and per-rank ones in `rank-R.pt` (RNG, data position), and the manifest."""
+    """The checkpoint policy of the run's checkpoint section (every `save_interval` steps and at the end, the newest
+    `keep_last` kept, `latest` replaced last) and its contents: the Booster's sharded model and optimizer, plus every
+    registered stateful component (`state_dict`/`load_state_dict`): shared ones in `trainer_state.pt` (the same on
+    every rank, written by rank 0) and per-rank ones in `rank-R.pt` (RNG, data position), and the manifest."""
 
-    def __init__(self, booster, model, optimizer, save_dir: str | None, interval: int, keep_last: int, layout: dict):
+    def __init__(self, cfg: CheckpointConfig, booster, model, optimizer, layout: dict):
         self.booster, self.model, self.optimizer = booster, model, optimizer
-        self.save_dir = Path(save_dir) if save_dir else None
-        self.interval, self.keep_last = interval, keep_last
+        self.save_dir = Path(cfg.save_dir) if cfg.save_dir else None
+        self.interval, self.keep_last = cfg.save_interval, cfg.keep_last
         self.layout = layout  # recorded in each manifest; resuming needs the same
         self.shared: dict = {}
         self.per_rank: dict = {}

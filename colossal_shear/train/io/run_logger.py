@@ -7,12 +7,15 @@ import json
 import sys
 
 from colossal_shear.core.logger import get_logger
+from colossal_shear.train.config import LogConfig
 
 log = get_logger(__name__)
 
 
 class RunLogger:
-    def __init__(self, cfg, total_steps: int, enabled: bool, start_step: int = 0):
+    """Configured by the run's log section; `name` (the stage) labels the progress bar."""
+
+    def __init__(self, cfg: LogConfig, name: str, total_steps: int, enabled: bool, start_step: int = 0):
         self.interval = max(1, cfg.log_interval)
         self.writer = self.bar = None
         if not enabled:
@@ -24,7 +27,7 @@ class RunLogger:
         if sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc=f"{cfg.stage}", dynamic_ncols=True)
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=name, dynamic_ncols=True)
 
     def step(self, step: int, scalars: dict) -> None:
         if self.writer:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from colossal_shear.train.attention import labels_for
+from colossal_shear.train.config import DistillConfig
 from colossal_shear.train.losses import chunked_kd_loss, head_weight, kd_loss
 from colossal_shear.train.stages.base import StageHooks
 
@@ -16,8 +17,9 @@ from colossal_shear.train.stages.base import StageHooks
 class Distillation(StageHooks):
     name = "distill"
 
-    def __init__(self, teacher, weight: float, temperature: float, accumulation_steps: int):
-        self.teacher, self.weight, self.temperature = teacher, weight, temperature
+    def __init__(self, cfg: DistillConfig, teacher, accumulation_steps: int):
+        """`cfg`: the run's distill section (its `teacher` path is the model already loaded as `teacher`)."""
+        self.teacher, self.weight, self.temperature = teacher, cfg.kd_weight, cfg.kd_temperature
         self.accumulation_steps = accumulation_steps
         self._sum = None  # a device tensor, read back only when the step's scalars are logged
 

@@ -65,7 +65,7 @@ def param_groups(params: list, weight_decay: float):
 
 def check_train_embeddings(cfg, model_path, model_config) -> None:
     """Pre-flight for `--train_embeddings new` (raises ValueError with the reason)."""
-    if cfg.train_embeddings != "new":
+    if cfg.model.train_embeddings != "new":
         return
     if not cfg.freezes_body:
         raise ValueError("--train_embeddings new belongs to the align stage: add --stage align")

@@ -23,7 +23,8 @@ from colossal_shear.pruning.lagrangian import Lagrangian
 from colossal_shear.pruning.masked_model import MaskedModel
 from colossal_shear.pruning.masks import PruningMasks
 from colossal_shear.pruning.shape import PruneShape
-from colossal_shear.train.optim import resolve_warmup, warmup_cosine
+from colossal_shear.train.config import PruneConfig
+from colossal_shear.train.optim import warmup_cosine
 from colossal_shear.train.stages.base import StageHooks
 
 log = get_logger(__name__)
@@ -44,17 +45,31 @@ def default_ramp(total_steps: int) -> int:
 class PruneStage(StageHooks):
     name = "prune"
 
-    def __init__(self, cfg, model, model_config, total_steps: int, device, dp_rank: int):
-        self.cfg, self.device, self.dp_rank = cfg, device, dp_rank
+    def __init__(
+        self,
+        cfg: PruneConfig,
+        model,
+        model_config,
+        *,
+        total_steps: int,
+        warmup_steps: int,
+        seed: int,
+        calibration_dataset: str,
+        device,
+        dp_rank: int,
+    ):
+        """`cfg`: the run's prune section; `warmup_steps`: the model's warm-up, which the masks' schedule shares;
+        `calibration_dataset`: where --mask_init_from importance measures activations."""
+        self.cfg, self.seed, self.device, self.dp_rank = cfg, seed, device, dp_rank
         self.source = PruneShape.from_config(model_config)
         self.target = PruneShape.parse(cfg.target_shape, model_config)
         self.target.validate_against(self.source)
         ramp = cfg.lagrangian_warmup_steps if cfg.lagrangian_warmup_steps is not None else default_ramp(total_steps)
-        self.masks = PruningMasks(model_config, self.target, init_log_alpha=cfg.mask_init, seed=cfg.seed).to(device)
+        self.masks = PruningMasks(model_config, self.target, init_log_alpha=cfg.mask_init, seed=seed).to(device)
         if cfg.mask_init_from == "importance":
             from colossal_shear.pruning.importance_init import importance_log_alpha
 
-            importance_log_alpha(self.masks, model, cfg.dataset[0], cfg.mask_init, cfg.mask_init_spread)
+            importance_log_alpha(self.masks, model, calibration_dataset, cfg.mask_init, cfg.mask_init_spread)
         self.masks.constrain()
         self.lagrangian = Lagrangian(self.source, self.target, warmup_steps=ramp).to(device)
         self.optimizer = torch.optim.AdamW(
@@ -64,8 +79,8 @@ class PruneStage(StageHooks):
             ],
             betas=BETAS,
         )
-        self.scheduler = warmup_cosine(self.optimizer, resolve_warmup(cfg.warmup_steps, total_steps), total_steps)
-        self._seed = (cfg.seed, 0, 0)
+        self.scheduler = warmup_cosine(self.optimizer, warmup_steps, total_steps)
+        self._seed = (seed, 0, 0)
         self.masked = MaskedModel(model, self._current_z)
         self.masked.attach()
         self.last_penalty = None  # a device tensor, read back only when the step's scalars are logged
@@ -87,7 +102,7 @@ class PruneStage(StageHooks):
 
     def before_forward(self, step: int, micro: int) -> None:
         """Masks are resampled for every micro-batch from a seed of (seed, step, micro, rank): exact on resume."""
-        self._seed = (self.cfg.seed, step, micro, self.dp_rank)
+        self._seed = (self.seed, step, micro, self.dp_rank)
         self.masks.constrain()
 
     def extra_loss(self, step, inputs, outputs) -> torch.Tensor:
