@@ -224,13 +224,8 @@ def _folded_attention(attn, p: str, units: dict, head_gates, hd: int, kh, out_sc
             attn.o_proj.weight, rows=kh, cols=q_rows, row_scale=out_scale, col_scale=head_scale
         ),
     }
-    for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
-        bias = getattr(attn, name).bias
-        if bias is not None:
-            sd[p + f"{name}.bias"] = _scaled(bias, rows=rows)
-    if attn.o_proj.bias is not None:
-        sd[p + "o_proj.bias"] = _scaled(attn.o_proj.bias, rows=kh, row_scale=out_scale)
-    return sd
+    rows = {"q_proj": q_rows, "k_proj": kv_rows, "v_proj": kv_rows}
+    return sd | _folded_biases(attn, p, rows, "o_proj", kh, out_scale)
 
 
 def _folded_mlp(mlp, p: str, neurons, neuron_gates, kh, out_scale) -> dict[str, torch.Tensor]:
@@ -242,12 +237,20 @@ def _folded_mlp(mlp, p: str, neurons, neuron_gates, kh, out_scale) -> dict[str, 
             mlp.down_proj.weight, rows=kh, cols=neurons, row_scale=out_scale, col_scale=neuron_gates[neurons]
         ),
     }
-    for name in ("gate_proj", "up_proj"):
-        bias = getattr(mlp, name).bias
+    rows = {"gate_proj": neurons, "up_proj": neurons}
+    return sd | _folded_biases(mlp, p, rows, "down_proj", kh, out_scale)
+
+
+def _folded_biases(module, p: str, in_rows: dict, out_name: str, kh, out_scale) -> dict[str, torch.Tensor]:
+    """The kept rows of each input projection's bias; the output projection's bias scaled like its weight rows."""
+    sd = {}
+    for name, rows in in_rows.items():
+        bias = getattr(module, name).bias
         if bias is not None:
-            sd[p + f"{name}.bias"] = _scaled(bias, rows=neurons)
-    if mlp.down_proj.bias is not None:
-        sd[p + "down_proj.bias"] = _scaled(mlp.down_proj.bias, rows=kh, row_scale=out_scale)
+            sd[p + f"{name}.bias"] = _scaled(bias, rows=rows)
+    out_bias = getattr(module, out_name).bias
+    if out_bias is not None:
+        sd[p + f"{out_name}.bias"] = _scaled(out_bias, rows=kh, row_scale=out_scale)
     return sd
 
 

@@ -206,24 +206,10 @@ class PruningMasks(nn.Module):
         }
 
     def target_shape(self) -> dict[str, float]:
-        t = self.target
-        return {
-            "hidden": float(t.hidden),
-            "layers": float(t.layers),
-            "heads": float(t.heads),
-            "kv_heads": float(t.kv_heads),
-            "intermediate": float(t.intermediate),
-        }
+        return _sizes(self.target)
 
     def source_shape(self) -> dict[str, float]:
-        s = self.source
-        return {
-            "hidden": float(s.hidden),
-            "layers": float(s.layers),
-            "heads": float(s.heads),
-            "kv_heads": float(s.kv_heads),
-            "intermediate": float(s.intermediate),
-        }
+        return _sizes(self.source)
 
     def expected_params(self) -> torch.Tensor:
         """Expected parameter count: embedding (and untied LM head) rows x the expected hidden size; per layer
@@ -249,3 +235,9 @@ class PruningMasks(nn.Module):
         det = self.deterministic()
         values = {k: det[k].clamp(min=self.min_kept_value) for k in ("layer", "group", "head", "intermediate")}
         return select(self.source, self.target, scores, values, device=self.device)
+
+
+def _sizes(shape: PruneShape) -> dict[str, float]:
+    """A shape's size per pruned dimension, keyed like `expected_shape`."""
+    names = ("hidden", "layers", "heads", "kv_heads", "intermediate")
+    return {name: float(getattr(shape, name)) for name in names}

@@ -47,7 +47,19 @@ def chunk_rows(weight: torch.Tensor, fp32_buffers: int = CE_FP32_BUFFERS, chunk_
     return max(1, budget // max(1, vocab * (4 * fp32_buffers + head_copy)))
 
 
-class _ChunkedCrossEntropy(torch.autograd.Function):
+class _PrecomputedGradients(torch.autograd.Function):
+    """A chunked loss whose forward already computed d(loss)/d(hidden) and d(loss)/d(head weight) (inputs 0 and 1):
+    backward only applies the incoming scale; the other inputs (labels, options) get no gradient."""
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        grad_weight = (grad_w * grad_out).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        others = [None] * (len(ctx.needs_input_grad) - 2)
+        return (grad_h * grad_out.to(grad_h.dtype), grad_weight, *others)
+
+
+class _ChunkedCrossEntropy(_PrecomputedGradients):
     @staticmethod
     def forward(ctx, hidden, weight, targets, denominator, chunk, with_grad):
         ctx.weight_dtype = weight.dtype
@@ -73,18 +85,6 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             ctx.save_for_backward(grad_h, grad_w)
         return total / denominator
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        return (
-            grad_h * grad_out.to(grad_h.dtype),
-            (grad_w * grad_out).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None,
-            None,
-            None,
-            None,
-            None,
-        )
-
 
 def chunked_cross_entropy(
     hidden: torch.Tensor,
@@ -108,7 +108,7 @@ def chunked_cross_entropy(
     return _ChunkedCrossEntropy.apply(hidden, weight, targets, denominator, chunk, with_grad)
 
 
-class _ChunkedKD(torch.autograd.Function):
+class _ChunkedKD(_PrecomputedGradients):
     @staticmethod
     def forward(ctx, hidden, weight, t_hidden, t_weight, keep, denominator, temperature, chunk, with_grad):
         ctx.weight_dtype = weight.dtype
@@ -131,21 +131,6 @@ class _ChunkedKD(torch.autograd.Function):
             ctx.save_for_backward(grad_h, grad_w)
         return total * temperature**2 / denominator
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        return (
-            grad_h * grad_out.to(grad_h.dtype),
-            (grad_w * grad_out).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
-
 
 def chunked_kd_loss(
     hidden: torch.Tensor,
@@ -156,7 +141,7 @@ def chunked_kd_loss(
     temperature: float = 1.0,
     chunk_tokens: int | None = None,
 ) -> torch.Tensor:
-    """colossal_shear.pruning.distill.kd_loss (T²·KL(teacher ‖ student) per labelled token, after the causal shift)
+    """`kd_loss` below (T²·KL(teacher ‖ student) per labelled token, after the causal shift)
     from hidden states and head weights, without the student's or the teacher's full logits."""
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")

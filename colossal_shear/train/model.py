@@ -22,20 +22,11 @@ def build_model(cfg: TrainConfig, model_path: str):
     takes packed batches' `document_ids` (attention.py), computes the chunked LM loss unless --lm_loss full
     (lm_loss.py), and is compiled with --compile (torch.compile of its forward, traced on the first step after
     boosting)."""
-    from transformers import AutoModelForCausalLM
 
     kwargs = {}
     if device_type() == "cuda" and not cfg.parallel.plugin.startswith("gemini"):
         kwargs["device_map"] = {"": torch.cuda.current_device()}
-    implementation = attention_implementation(cfg)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path,
-        torch_dtype=model_dtype(cfg.parallel),
-        attn_implementation=attention.HF_NAMES[implementation],
-        trust_remote_code=cfg.model.trust_remote_code,
-        **kwargs,
-    )
-    attention.install(model, implementation)
+    model = _load(cfg, model_path, **kwargs)
     if cfg.model.lm_loss == "chunked":
         from colossal_shear.train.losses import install_chunked_loss, supports_chunked_loss
 
@@ -63,6 +54,14 @@ def build_model(cfg: TrainConfig, model_path: str):
 def load_frozen_model(cfg: TrainConfig, path: str, device):
     """A model consulted without gradients (a teacher, a reference), replicated on every rank, in the student's
     weight dtype."""
+
+    model = _load(cfg, path).to(device)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def _load(cfg: TrainConfig, path: str, **kwargs):
+    """The HF model in the run's weight dtype, with the run's attention kernel fed packed documents."""
     from transformers import AutoModelForCausalLM
 
     implementation = attention_implementation(cfg)
@@ -71,6 +70,6 @@ def load_frozen_model(cfg: TrainConfig, path: str, device):
         torch_dtype=model_dtype(cfg.parallel),
         attn_implementation=attention.HF_NAMES[implementation],
         trust_remote_code=cfg.model.trust_remote_code,
-    ).to(device)
-    model.eval().requires_grad_(False)
+        **kwargs,
+    )
     return attention.install(model, implementation)
