@@ -123,6 +123,7 @@ def prepare_dataset(config: PrepareConfig) -> dict | None:
     except DataPrepError as e:
         if shards > 1:
             work.fail(shard, str(e))
+            e.rank_local = True  # this shard's own: the CLI prints it on this rank
         else:  # the same command would meet the same error, and a changed input is refused on resume
             work.remove()
         raise

@@ -221,9 +221,12 @@ def read_unit(unit: Unit, batch_rows: int, text_field: str | None, batch_bytes: 
 
 
 def _rows(batch, first: int) -> list[tuple[int, dict]]:
+    """Numbered rows as dicts; a null cell is an absent key (a table has every column in every row, so a corpus
+    mixing `text` and `target` records has nulls in both columns)."""
     names = batch.schema.names
     cols = [batch.column(i).to_pylist() for i in range(len(names))]
-    return [(first + j + 1, dict(zip(names, values))) for j, values in enumerate(zip(*cols))]
+    return [(first + j + 1, {k: v for k, v in zip(names, values) if v is not None})
+            for j, values in enumerate(zip(*cols))]
 
 
 def _line_batches(unit: Unit, batch_lines: int, batch_bytes: int) -> Iterator[list[tuple[int, bytes]]]:
