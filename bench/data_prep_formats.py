@@ -3,8 +3,8 @@ tokenise-only floor and to a `datasets.map` baseline, the speed-up from 1 to N p
 
 The corpus is the bundled en/zh/code records repeated (each copy's records tagged with the copy number, so the text
 is not byte-identical from copy to copy) up to `--mb` megabytes of JSONL, then written as plain JSONL, as `.jsonl.zst`
-(shards of 64 MB of JSONL, as SlimPajama ships, or smaller so that there are 16) and as Parquet (row groups of 20,000 rows). Every pipeline runs in a
-fresh process (`--one`), so peak RSS is its own: the main process's and the largest worker's (ru_maxrss).
+(shards of 64 MB of JSONL as SlimPajama ships, or smaller so that there are 16) and as Parquet (row groups of 20,000
+rows). Every pipeline runs in a fresh process (`--one`), so peak RSS is its own: the main process's and the largest worker's (ru_maxrss).
 
 - floor: N processes each read a byte range of the plain JSONL, `json.loads` every line and run the fast tokenizer's
   `encode_batch` on the text; nothing is packed or written. No pipeline can do less.

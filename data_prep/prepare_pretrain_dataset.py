@@ -8,7 +8,8 @@ On several hosts: the same command under `colossalai run --hostfile H --nproc_pe
 the units among the ranks and rank 0 merges; Slurm arrays pass --shard_index/--num_shards, then run the command
 without them once to merge.
 
-Options: `--help` or docs/cli.md; output format and error behaviour: docs/data_prep.md. The work is done by colossal_shear.data.prepare_dataset.
+Options: `--help` or docs/cli.md; formats, resume, sharding, output and errors: docs/data_prep.md. The work is done
+by colossal_shear.data.prepare_dataset.
 """
 
 from __future__ import annotations
