@@ -3,8 +3,10 @@ tokenise-only floor and to a `datasets.map` baseline, the speed-up from 1 to N p
 
 The corpus is the bundled en/zh/code records repeated (each copy's records tagged with the copy number, so the text
 is not byte-identical from copy to copy) up to `--mb` megabytes of JSONL, then written as plain JSONL, as `.jsonl.zst`
-(shards of 64 MB of JSONL as SlimPajama ships, or smaller so that there are 16) and as Parquet (row groups of 20,000
-rows). Every pipeline runs in a fresh process (`--one`), so peak RSS is its own: the main process's and the largest worker's (ru_maxrss).
+(shards of 64 MB of JSONL as SlimPajama ships, or smaller so that there are 16) and as Parquet (row groups of 2,000
+rows). Every pipeline runs in a fresh process (`--one`), so peak memory is its own: anonymous RSS (RssAnon, sampled every 20 ms; memory-mapped
+input and output files are page cache, not counted) of the main process and of the largest worker. "1 process" runs
+with the tokenizer's own threads off (TOKENIZERS_PARALLELISM=false), i.e. on one core.
 
 - floor: N processes each read a byte range of the plain JSONL, `json.loads` every line and run the fast tokenizer's
   `encode_batch` on the text; nothing is packed or written. No pipeline can do less.
@@ -20,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import signal
 import subprocess
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from colossal_shear.bundled import CATEGORIES, corpus_files, train_sentencepiece  # noqa: E402
 
-ROWS_PER_GROUP = 20_000
+ROWS_PER_GROUP = 2_000
 ZST_SHARD = 64 << 20
 
 
@@ -134,10 +135,44 @@ def run_ours(inp: Path, tok: Path, out: Path, max_length: int, num_proc: int) ->
     return m["totals"]["tokens"]
 
 
+def _rss_anon_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:")) / 1024
+    except (OSError, StopIteration, ValueError):
+        return 0.0
+
+
+class PeakMemory:
+    """Peak anonymous RSS of this process and of its largest child, sampled in a thread."""
+
+    def __init__(self):
+        import threading
+
+        self.main = self.worker = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.wait(0.02):
+            self.main = max(self.main, _rss_anon_mb(me.pid))
+            for child in me.children(recursive=True):
+                self.worker = max(self.worker, _rss_anon_mb(child.pid))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def one(args) -> None:
     """Run one pipeline in this process and print {seconds, tokens, rss_main_mb, rss_worker_mb} as JSON."""
     work, tok = Path(args.work), Path(args.work) / "tokenizer"
     out = work / f"out-{args.one}"
+    peak = PeakMemory()
     t0 = time.perf_counter()
     if args.one == "floor":
         tokens = run_floor(work / "jsonl" / "corpus.jsonl", tok, args.num_proc)
@@ -149,16 +184,16 @@ def one(args) -> None:
         kind = args.one.split("-")[1]
         tokens = run_ours(work / kind, tok, out, args.max_length, args.num_proc)
     seconds = time.perf_counter() - t0
+    peak.stop()
     shutil.rmtree(out, ignore_errors=True)
-    print(json.dumps({"seconds": seconds, "tokens": tokens,
-                      "rss_main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "rss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+    print(json.dumps({"seconds": seconds, "tokens": tokens, "rss_main_mb": peak.main, "rss_worker_mb": peak.worker}))
 
 
 def measure(work: Path, name: str, num_proc: int, max_length: int) -> dict:
     cmd = [sys.executable, __file__, "--one", name, "--work", str(work), "--num_proc", str(num_proc),
            "--max_length", str(max_length)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, **({"TOKENIZERS_PARALLELISM": "false"} if num_proc == 1 else {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -188,11 +223,11 @@ def resume_run(work: Path, num_proc: int, max_length: int) -> tuple[float, float
 
 def table(results: dict, sizes: dict, args) -> None:
     floor = results["floor"]["seconds"]
-    base = results["datasets.map"]["seconds"]
+    base = results.get("datasets.map", {}).get("seconds", float("nan"))
     print(f"corpus: {sizes['jsonl'] / 1e6:,.0f} MB JSONL = {sizes['zst'] / 1e6:,.0f} MB .jsonl.zst = "
           f"{sizes['parquet'] / 1e6:,.0f} MB Parquet; {results['floor']['tokens']:,} tokens of text; max_length "
           f"{args.max_length}; {os.cpu_count()} CPUs; python {platform.python_version()}")
-    print("| pipeline | num_proc | seconds | tokens/s | / floor | / datasets.map | peak RSS main / worker (MB) |")
+    print("| pipeline | num_proc | seconds | tokens/s | / floor | / datasets.map | peak anon. RSS main / worker (MB) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         print(f"| {name} | {r['num_proc']} | {r['seconds']:.1f} | {r['tokens'] / r['seconds']:,.0f} | "
