@@ -4,8 +4,9 @@ tokenise-only floor and to a `datasets.map` baseline, the speed-up from 1 to N p
 The corpus is the bundled en/zh/code records repeated (each copy's records tagged with the copy number, so the text
 is not byte-identical from copy to copy) up to `--mb` megabytes of JSONL, then written as plain JSONL, as `.jsonl.zst`
 (shards of 64 MB of JSONL as SlimPajama ships, or smaller so that there are 16) and as Parquet (row groups of 2,000
-rows). Every pipeline runs in a fresh process (`--one`), so peak memory is its own: anonymous RSS (RssAnon, sampled every 20 ms; memory-mapped
-input and output files are page cache, not counted) of the main process and of the largest worker. "1 process" runs
+rows). Every pipeline runs in a fresh process (`--one`), so peak memory is its own: anonymous RSS (RssAnon, sampled
+every 20 ms; memory-mapped input and output files are page cache, not counted) of the main process and of the
+largest worker. "1 process" runs
 with the tokenizer's own threads off (TOKENIZERS_PARALLELISM=false), i.e. on one core.
 
 - floor: N processes each read a byte range of the plain JSONL, `json.loads` every line and run the fast tokenizer's
