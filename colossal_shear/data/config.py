@@ -42,8 +42,9 @@ class PrepareConfig:
     batch_lines: int = option(256, "input lines (or rows) per tokenisation batch")
     text_field: str | None = option(None, "the name of the text field or column when it is not 'target' or 'text' "
                                           "(e.g. content); 'target' and 'text' are then ignored")
-    unit_bytes: int = option(32 << 20, "bytes of a plain JSON Lines file per unit of work (a compressed file is one "
-                                       "unit, a Parquet row group is one)")
+    unit_bytes: int = option(32 << 20, "at most this many bytes of a plain JSON Lines file per unit of work (fewer "
+                                       "when that makes < 64 units, down to 1 MiB); a compressed file is one unit, "
+                                       "a Parquet row group is one")
     shard_index: int | None = option(None, "this host's shard: it takes units i with i mod num_shards == "
                                            "shard_index (default: RANK of a launcher, else 0)")
     num_shards: int | None = option(None, "hosts sharing the work (default: WORLD_SIZE of a launcher, else 1)")

@@ -2,8 +2,9 @@
 
 The kinds of input (docs/data_prep.md, "Input"):
 - JSON Lines (`.jsonl`, `.json`, `.ndjson`), plain or compressed (`.gz`, `.zst`/`.zstd`, `.bz2`, `.xz`): a plain file
-  is cut into byte ranges of about `unit_bytes` that start and end on line boundaries; a compressed file cannot be
-  entered in the middle, so it is one unit;
+  is cut into byte ranges of about `unit_bytes` (less when the plain files add up to fewer than 64 such ranges: then
+  1/64 of their total, at least 1 MiB) that start and end on line boundaries; a compressed file cannot be entered in
+  the middle, so it is one unit;
 - Parquet: one unit per row group, read one batch of rows at a time with only the record columns;
 - Arrow IPC files (what `datasets` `save_to_disk` writes; a `datasets` directory, a DatasetDict directory of them,
   or a single `.arrow` file): one unit per file, memory-mapped and read one record batch at a time.
@@ -25,6 +26,8 @@ from .records import (READ_ERRORS, RECORD_KEYS, DataPrepError, compression_of, i
 
 LINES, PARQUET, ARROW = "lines", "parquet", "arrow"
 SPLIT_SCAN = 1 << 16  # bytes read at a time while looking for the end of the line at a split point
+MIN_UNITS = 64  # plain JSON Lines are cut finer than unit_bytes so that a small corpus still makes this many units
+MIN_UNIT_BYTES = 1 << 20  # ... but never finer than this
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,8 @@ def plan(files: list[Path], unit_bytes: int, text_field: str | None) -> tuple[li
     """The inputs and their units, in input order. Reads only metadata and a few bytes at each split point."""
     entries: list[InputEntry] = []
     units: list[Unit] = []
+    plain = sum(p.stat().st_size for p in files if input_kind(p) == LINES and compression_of(p) is None)
+    unit_bytes = min(unit_bytes, max(MIN_UNIT_BYTES, plain // MIN_UNITS))  # every core busy on a small corpus too
     for i, path in enumerate(files):
         kind = input_kind(path)
         if kind == ARROW:
