@@ -1,15 +1,21 @@
-"""CLI: JSONL (source, target, category) -> packed, loss-masked, bucketed Arrow parts + manifest.json.
+"""CLI: records (source, target, category; JSON Lines, Parquet, datasets directories) -> packed, loss-masked,
+bucketed Arrow parts + manifest.json. Rerun the same command after a crash to resume it.
 
     python data_prep/prepare_pretrain_dataset.py --data_input_dirs data/en,data/zh --tokenizer_dir tok/ \
         --data_output_dirs prepared/ --max_length 4096 --num_spliced_dataset_bins 10
 
-Options: `--help` or docs/cli.md; output format and error behaviour: docs/data_prep.md. The work is done by
-colossal_shear.data.prepare_dataset.
+On several hosts: the same command under `colossalai run --hostfile H --nproc_per_node 1` (or torchrun) shares
+the units among the ranks and rank 0 merges; Slurm arrays pass --shard_index/--num_shards, then run the command
+without them once to merge.
+
+Options: `--help` or docs/cli.md; formats, resume, sharding, output and errors: docs/data_prep.md. The work is done
+by colossal_shear.data.prepare_dataset.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -57,9 +63,19 @@ def main(argv=None) -> int:
     command = "python " + shlex.join(["data_prep/prepare_pretrain_dataset.py", *argv])
 
     def work(cfg: PrepareConfig):
-        return prepare_dataset(dataclasses.replace(cfg, command=command)), cfg.data_output_dirs
+        cfg = dataclasses.replace(cfg, command=command)
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if cfg.num_shards is None and world > 1:  # ranks of colossalai run / torchrun: shard 0 merges at the end
+            cfg = dataclasses.replace(
+                cfg, shard_index=int(os.environ.get("RANK", "0")), num_shards=world, merge_shards=True
+            )
+        return prepare_dataset(cfg), cfg.data_output_dirs
 
-    return cli.run("data_prep/prepare_pretrain_dataset.py", work, lambda result: print_summary(*result), argv, __doc__)
+    def show(result):
+        if result[0] is not None:
+            print_summary(*result)
+
+    return cli.run("data_prep/prepare_pretrain_dataset.py", work, show, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -1,28 +1,31 @@
-"""`prepare_dataset`: JSONL -> packed, loss-masked, bucketed Arrow parts + manifest.json, with nothing lost.
+"""`prepare_dataset`: records -> packed, loss-masked, bucketed Arrow parts + manifest.json, with nothing lost.
 
-Pass 1 streams the input lines through the tokenisation pool (bounded window, input order kept), packs each
-category's documents and spills finished sequences to per-category Arrow files. Pass 2 counts sequences per
-category, assigns them to bins with the seed and writes part k = bin k of every category. Everything is written
-under a temporary sibling of the output directory, which is renamed into place only when complete: an error or an
-interrupt leaves no output directory (and an existing one untouched).
+The inputs are cut into fixed units (colossal_shear.data.sources). Pass 1 tokenises the units in worker processes;
+each unit's documents are committed to the work directory with a completion record (colossal_shear.data.work), so a
+rerun after a crash resumes with the units left, and hosts of a sharded run each take unit i with
+i mod num_shards == shard. The run that merges (the only one on one host; shard 0 under a launcher) reads the units
+in order, packs each category's documents and spills finished sequences to per-category Arrow files. Pass 2 counts
+sequences per category, assigns them to bins with the seed and writes part k = bin k of every category. The output
+is built inside the work directory and renamed into place only when complete; the work directory is then removed.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from colossal_shear.core.fsutil import atomic_dir
+from colossal_shear.core.fsutil import publish_dir
+from colossal_shear.core.logger import HERE, PROGRESS, get_logger
 from colossal_shear.data.arrow_io import OUTPUT_COLUMNS, PartStats, SpillStore, part_chunks, write_part
 from colossal_shear.data.buckets import assign_bins, num_parts, part_rows
 from colossal_shear.data.config import PrepareConfig
 from colossal_shear.data.manifest import FORMAT, tokenizer_fingerprint, write_manifest
 from colossal_shear.data.packing import CategoryPacker
 from colossal_shear.data.records import DataPrepError, LineReader, discover_inputs
+from colossal_shear.data.sources import plan
 from colossal_shear.data.tokenization import (
     DocumentTokenizer,
     OrderedPool,
@@ -30,13 +33,18 @@ from colossal_shear.data.tokenization import (
     load_tokenizer,
     padding_id,
     set_worker_tokenizer,
-    tokenize_lines,
 )
+from colossal_shear.data.work import WORK_FORMAT, UnitJob, WorkDir, process_unit, work_dir_for
 
-logger = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 BATCH_BYTES = 4 << 20  # a tokenisation task never carries more than this much raw text (unless one line is longer)
 WRITE_CHUNK_ROWS = 512  # sequences gathered per write in pass 2
+
+
+def say(message: str) -> None:
+    """One status line on stderr (resume, shards), from whichever process (host, shard) it concerns."""
+    log.info(f"prepare_dataset: {message}", extra={**HERE, **PROGRESS})
 
 
 def _check_output(out: Path, overwrite: bool, inputs: list[Path]) -> None:
@@ -54,7 +62,8 @@ def _check_output(out: Path, overwrite: bool, inputs: list[Path]) -> None:
 
 
 def _line_batches(files: list[Path], batch_lines: int) -> Iterator[tuple[tuple, tuple]]:
-    """((file, [(line number, raw bytes)...]), (file index, bytes read so far)) batches, read lazily."""
+    """((file, [(line number, raw bytes)...]), (file index, bytes read so far)) batches of JSONL files, read lazily
+    (for tests that feed `tokenize_lines` directly)."""
     done = 0
     for index, path in enumerate(files):
         name = str(path)
@@ -77,12 +86,7 @@ def _progress(enabled: bool, **kw):
     return tqdm(disable=not enabled, dynamic_ncols=True, **kw)
 
 
-def prepare_dataset(config: PrepareConfig) -> dict:
-    """Run data preparation; return the manifest (also written to <output>/manifest.json)."""
-    out = Path(config.data_output_dirs).expanduser()
-    files = discover_inputs(config.data_input_dirs)
-    _check_output(out, config.overwrite, files)
-
+def _load(config: PrepareConfig):
     tok_path = Path(config.tokenizer_dir).expanduser()
     if not tok_path.exists() and (os.sep in config.tokenizer_dir or config.tokenizer_dir.startswith(".")):
         raise DataPrepError(f"{config.tokenizer_dir}: tokenizer directory does not exist")
@@ -90,50 +94,131 @@ def prepare_dataset(config: PrepareConfig) -> dict:
         tokenizer = load_tokenizer(config.tokenizer_dir)
     except (OSError, ValueError) as e:
         raise DataPrepError(f"cannot load a tokenizer from {config.tokenizer_dir}: {e}") from e
-    doc_tokenizer = DocumentTokenizer(tokenizer)  # raises when there is no EOS
-    fingerprint = tokenizer_fingerprint(tokenizer)
-    pad_id = padding_id(tokenizer)
+    return tokenizer, DocumentTokenizer(tokenizer)  # raises when there is no EOS
 
-    with atomic_dir(out, config.overwrite) as tmp:
-        manifest = _run(config, files, tokenizer, doc_tokenizer, fingerprint, pad_id, tmp)
-    logger.info("wrote %d sequences in %d parts to %s", manifest["totals"]["sequences"], len(manifest["parts"]), out)
+
+def prepare_dataset(config: PrepareConfig) -> dict | None:
+    """Run data preparation; return the manifest (also written to <output>/manifest.json), or None from a shard
+    that does not merge."""
+    out = Path(config.data_output_dirs).expanduser()
+    files = discover_inputs(config.data_input_dirs)
+    _check_output(out, config.overwrite, files)
+    tokenizer, doc_tokenizer = _load(config)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    entries, units = plan(files, config.unit_bytes, config.text_field)
+    shard, shards = config.shard()
+    work = WorkDir(work_dir_for(out))
+    state = {
+        "format": WORK_FORMAT,
+        "settings": config.settings(),
+        "tokenizer": fingerprint["hash"],
+        "files": [f for e in entries for f in e.fingerprint()],
+        "plan": [[u.path, u.start, u.end] for u in units],
+    }
+    done = work.open(state, config.overwrite, sharded=shards > 1)
+    mine = [u for u in units if u.index % shards == shard]
+    todo = [u for u in mine if u.index not in done]
+    if len(todo) < len(mine):
+        say(
+            f"resuming from {work.root}: {len(mine) - len(todo)} of {len(mine)} units already done, {len(todo)} left"
+            + (f" (shard {shard} of {shards})" if shards > 1 else "")
+        )
+    try:
+        if shards > 1:
+            _tokenize(config, work, todo, doc_tokenizer, sum(u.size for u in todo))
+            if not (shard == 0 and config.merge_shards):
+                say(
+                    f"shard {shard} of {shards} done ({len(mine)} of {len(units)} units); when every shard is done, "
+                    "the same command without --shard_index/--num_shards merges them"
+                )
+                return None
+            work.wait_for(len(units), say=say)
+            todo = []
+        manifest = _build(config, out, work, entries, units, todo, tokenizer, doc_tokenizer, fingerprint)
+    except DataPrepError as e:
+        if shards > 1:
+            work.fail(shard, str(e))
+            e.rank_local = True  # this shard's own: the CLI prints it on this rank
+        else:  # the same command would meet the same error, and a changed input is refused on resume
+            work.remove()
+        raise
+    work.remove()
+    log.debug("wrote %d sequences in %d parts to %s", manifest["totals"]["sequences"], len(manifest["parts"]), out)
     return manifest
 
 
-def _run(config, files, tokenizer, doc_tokenizer, fingerprint, pad_id, tmp: Path) -> dict:
-    spill = SpillStore(tmp / ".spill", config.buffer_size)
+def _unit_results(config: PrepareConfig, work: WorkDir, todo, doc_tokenizer, pool: OrderedPool) -> Iterator:
+    jobs = ((UnitJob(u, str(work.units), config.text_field, config.skip_invalid, config.batch_lines), u) for u in todo)
+    for result, unit in pool.map(jobs):
+        if result.error is not None:
+            raise result.error
+        yield unit
+
+
+def _tokenize(config: PrepareConfig, work: WorkDir, todo, doc_tokenizer, total: int) -> None:
+    """A shard's pass 1 without packing: tokenise and commit its units."""
+    set_worker_tokenizer(doc_tokenizer)
+    try:
+        with (
+            OrderedPool(process_unit, config.num_proc, init_worker, (config.tokenizer_dir,)) as pool,
+            _progress(config.progress, total=total, unit="B", unit_scale=True, desc="tokenise") as bar,
+        ):
+            for unit in _unit_results(config, work, todo, doc_tokenizer, pool):
+                bar.update(unit.size)
+    finally:
+        set_worker_tokenizer(None)
+
+
+def _build(config, out: Path, work: WorkDir, entries, units, todo, tokenizer, doc_tokenizer, fingerprint) -> dict:
+    build = work.root / "build"
+    shutil.rmtree(build, ignore_errors=True)  # what a crash during an earlier build left
+    build.mkdir()
+    manifest = _run(config, work, entries, units, todo, tokenizer, doc_tokenizer, fingerprint, build)
+    publish_dir(build, out, config.overwrite)
+    return manifest
+
+
+def _pass1(config, work: WorkDir, entries, units, todo, doc_tokenizer, spill: SpillStore, pad_id: int):
+    """Pack every unit's documents in unit order, tokenising the units not done yet on the way."""
     packers: dict[str, CategoryPacker] = {}
     skipped: Counter = Counter()
-    per_file = [{"path": str(f), "lines": 0, "records": 0} for f in files]
-    total_bytes = sum(f.stat().st_size for f in files)
-
+    per_file = [{"path": e.path, "lines": 0, "records": 0} for e in entries]
     set_worker_tokenizer(doc_tokenizer)  # inherited by forked workers; spawned ones load it from tokenizer_dir
     try:
         with (
-            OrderedPool(tokenize_lines, config.num_proc, init_worker, (config.tokenizer_dir,)) as pool,
-            _progress(config.progress, total=total_bytes, unit="B", unit_scale=True, desc="tokenise+pack") as bar,
+            OrderedPool(process_unit, config.num_proc, init_worker, (config.tokenizer_dir,)) as pool,
+            _progress(
+                config.progress, total=sum(u.size for u in units), unit="B", unit_scale=True, desc="tokenise+pack"
+            ) as bar,
         ):
-            seen = 0
-            for batch, (index, position) in pool.map(_line_batches(files, config.batch_lines)):
-                if batch.errors:
-                    if not config.skip_invalid:
-                        raise batch.errors[0]
-                    skipped.update(e.reason for e in batch.errors)
-                per_file[index]["lines"] += batch.lines
-                per_file[index]["records"] += len(batch.categories)
-                _pack(batch, packers, spill, config.max_length, pad_id)
-                bar.update(position - seen)
-                seen = position
+            fresh = _unit_results(config, work, todo, doc_tokenizer, pool)
+            pending = {u.index for u in todo}
+            for unit in units:
+                if unit.index in pending:
+                    next(fresh)
+                summary = work.summary(unit.index)
+                per_file[unit.input]["lines"] += summary["lines"]
+                per_file[unit.input]["records"] += summary["records"]
+                skipped.update(summary["skipped"])
+                for batch in work.batches(unit.index):
+                    _pack(batch, packers, spill, config.max_length, pad_id)
+                bar.update(unit.size)
     finally:
         set_worker_tokenizer(None)
     for cat in sorted(packers):
         spill.add(cat, packers[cat].finish())
     spill.close()
+    return per_file, skipped
 
+
+def _run(config, work, entries, units, todo, tokenizer, doc_tokenizer, fingerprint, tmp: Path) -> dict:
+    pad_id = padding_id(tokenizer)
+    spill = SpillStore(tmp / ".spill", config.buffer_size)
+    per_file, skipped = _pass1(config, work, entries, units, todo, doc_tokenizer, spill, pad_id)
     counts = dict(sorted(spill.counts.items()))
     if not counts:
         why = f" (skipped: {dict(skipped)})" if skipped else ""
-        raise DataPrepError(f"no documents in the input {', '.join(map(str, files))}{why}")
+        raise DataPrepError(f"no documents in the input {', '.join(e.path for e in entries)}{why}")
 
     categories = list(counts)
     parts = num_parts(counts, config.num_spliced_dataset_bins)

@@ -13,10 +13,15 @@ The rule for a record (one JSON object per line; docs/data_prep.md, "Input"):
 Where a record is read as text (vocabulary counting and learning, calibration, tokens per character in the report)
 its text is `Record.text` = source + target: what the model reads.
 
-Files: data preparation reads every file it is given as JSONL. The other consumers read a corpus file with
-`iter_texts`: JSONL when its name ends in `.jsonl`, `.json` or `.ndjson` (optionally followed by `.gz`) or its first
-non-blank line is a JSON object with one of the record keys; otherwise plain UTF-8 text, in blocks of lines. A name
-ending in `.gz` is read through gzip.
+Files: data preparation reads JSON Lines, Parquet and `datasets` directories (colossal_shear.data.sources); a file
+given by name that is neither Parquet nor Arrow is read as JSONL. The other consumers read a corpus file with
+`iter_texts`: JSONL when its name ends in `.jsonl`, `.json` or `.ndjson` (optionally followed by a compression
+suffix) or its first non-blank line is a JSON object with one of the record keys; otherwise plain UTF-8 text, in
+blocks of lines. A name ending in `.gz`, `.zst`/`.zstd`, `.bz2` or `.xz` is read through that decompressor.
+
+`text_field` (data preparation's `--text_field`): the name of the target field for corpora whose text column has
+another name (`content`, `raw_content`); when given, that field is the target and `target`/`text` are ignored like
+any other key.
 
 Every problem is reported as `<file>:<line>: <what is wrong> (field 'x')`, as a `RecordError` with a
 machine-readable `reason` (one of REASONS), which data preparation's `--skip_invalid` counts in the manifest instead of
@@ -25,8 +30,11 @@ stopping.
 
 from __future__ import annotations
 
+import bz2
 import gzip
+import io
 import json
+import lzma
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -35,8 +43,11 @@ from typing import BinaryIO
 
 from colossal_shear.core.errors import UserError
 
-INPUT_SUFFIXES = (".jsonl", ".jsonl.gz")  # what data preparation takes from an input directory
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")  # what `is_jsonl` takes as JSONL without looking inside
+COMPRESSION_SUFFIXES = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2", ".xz": "xz"}
+TABLE_SUFFIXES = (".parquet", ".arrow")  # Parquet; Arrow IPC (what `datasets.save_to_disk` writes)
+# what data preparation takes from an input directory: JSONL plain or compressed, Parquet, Arrow
+INPUT_SUFFIXES = tuple(s + c for s in JSONL_SUFFIXES for c in ("", *COMPRESSION_SUFFIXES)) + TABLE_SUFFIXES
 RECORD_KEYS = ("target", "text", "source")
 UNKNOWN_CATEGORY = "unknown"
 # Plain text is read in blocks of this many lines, newlines kept, so that newline and indentation tokens are seen
@@ -92,19 +103,33 @@ class CorpusText:
     nbytes: int  # bytes of the file on disk read for it (for progress bars over the file size)
 
 
+def is_datasets_dir(path: Path) -> bool:
+    """A directory written by `datasets` `save_to_disk` (a Dataset, or a DatasetDict of them)."""
+    return (path / "dataset_dict.json").is_file() or (
+        (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+    )
+
+
 def discover_inputs(specs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand directories (their `.jsonl` / `.jsonl.gz` files, not recursive, sorted by name) and keep single files
-    as given, in the order given, without duplicates. An empty directory or a missing path is an error."""
+    """Expand directories (their files with an input suffix, not recursive, sorted by name) and keep single files
+    and `datasets` directories as given, in the order given, without duplicates. An empty directory or a missing
+    path is an error."""
     files: list[Path] = []
     seen: set[Path] = set()
     if not specs:
         raise DataPrepError("no input given (--data_input_dirs is empty)")
     for spec in specs:
         p = Path(spec).expanduser()
-        if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith(INPUT_SUFFIXES))
+        if p.is_dir() and is_datasets_dir(p):
+            found = [p]
+        elif p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(INPUT_SUFFIXES))
             if not found:
-                raise DataPrepError(f"{p}: no {' or '.join(INPUT_SUFFIXES)} files in this input directory")
+                raise DataPrepError(
+                    f"{p}: no .jsonl or .jsonl.gz files in this input directory (nor any other "
+                    "input: .json/.ndjson, compressed .gz/.zst/.bz2/.xz, .parquet, .arrow, or a "
+                    "datasets save_to_disk directory)"
+                )
         elif p.is_file():
             found = [p]
         else:
@@ -117,9 +142,35 @@ def discover_inputs(specs: Sequence[str | os.PathLike]) -> list[Path]:
     return files
 
 
+def compression_of(path: str | os.PathLike) -> str | None:
+    """The compression a file's name says it has ('gzip', 'zstd', 'bz2', 'xz'), or None."""
+    name = Path(path).name.lower()
+    return next((c for suffix, c in COMPRESSION_SUFFIXES.items() if name.endswith(suffix)), None)
+
+
+def open_decompressed(raw: BinaryIO, compression: str | None) -> BinaryIO:
+    """A buffered binary stream of `raw`'s content. zstd goes through pyarrow (already a dependency), which reads
+    multi-frame files and streams them."""
+    if compression is None:
+        return raw
+    if compression == "gzip":
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if compression == "bz2":
+        return bz2.BZ2File(raw, mode="rb")
+    if compression == "xz":
+        return lzma.LZMAFile(raw, mode="rb")
+    import pyarrow as pa
+
+    return io.BufferedReader(pa.CompressedInputStream(pa.PythonFile(raw, mode="r"), "zstd"), 1 << 20)
+
+
+READ_ERRORS = (OSError, EOFError, gzip.BadGzipFile, lzma.LZMAError)
+
+
 class LineReader:
-    """Raw lines of one input file (gzip when its name ends in `.gz`) with their 1-based numbers; `.position` is the
-    offset in the file on disk (the compressed offset for .gz), for a progress bar over bytes."""
+    """Raw lines of one input file (decompressed when its name ends in `.gz`, `.zst`, `.zstd`, `.bz2` or `.xz`) with
+    their 1-based numbers; `.position` is the offset in the file on disk (the compressed offset), for a progress
+    bar over bytes."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -127,18 +178,19 @@ class LineReader:
             self._raw: BinaryIO = open(self.path, "rb")
         except OSError as e:
             raise DataPrepError(f"{self.path}: cannot read: {e.strerror or e}") from None
-        self._stream: BinaryIO = (
-            gzip.GzipFile(fileobj=self._raw, mode="rb") if self.path.name.endswith(".gz") else self._raw
-        )
+        self._stream: BinaryIO = open_decompressed(self._raw, compression_of(self.path))
 
     @property
     def position(self) -> int:
-        return self._raw.tell()
+        try:
+            return self._raw.tell()
+        except ValueError:  # closed under us by a decompressor that owns it
+            return 0
 
     def __iter__(self) -> Iterator[tuple[int, bytes]]:
         try:
             yield from enumerate(self._stream, start=1)
-        except (OSError, EOFError, gzip.BadGzipFile) as e:  # truncated or corrupt gzip, an I/O error
+        except READ_ERRORS as e:  # truncated or corrupt compressed data, an I/O error
             raise DataPrepError(f"{self.path}: cannot read: {e}") from e
 
     def close(self) -> None:
@@ -200,19 +252,28 @@ def _optional_string(obj: dict, key: str, file: str, line: int) -> str | None:
     return value
 
 
-def record_from_object(obj: dict, file: str, line: int) -> Record:
-    """Apply the record rule (module docstring) to one parsed JSON object."""
-    if "text" in obj and "target" in obj:
-        raise RecordError(
-            f"{file}:{line}: ambiguous record: both 'text' and 'target' are given (field 'text'); "
-            "'text' is another name for 'target': give one of them",
-            AMBIGUOUS_TEXT,
-            file,
-            line,
-        )
-    key = "text" if "text" in obj else "target"
-    if key not in obj:
-        raise RecordError(f"{file}:{line}: missing field (field 'target'; or give 'text')", MISSING_FIELD, file, line)
+def record_from_object(obj: dict, file: str, line: int, text_field: str | None = None) -> Record:
+    """Apply the record rule (module docstring) to one parsed JSON object (or one row of a table)."""
+    if text_field:
+        key = text_field
+        if key not in obj:
+            raise RecordError(
+                f"{file}:{line}: missing field (field '{key}', the --text_field)", MISSING_FIELD, file, line
+            )
+    else:
+        if "text" in obj and "target" in obj:
+            raise RecordError(
+                f"{file}:{line}: ambiguous record: both 'text' and 'target' are given (field 'text'); "
+                "'text' is another name for 'target': give one of them",
+                AMBIGUOUS_TEXT,
+                file,
+                line,
+            )
+        key = "text" if "text" in obj else "target"
+        if key not in obj:
+            raise RecordError(
+                f"{file}:{line}: missing field (field 'target'; or give 'text')", MISSING_FIELD, file, line
+            )
     target = obj[key]
     if not isinstance(target, str):
         raise RecordError(
@@ -222,10 +283,10 @@ def record_from_object(obj: dict, file: str, line: int) -> Record:
     return Record(source, target, _optional_string(obj, "category", file, line))
 
 
-def parse_record(raw: bytes, file: str, line: int) -> Record | None:
+def parse_record(raw: bytes, file: str, line: int, text_field: str | None = None) -> Record | None:
     """Decode and validate one raw line. Returns None for a blank line; raises RecordError for anything wrong."""
     obj = parse_json_object(decode_line(raw, file, line), file, line)
-    return None if obj is None else record_from_object(obj, file, line)
+    return None if obj is None else record_from_object(obj, file, line, text_field)
 
 
 def _sized_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes, int]]:
@@ -240,17 +301,19 @@ def _sized_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes, int]]:
 
 
 def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str, int]]:
-    """(line number, decoded line with its newline, bytes read from disk) of a text file (gzip when named `.gz`)."""
+    """(line number, decoded line with its newline, bytes read from disk) of a text file (decompressed per its name)."""
     file = str(path)
     for number, raw, nbytes in _sized_lines(path):
         yield number, decode_line(raw, file, number), nbytes
 
 
 def is_jsonl(path: str | os.PathLike, keys: Sequence[str] = RECORD_KEYS) -> bool:
-    """JSONL by its name (`.jsonl`, `.json`, `.ndjson`, optionally `.gz`), else when its first non-blank line is a
+    """JSONL by its name (`.jsonl`, `.json`, `.ndjson`, optionally compressed), else when its first non-blank line is a
     JSON object with one of `keys`."""
     name = Path(path).name.lower()
-    if name.removesuffix(".gz").endswith(JSONL_SUFFIXES):
+    for suffix in COMPRESSION_SUFFIXES:
+        name = name.removesuffix(suffix)
+    if name.endswith(JSONL_SUFFIXES):
         return True
     for _, line, _ in iter_lines(path):
         if line.strip():
@@ -263,7 +326,7 @@ def is_jsonl(path: str | os.PathLike, keys: Sequence[str] = RECORD_KEYS) -> bool
 
 
 def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, int, Record]]:
-    """(line number, bytes read from disk, record) of every record of a JSONL file (gzip when named `.gz`)."""
+    """(line number, bytes read from disk, record) of every record of a JSONL file (decompressed per its name)."""
     file = str(path)
     for number, raw, nbytes in _sized_lines(path):
         record = parse_record(raw, file, number)

@@ -126,12 +126,18 @@ def set_worker_tokenizer(doc_tokenizer: DocumentTokenizer | None) -> None:
 def tokenize_lines(task: tuple[str, list[tuple[int, bytes]]]) -> TokenizedBatch:
     """Worker body: parse and validate each line of one file's batch, then tokenise the valid records together."""
     file, lines = task
+    return tokenize_items(file, lines, parse_record)
+
+
+def tokenize_items(file: str, items: list[tuple[int, object]], parse: Callable) -> TokenizedBatch:
+    """Parse each (number, payload) item with `parse(payload, file, number)` (a Record, None to skip, or a
+    RecordError raised), then tokenise the valid records together."""
     records: list[Record] = []
     numbers: list[int] = []
     errors: list[RecordError] = []
-    for number, raw in lines:
+    for number, raw in items:
         try:
-            rec = parse_record(raw, file, number)
+            rec = parse(raw, file, number)
         except RecordError as e:
             errors.append(e)
             continue
@@ -159,7 +165,7 @@ def tokenize_lines(task: tuple[str, list[tuple[int, bytes]]]) -> TokenizedBatch:
         errors.sort(key=lambda e: e.line)
         records = keep
         ids, labels, lengths = _WORKER.documents(records)
-    return TokenizedBatch(ids, labels, lengths, [r.category or UNKNOWN_CATEGORY for r in records], errors, len(lines))
+    return TokenizedBatch(ids, labels, lengths, [r.category or UNKNOWN_CATEGORY for r in records], errors, len(items))
 
 
 class OrderedPool:
