@@ -1,6 +1,7 @@
 """The one typed configuration system: every CLI's flags, YAML and docs come from its dataclass, values are converted
 to the field's type from both sources, and a user error is one line (once per job, exit 2)."""
 
+import os
 import re
 import subprocess
 import sys
@@ -23,6 +24,20 @@ def test_help_works_for_every_cli(script):
     for f in flat_fields(cli.CLIS[script]):
         assert f"--{f.name}" in proc.stdout
     assert "--config" in proc.stdout
+
+
+def test_help_is_shown_once_per_job():
+    """Every process of a launch parses its flags: only rank 0 shows --help (rank 1 of 2 exits 0, silently)."""
+    env = {**os.environ, "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc.stderr
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--help"],
+        capture_output=True,
+        text=True,
+        env={**env, "RANK": "0", "LOCAL_RANK": "0"},
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: train.py"), proc.stderr
 
 
 def test_docs_cli_md_is_generated_from_the_dataclasses():

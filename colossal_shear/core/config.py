@@ -239,6 +239,12 @@ class _Parser(argparse.ArgumentParser):
         log.error(f"{self.format_usage()}{self.prog}: error: {message}")
         self.exit(2)
 
+    def print_help(self, file=None):
+        """--help, shown once per job (a launch of N processes would print it N times)."""
+        if file is not None:
+            return super().print_help(file)
+        log.info(self.format_help().rstrip("\n"))
+
 
 def build_parser(cls, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
     """argparse from the dataclass; every flag defaults to 'not given' so YAML values are not overridden."""
