@@ -95,6 +95,21 @@ def dataset(tokenizer_dir, tmp_path_factory) -> Path:
     return prepare_bundled_corpus(tokenizer_dir, tmp_path_factory.mktemp("data") / "prepared")
 
 
+@pytest.fixture(scope="module")
+def cluster():
+    """Two hosts made of network namespaces, each with an sshd (multihost tests; skipped, saying why, without root)."""
+    from netns_hosts import Cluster, Unavailable, check_can_make_namespaces, ensure_sshd
+
+    try:
+        check_can_make_namespaces()
+    except Unavailable as e:
+        pytest.skip(str(e))
+    ensure_sshd()
+    hosts = Cluster(2)
+    yield hosts
+    hosts.close()
+
+
 def run_distributed(script, *args, nproc=2, launcher="torchrun", timeout=600, env=None, gpu=False):
     """Run a script on `nproc` processes the way users launch (torchrun or colossalai run); fail with its log. CPU
     processes unless `gpu` (for `gpu`-marked tests)."""

@@ -7,7 +7,7 @@ import re
 import sys
 
 import pytest
-from netns_hosts import Cluster, Unavailable, WriteWatch, check_can_make_namespaces, ensure_sshd
+from netns_hosts import WriteWatch
 from test_data_prep import L
 from test_data_prep_resume import all_bytes
 
@@ -16,18 +16,6 @@ from colossal_shear.bundled import corpus_files
 pytestmark = pytest.mark.multihost
 
 UNIT = 64 << 10
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    try:
-        check_can_make_namespaces()
-    except Unavailable as e:
-        pytest.skip(str(e))
-    ensure_sshd()
-    hosts = Cluster(2)
-    yield hosts
-    hosts.close()
 
 
 def test_two_hosts_give_the_one_host_result(cluster, tokenizer_dir, tmp_path):

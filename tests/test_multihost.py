@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, run_distributed
-from netns_hosts import Cluster, Unavailable, WriteWatch, check_can_make_namespaces, ensure_sshd
+from netns_hosts import WriteWatch
 from test_network import PROBE
 from test_train import tb_scalars
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -27,18 +27,6 @@ pytestmark = pytest.mark.multihost
 MASTER = "cs-node-1"
 STEPS = 9  # every run here stops by step 9 of a 1000-step schedule, so runs of any length share one reference
 _ports = iter(range(29600, 29700))
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    try:
-        check_can_make_namespaces()
-    except Unavailable as e:
-        pytest.skip(str(e))
-    ensure_sshd()
-    hosts = Cluster(2)
-    yield hosts
-    hosts.close()
 
 
 def _args(model_dir, dataset, out, *extra):
