@@ -108,3 +108,11 @@ def test_core_depends_on_nothing_else_in_the_package():
         if not dep.startswith("colossal_shear.core")
     }
     assert not outside, f"core/ must stand alone: {sorted(outside)}"
+
+
+def test_the_clis_options_load_without_torch():
+    """Every CLI parses its options through cli.py, and init_tokenizer's spawned workers import the script: the
+    config modules must not pull in torch or transformers (seconds per process)."""
+    code = "import sys, colossal_shear.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]", proc.stdout

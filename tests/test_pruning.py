@@ -13,20 +13,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from colossal_shear.pruning import (
-    HardConcrete,
-    Lagrangian,
-    MaskedModel,
-    PruneShape,
-    PruningMasks,
-    depth_masks,
-    fold,
-    importance_masks,
-    random_masks,
-    save_folded,
-)
-from colossal_shear.pruning.masks import KINDS
-from colossal_shear.pruning.oneshot import calibration_batches
+from colossal_shear.pruning.fold import fold, save_folded
+from colossal_shear.pruning.hard_concrete import HardConcrete
+from colossal_shear.pruning.lagrangian import Lagrangian
+from colossal_shear.pruning.masked_model import MaskedModel
+from colossal_shear.pruning.masks import KINDS, PruningMasks
+from colossal_shear.pruning.oneshot import calibration_batches, depth_masks, importance_masks, random_masks
+from colossal_shear.pruning.shape import PruneShape
 from colossal_shear.train.losses import kd_loss
 
 ROOT = Path(__file__).resolve().parent.parent
