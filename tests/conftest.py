@@ -17,6 +17,9 @@ from colossal_shear.data import PrepareConfig, prepare_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))  # bench/assets_fetch.py: real external assets, shared with the benchmarks
+# frequent Chinese words and phrases (from the bundled zh reviews), pieces to add in vocabulary-expansion tests
+ZH_WORDS = "这本 知道 书中 套书 世界 不会 一次 一下 不好 有点 网上 特别 看过 拿到 之后 一直".split()
+ZH_WORDS += "需要 地方 这本书很 我觉得 不知道 非常喜欢 值得一看 是一本好书".split()
 _VISIBLE_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")
 os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything initialises CUDA in this process
 

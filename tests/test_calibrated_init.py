@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ZH_WORDS
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -21,32 +22,6 @@ from colossal_shear.vocab.resize import ResizeConfig, ResizeError, resize_model
 from colossal_shear.vocab.rows import NEW_ROWS_FILE, from_ranges, old_rows, to_ranges
 
 ROOT = Path(__file__).resolve().parent.parent
-ZH_WORDS = [
-    "这本",
-    "知道",
-    "书中",
-    "套书",
-    "世界",
-    "不会",
-    "一次",
-    "一下",
-    "不好",
-    "有点",
-    "网上",
-    "特别",
-    "看过",
-    "拿到",
-    "之后",
-    "一直",
-    "需要",
-    "地方",
-    "这本书很",
-    "我觉得",
-    "不知道",
-    "非常喜欢",
-    "值得一看",
-    "是一本好书",
-]
 
 
 def resize(src, tok, dst, **kw):

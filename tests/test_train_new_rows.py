@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, prepare_bundled_corpus, run_distributed
+from conftest import ROOT, ZH_WORDS, prepare_bundled_corpus, run_distributed
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from colossal_shear.core.config import parse
@@ -19,24 +19,7 @@ from colossal_shear.vocab import TokenizerConfig, init_tokenizer
 from colossal_shear.vocab.resize import ResizeConfig, resize_model
 
 TRAIN = ROOT / "train.py"
-WORDS = [
-    "这本",
-    "知道",
-    "书中",
-    "套书",
-    "世界",
-    "不会",
-    "一次",
-    "一下",
-    "不好",
-    "有点",
-    "网上",
-    "特别",
-    "看过",
-    "拿到",
-    "之后",
-    "一直",
-]
+WORDS = ZH_WORDS[:16]
 
 
 @pytest.fixture(scope="module")
