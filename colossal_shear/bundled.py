@@ -125,6 +125,87 @@ def build_tiny_llama(
     return out
 
 
+# Tiny random models of every supported family, with what sets each apart switched on (biases, q/k norms, sandwich
+# norms, fused projections, explicit head_dim, rope scaling, logit soft-capping) and every norm weight and bias moved
+# off its default, so that a dropped weight or a changed formula shows in the logits.
+FAMILY_CONFIGS: dict[str, dict] = {
+    "llama": dict(model_type="llama"),
+    "llama3": dict(
+        model_type="llama",
+        head_dim=24,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
+    "mistral": dict(model_type="mistral", head_dim=16, sliding_window=512),
+    "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
+    "qwen3": dict(model_type="qwen3", head_dim=24),
+    "gemma": dict(model_type="gemma", head_dim=16, tie_word_embeddings=True),
+    "gemma2": dict(
+        model_type="gemma2",
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=512,
+        final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0,
+        tie_word_embeddings=True,
+    ),
+    "gemma3_text": dict(
+        model_type="gemma3_text",
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=512,
+        sliding_window_pattern=2,
+        tie_word_embeddings=True,
+    ),
+    "phi3": dict(model_type="phi3"),
+}
+
+
+def build_tiny_family(
+    family: str,
+    out_dir: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike,
+    shape: TinyLlamaShape = TinyLlamaShape(),
+    seed: int = 0,
+    **overrides,
+) -> Path:
+    """Save a tiny random model of `family` (a key of FAMILY_CONFIGS; fp32, safetensors) with its tokenizer."""
+    import torch
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(out_dir)
+    if (out / "config.json").exists():
+        return out
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    fields = {**FAMILY_CONFIGS[family], **overrides}
+    config = CONFIG_MAPPING[fields.pop("model_type")](
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=None,
+        torch_dtype="float32",
+        **{**asdict(shape), "tie_word_embeddings": False, **fields},
+    )
+    if family == "qwen2":
+        config.use_sliding_window = False
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # norms and biases off their defaults (1 or 0)
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(0.2 * torch.randn_like(p))
+    with atomic_dir(out, keep_existing=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    return out
+
+
 def build_bundled(root: str | os.PathLike) -> dict[str, Path]:
     """Build (or reuse) the bundled tokenizer and both tiny models under `root`."""
     root = Path(root)

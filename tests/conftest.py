@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from colossal_shear.bundled import build_bundled, corpus_files
+from colossal_shear.bundled import FAMILY_CONFIGS, build_bundled, build_tiny_family, corpus_files
 from colossal_shear.data import PrepareConfig, prepare_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,6 +75,22 @@ def model_dir(bundled) -> Path:
 @pytest.fixture(scope="session")
 def tied_model_dir(bundled) -> Path:
     return bundled["model_tied"]
+
+
+FAMILIES = tuple(FAMILY_CONFIGS)  # parametrise family tests over these
+
+
+@pytest.fixture(scope="session")
+def family_model(bundled, tmp_path_factory):
+    """`family_model("qwen3", tie_word_embeddings=True)`: a tiny random model directory of a family (a key of
+    `bundled.FAMILY_CONFIGS`, with config overrides), built once per pytest run."""
+    root = tmp_path_factory.mktemp("families")
+
+    def build(family: str, **overrides) -> Path:
+        name = family + "".join(f"-{k}={v}" for k, v in sorted(overrides.items()))
+        return build_tiny_family(family, root / name, bundled["tokenizer"], **overrides)
+
+    return build
 
 
 def prepare_bundled_corpus(tokenizer_dir, out, bins: int = 2) -> Path:
