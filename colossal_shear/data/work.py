@@ -241,6 +241,21 @@ class WorkDir:
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
 
+    def remove_temporaries(self, build: bool) -> None:
+        """What an interrupted run leaves that no rerun uses: the build directory (`build`: this process was
+        building; pass 2's spill and parts) and unit files cut short by this host's workers that are gone."""
+        if build:
+            shutil.rmtree(self.root / "build", ignore_errors=True)
+        if not self.units.is_dir():
+            return
+        for path in self.units.glob(f".u-*.arrow.tmp-{socket.gethostname()}-*"):
+            try:
+                os.kill(int(path.name.rsplit("-", 1)[1]), 0)
+            except ProcessLookupError:  # its worker is gone (killed with the pool)
+                path.unlink(missing_ok=True)
+            except (ValueError, OSError):  # not one of ours, or alive (another rank of this host)
+                continue
+
 
 def describe_changes(old: dict, new: dict) -> str:
     """What differs between two states, in words: settings by name with both values, the tokenizer, input files."""
