@@ -164,7 +164,7 @@ def prepare_dataset(config: PrepareConfig) -> dict | None:
 def _stopped(work: WorkDir, total: int, builds: bool, sharded: bool) -> str:
     """After an interruption or a full disk: remove what no rerun can use (the build directory, when this process
     builds; unit files cut short), keep the committed units for the rerun to resume; say which."""
-    work.remove_temporaries(builds)
+    work.remove_temporaries(builds, sharded)
     done = len(work.done())
     if done == 0 and not sharded:
         work.remove()
