@@ -1,5 +1,7 @@
 """What every thin command-line script shares: its options come from one config dataclass (colossal_shear.config),
-it runs one library call, and a user error prints one line and exits 2 (once per job, not once per rank).
+it runs one library call, and a user error prints one line and exits 2 (once per job, not once per rank). A full
+disk (ENOSPC, EDQUOT) is such an error too, whatever raised it; SIGTERM and SIGINT stop the work through its
+`finally` blocks (colossal_shear.core.interrupt) and exit 128 + the signal number with one line.
 Internal bugs keep their traceback."""
 
 from __future__ import annotations
@@ -9,8 +11,8 @@ import sys
 from collections.abc import Callable
 
 from colossal_shear.core import config as configuration
-from colossal_shear.core import logger
-from colossal_shear.core.errors import UserError
+from colossal_shear.core import interrupt, logger
+from colossal_shear.core.errors import DiskFullError, UserError, failed_path, is_disk_full, os_errno
 from colossal_shear.data.config import PrepareConfig
 from colossal_shear.pruning.config import OneShotConfig
 from colossal_shear.report import ReportConfig
@@ -44,12 +46,24 @@ def parse(script: str, argv=None, description: str | None = None):
 
 
 def run(script: str, work: Callable, show: Callable, argv=None, description: str | None = None) -> int:
-    """Parse the script's options, run `work(config)`, `show` the result; 2 on a user error."""
+    """Parse the script's options, run `work(config)`, `show` the result; 2 on a user error or a full disk,
+    128 + N on signal N (SIGTERM, SIGINT)."""
     cfg = parse(script, argv, description)
+    prog = os.path.basename(script)
     try:
-        result = work(cfg)
+        with interrupt.handlers():
+            result = work(cfg)
+    except interrupt.Interrupted as e:
+        log.warning(f"{prog}: {e}")
+        return e.exit_code
     except (UserError, *PATH_ERRORS) as e:
-        report(os.path.basename(script), e)
+        report(prog, e)
+        return 2
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        where = f" (in {failed_path(e)})" if failed_path(e) else ""
+        report(prog, DiskFullError(f"{os.strerror(os_errno(e))}{where}: {str(e).splitlines()[0]}"))
         return 2
     show(result)
     return 0

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import stat
-import subprocess
 import time
 from pathlib import Path
 
@@ -186,29 +185,6 @@ def test_a_pickled_object_in_an_optimizer_shard_is_never_unpickled(saved, model_
     )
     assert not marker.exists(), "the pickled object was loaded"
     _one_error(log, str(shard), "refused: it holds a pickled object")
-
-
-@pytest.fixture
-def small_fs(tmp_path):
-    """Mount real, small tmpfs file systems (root only); unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mounted = []
-
-    def mount(name: str, size_bytes: int) -> Path:
-        path = tmp_path / name
-        path.mkdir()
-        proc = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)], capture_output=True, text=True
-        )
-        if proc.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-        mounted.append(path)
-        return path
-
-    yield mount
-    for path in mounted:
-        subprocess.run(["umount", str(path)], check=True)
 
 
 def test_disk_full_while_saving_or_exporting(saved, small_fs, model_dir, dataset, tmp_path):

@@ -6,6 +6,7 @@ directories by `Dataset.save_to_disk`.
 """
 
 import bz2
+import gzip
 import json
 import lzma
 from pathlib import Path
@@ -67,6 +68,18 @@ def make_input(kind: str, d: Path) -> list[str]:
         write_compressed(d / "a.json.bz2", RECORDS[:half], "bz2")
         write_compressed(d / "b.ndjson.xz", RECORDS[half:], "xz")
         return [str(d)]
+    if kind == "spellings":  # every JSON Lines spelling other tools write, any case, beside files that are not inputs
+        cut = [len(RECORDS) * k // 6 for k in range(7)]
+        for k, name in enumerate(["A.JSONL", "b.jsonl.gz", "c.ndjson", "d.NDJSON.GZ", "e.json", "f.json.gz"]):
+            data = jsonl_bytes(RECORDS[cut[k] : cut[k + 1]])
+            (d / name).write_bytes(gzip.compress(data) if name.lower().endswith(".gz") else data)
+        (d / "g.json").write_text(json.dumps([{"target": "a JSON array"}]))
+        (d / "h.json").write_text(json.dumps({"target": "pretty-printed"}, indent=1))
+        (d / "notes.txt").write_text("not an input")
+        (d / ".hidden.jsonl").write_text('{"target": "hidden names are not read"}')
+        (d / "sub").mkdir()
+        (d / "sub" / "x.jsonl").write_text('{"target": "not read recursively"}')
+        return [str(d)]
     if kind == "parquet":  # small row groups: several units per file
         pq.write_table(table(RECORDS[:half]), d / "0.parquet", row_group_size=4)
         pq.write_table(table(RECORDS[half:]), d / "1.parquet", row_group_size=5)
@@ -80,7 +93,7 @@ def make_input(kind: str, d: Path) -> list[str]:
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["zst", "bz2+xz", "parquet", "datasets"])
+@pytest.mark.parametrize("kind", ["zst", "bz2+xz", "spellings", "parquet", "datasets"])
 def test_each_format_gives_the_jsonl_dataset(kind, reference, tokenizer_dir, tmp_path):
     ref_bytes, ref_manifest = reference
     out, manifest = run(
@@ -89,6 +102,22 @@ def test_each_format_gives_the_jsonl_dataset(kind, reference, tokenizer_dir, tmp
     assert data_bytes(out) == ref_bytes
     assert without_paths(manifest) == without_paths(ref_manifest)
     assert sum(i["records"] for i in manifest["inputs"]) == len(RECORDS)
+
+
+def test_a_directory_names_what_it_skips(tmp_path, capsys):
+    """Files that are not inputs (another suffix, a `.json` that is a JSON document, a subdirectory) are named in
+    one warning line; hidden names are passed over silently."""
+    from colossal_shear.data.records import discover_inputs
+
+    make_input("spellings", tmp_path)
+    capsys.readouterr()
+    found = [p.name for p in discover_inputs([str(tmp_path)])]
+    assert found == ["A.JSONL", "b.jsonl.gz", "c.ndjson", "d.NDJSON.GZ", "e.json", "f.json.gz"]
+    assert capsys.readouterr().err.splitlines() == [
+        f"prepare_dataset: {tmp_path}: skipped 4 entries that are not inputs (not read recursively; see "
+        "docs/data_prep.md, Formats): g.json (a JSON document, not JSON Lines), h.json (a JSON document, not JSON "
+        "Lines), notes.txt, sub/"
+    ]
 
 
 def test_byte_ranges_of_a_plain_file_change_nothing(reference, tokenizer_dir, tmp_path):

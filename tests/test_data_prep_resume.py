@@ -4,6 +4,7 @@ changed; shards (unit i -> shard i mod N) merged by one run give the one-run res
 
 The CLI runs as a real subprocess and is killed with SIGKILL (no cleanup of any kind runs)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -166,3 +167,69 @@ def test_shards_merged_give_the_one_host_result(corpus, tokenizer_dir, tmp_path)
     merged = prepare_dataset(PrepareConfig(data_output_dirs=str(out), **kw))
     assert {k: v for k, v in merged.items() if k != "command"} == {k: v for k, v in one.items() if k != "command"}
     assert all_bytes(out / "arrow") == all_bytes(tmp_path / "one" / "arrow") and not work.exists()
+
+
+@pytest.fixture(scope="module")
+def two_workers(corpus, tokenizer_dir, tmp_path_factory):
+    """The command's arguments with 2 tokenisation processes, its uninterrupted result and its number of units."""
+    from colossal_shear.data.records import discover_inputs
+    from colossal_shear.data.sources import plan
+
+    out = tmp_path_factory.mktemp("sig") / "out"
+    run_cli(cli(corpus, tokenizer_dir, out, "--num_proc", 2))
+    return (corpus, tokenizer_dir), result(out), len(plan(discover_inputs([str(corpus)]), UNIT, None)[1])
+
+
+def result(out: Path):
+    """What does not depend on the output's path: the parts' bytes and the manifest without the command."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest.pop("command")
+    return all_bytes(out / "arrow"), manifest
+
+
+def interrupt(cmd, work: Path, units: int, sig: int, group: bool) -> str:
+    """Start the command, send `sig` (to the process, or to its whole process group as Ctrl-C does) once `units`
+    units are complete and pass 1 is packing; return its stderr."""
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        while proc.poll() is None and not (units_done(work) >= units and (work / "build" / ".spill").is_dir()):
+            time.sleep(0.005)
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+        err = proc.communicate(timeout=60)[1].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + sig, err
+    return err
+
+
+def test_a_signal_mid_run_keeps_only_complete_units_and_the_rerun_resumes(two_workers, tmp_path):
+    """SIGTERM to the main process (what `kill` and a scheduler send; its workers used to die with BrokenPipe
+    tracebacks and the build directory stayed), then SIGINT to the whole process group of the resumed run (Ctrl-C):
+    each time one line, exit 128 + the signal, nothing left but the complete units; the same command then resumes
+    and gives the uninterrupted run's result."""
+    (corpus, tok), ref, total = two_workers
+    out, work = tmp_path / "out", tmp_path / ".out.work"
+    cmd = cli(corpus, tok, out, "--num_proc", 2)
+    for sig, group, at in ((signal.SIGTERM, False, 3), (signal.SIGINT, True, total // 2)):
+        err = interrupt(cmd, work, at, sig, group)
+        done = units_done(work)
+        assert at <= done < total and not out.exists()
+        lines = err.splitlines()
+        head = f"prepare_pretrain_dataset.py: interrupted by {signal.Signals(sig).name}: the {done} of {total} units"
+        assert lines[-1].startswith(f"{head} done are kept in {work} ("), err
+        assert lines[-1].endswith("): rerun the same command to resume, or remove that directory"), err
+        assert len(lines) == (1 if sig == signal.SIGTERM else 2), err  # the second run says it resumes first
+        assert sorted(p.name for p in work.iterdir()) == ["state.json", "units"]  # no build directory
+        units = sorted(p.name for p in (work / "units").iterdir())
+        assert units == sorted(f"u-{i:07d}.{x}" for i in work_done(work) for x in ("arrow", "json")), units
+    proc = run_cli(cmd)
+    assert f"resuming from {work}: {done} of {total} units already done" in proc.stderr
+    assert result(out) == ref and not work.exists()
+
+
+def work_done(work: Path) -> list[int]:
+    return [int(p.name[2:9]) for p in (work / "units").glob("u-*.json")]

@@ -18,6 +18,7 @@ from colossal_shear.vocab import TokenizerConfig, VocabError, init_tokenizer, re
 from colossal_shear.vocab.bpe import RankBPE, ScoreBPE
 from colossal_shear.vocab.frequencies import count_tokens
 from colossal_shear.vocab.hf_fast_edit import byte_level
+from colossal_shear.vocab.pieces import MAX_PIECE_CHARS
 from colossal_shear.vocab.toy import build_byte_level_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -367,6 +368,86 @@ def test_byte_level_pruning(byte_dir, tmp_path):
     assert all(a in vocab and b in vocab and a + b in vocab for a, b in tj["model"]["merges"])
 
 
+def _random_bpe_case(rng, score: bool):
+    """A random text over 2-3 letters with random merges (SentencePiece scores with ties, or Hugging Face ranks with
+    a vocabulary and character starts): what make_reachable's choices depend on, small enough to search widely."""
+    text = "".join(rng.choice("ab" if rng.random() < 0.4 else "abc") for _ in range(rng.randint(5, 24)))
+    if score:
+        scores = {}
+        for _ in range(rng.randint(0, 12)):
+            n = rng.randint(2, 4)
+            at = rng.randint(0, len(text) - n)
+            scores[text[at : at + n]] = rng.choice([-1.0, -2.0, -3.0, rng.random()])
+        return text, lambda: ScoreBPE(dict(scores)), None, None
+    ranks, vocab = {}, set(text)
+    for _ in range(rng.randint(0, 12)):
+        at, n = rng.randint(0, len(text) - 2), rng.randint(1, 2)
+        left, right = text[at : at + n], text[at + n : at + n + rng.randint(1, 2)]
+        if right and (left, right) not in ranks:
+            ranks[(left, right)] = len(ranks)
+            vocab |= {left, right, left + right}
+    vocab |= {text[i : i + 3] for i in rng.sample(range(len(text) - 2), 3)}
+    starts = {k for k in range(len(text)) if rng.random() < 0.6} | {0, len(text)}
+    return text, lambda: RankBPE(dict(ranks)), frozenset(vocab), starts
+
+
+def test_fast_bpe_matches_the_naive_reference():
+    """The heap-based BPE and the incremental make_reachable give what the quadratic originals (the baseline of
+    bench/bpe_reachable.py, with today's pair rule) give: the same merges in order, links and intermediates."""
+    import functools
+    import random
+
+    from bpe_reachable import naive_make_reachable, naive_segment
+
+    from colossal_shear.vocab.bpe import make_reachable
+
+    rng = random.Random(0)
+    for case in range(600):
+        text, make_bpe, vocab, starts = _random_bpe_case(rng, score=case % 2 == 0)
+        results = []
+        naive = functools.partial(naive_make_reachable, shortest=True)
+        for segment, reachable in ((naive_segment, naive), (None, make_reachable)):
+            bpe, links, trace = make_bpe(), [], []
+            known = set(vocab or ())
+
+            def add_link(left, right, final, bpe=bpe, links=links, known=known):
+                links.append((left, right, final))
+                known.add(left + right)
+                if isinstance(bpe, ScoreBPE):
+                    bpe.scores.setdefault(left + right, -100.0 - len(links))
+                else:
+                    bpe.ranks[(left, right)] = len(bpe.ranks)
+
+            seg = segment(text, bpe.rank, trace) if segment else bpe.segment(text, trace)
+            inter = reachable(text, bpe, add_link, known.__contains__ if vocab else None, starts)
+            results.append((seg, trace, links, inter, bpe.segment(text)))
+        assert results[0] == results[1], text
+        assert results[1][-1] == [text]
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "byte-level"])
+def test_a_long_piece_is_added_quickly_and_produced_whole(tokenizer_dir, byte_dir, tmp_path, kind):
+    """4,096 characters (the quadratic version took minutes for a quarter of that) become one token: English
+    letters for SentencePiece, Chinese (12,288 byte symbols) for the byte-level BPE. `sentencepiece` loads no piece
+    over 7,999 bytes, so there a longer one is rejected, with the reason, instead of breaking the output."""
+    script = (lambda ch: ch.isascii()) if kind == "sentencepiece" else (lambda ch: ord(ch) > 0x2E80)
+    letters = "".join(ch for t in texts() for ch in t if ch.isalpha() and script(ch))  # one pre-token
+    piece = (" " if kind == "sentencepiece" else "") + (letters * (4096 // len(letters) + 1))[:4096]
+    src = tokenizer_dir if kind == "sentencepiece" else byte_dir
+    out = tmp_path / "long"
+    pieces = [piece, "知" * 2700] if kind == "sentencepiece" else [piece]
+    r = init_tokenizer(cfg(src, out, expand_tokens_file=write_pieces(tmp_path / "p.jsonl", pieces)))
+    assert r.pieces.added == 1 and r.pieces.unreachable == 0 and r.pieces.intermediates > 1000
+    new = AutoTokenizer.from_pretrained(out)
+    internal = byte_level(piece) if kind == "byte-level" else "\u2581" + piece[1:]
+    assert new.encode(piece[1:] if kind == "sentencepiece" else piece, add_special_tokens=False) == [
+        new.convert_tokens_to_ids(internal)
+    ]
+    if kind == "sentencepiece":
+        assert sp(out).encode(piece[1:], out_type=str) == [internal]
+        assert r.pieces.rejected_invalid == 1 and "8,100 bytes in UTF-8" in r.format()
+
+
 def test_reference_bpe_matches_tokenizers(byte_dir):
     tj = json.loads((byte_dir / "tokenizer.json").read_text())
     bpe = RankBPE({tuple(m): r for r, m in enumerate(tj["model"]["merges"])})
@@ -468,6 +549,14 @@ def test_malformed_piece_file_names_file_and_line(tokenizer_dir, tmp_path, conte
     f = tmp_path / "p.jsonl"
     f.write_text(content, encoding="utf-8")
     with pytest.raises(VocabError, match=message.replace("(", r"\(")):
+        init_tokenizer(cfg(tokenizer_dir, tmp_path / "out", expand_tokens_file=f))
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path, "out")
+
+
+@pytest.mark.parametrize("jsonl", [True, False])
+def test_an_absurdly_long_piece_is_one_error_naming_file_and_line(tokenizer_dir, tmp_path, jsonl):
+    f = write_pieces(tmp_path / ("p.jsonl" if jsonl else "p.txt"), ["知识", "知" * (MAX_PIECE_CHARS + 1)], jsonl)
+    with pytest.raises(VocabError, match=f"{f.name}:2: a piece of 8,193 characters; pieces have at most 8,192"):
         init_tokenizer(cfg(tokenizer_dir, tmp_path / "out", expand_tokens_file=f))
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path, "out")
 

@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from colossal_shear.core.constants import TOKENIZER_FILES
+from colossal_shear.core.errors import DiskFullError, failed_path, is_disk_full, os_errno
 
 
 def current_umask() -> int:
@@ -143,8 +144,53 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False, keep_existing
         except FileExistsError:
             if not keep_existing:
                 raise
+    except Exception as e:
+        if is_disk_full(e):
+            raise disk_full(e, f"writing {target}", tmp) from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # after publication there is nothing left here
+
+
+def tree_bytes(root: str | os.PathLike) -> int:
+    """Bytes in the files under `root` (0 when it is gone)."""
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def disk_full(error: BaseException, what: str, tmp: str | os.PathLike, cleanup=None) -> DiskFullError:
+    """The one-line error for an output that did not fit, once the temporary `tmp` it was built in is removed (or
+    `cleanup()` has removed what is not kept): `<what> failed: No space left on device (in <file>): <size of tmp>
+    written before the file system filled up; <free> free there now`, so the user knows at least how much more it
+    needs. The CLI prints it and exits 2 (`cli.run`)."""
+    tmp = Path(tmp)
+    written = tree_bytes(tmp)
+    if cleanup is not None:
+        cleanup()
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+    where = tmp if tmp.exists() or not tmp.parent.exists() else tmp.parent
+    try:
+        free = f"; {human_bytes(shutil.disk_usage(where).free)} free there now"
+    except OSError:
+        free = ""
+    reason = os.strerror(os_errno(error) or errno.ENOSPC)
+    return DiskFullError(
+        f"{what} failed: {reason} (in {failed_path(error) or tmp}): {human_bytes(written)} written before the file "
+        f"system filled up{free}"
+    )
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

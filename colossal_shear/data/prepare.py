@@ -17,7 +17,9 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from colossal_shear.core.fsutil import publish_dir
+from colossal_shear.core.errors import DiskFullError, is_disk_full
+from colossal_shear.core.fsutil import disk_full, human_bytes, publish_dir, tree_bytes
+from colossal_shear.core.interrupt import Interrupted
 from colossal_shear.core.logger import HERE, PROGRESS, get_logger
 from colossal_shear.data.arrow_io import OUTPUT_COLUMNS, PartStats, SpillStore, part_chunks, write_part
 from colossal_shear.data.buckets import assign_bins, num_parts, part_rows
@@ -123,10 +125,11 @@ def prepare_dataset(config: PrepareConfig) -> dict | None:
             f"resuming from {work.root}: {len(mine) - len(todo)} of {len(mine)} units already done, {len(todo)} left"
             + (f" (shard {shard} of {shards})" if shards > 1 else "")
         )
+    builds = shards == 1 or (shard == 0 and config.merge_shards)
     try:
         if shards > 1:
             _tokenize(config, work, todo, doc_tokenizer, sum(u.size for u in todo))
-            if not (shard == 0 and config.merge_shards):
+            if not builds:
                 say(
                     f"shard {shard} of {shards} done ({len(mine)} of {len(units)} units); when every shard is done, "
                     "the same command without --shard_index/--num_shards merges them"
@@ -142,9 +145,34 @@ def prepare_dataset(config: PrepareConfig) -> dict | None:
         else:  # the same command would meet the same error, and a changed input is refused on resume
             work.remove()
         raise
+    except Interrupted as e:
+        e.note = _stopped(work, len(units), builds, shards > 1)
+        raise
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        kept = []
+        error = disk_full(
+            e, f"preparing {out}", work.root, lambda: kept.append(_stopped(work, len(units), builds, shards > 1))
+        )
+        raise DiskFullError(f"{error}; {kept[0]}") from None
     work.remove()
     log.debug("wrote %d sequences in %d parts to %s", manifest["totals"]["sequences"], len(manifest["parts"]), out)
     return manifest
+
+
+def _stopped(work: WorkDir, total: int, builds: bool, sharded: bool) -> str:
+    """After an interruption or a full disk: remove what no rerun can use (the build directory, when this process
+    builds; unit files cut short), keep the committed units for the rerun to resume; say which."""
+    work.remove_temporaries(builds, sharded)
+    done = len(work.done())
+    if done == 0 and not sharded:
+        work.remove()
+        return f"no unit was complete; {work.root} is removed"
+    return (
+        f"the {done} of {total} units done are kept in {work.root} ({human_bytes(tree_bytes(work.root))}): rerun the "
+        "same command to resume" + ("" if sharded else ", or remove that directory")
+    )
 
 
 def _unit_results(config: PrepareConfig, work: WorkDir, todo, doc_tokenizer, pool: OrderedPool) -> Iterator:

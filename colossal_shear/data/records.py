@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from colossal_shear.core.errors import UserError
+from colossal_shear.core.logger import get_logger
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")  # what `is_jsonl` takes as JSONL without looking inside
 COMPRESSION_SUFFIXES = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2", ".xz": "xz"}
@@ -49,6 +50,7 @@ TABLE_SUFFIXES = (".parquet", ".arrow")  # Parquet; Arrow IPC (what `datasets.sa
 # what data preparation takes from an input directory: JSONL plain or compressed, Parquet, Arrow
 INPUT_SUFFIXES = tuple(s + c for s in JSONL_SUFFIXES for c in ("", *COMPRESSION_SUFFIXES)) + TABLE_SUFFIXES
 RECORD_KEYS = ("target", "text", "source")
+log = get_logger(__name__)
 UNKNOWN_CATEGORY = "unknown"
 # Plain text is read in blocks of this many lines, newlines kept, so that newline and indentation tokens are seen
 # (counting line by line would never see them, and vocabulary pruning would then drop them).
@@ -111,9 +113,10 @@ def is_datasets_dir(path: Path) -> bool:
 
 
 def discover_inputs(specs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand directories (their files with an input suffix, not recursive, sorted by name) and keep single files
-    and `datasets` directories as given, in the order given, without duplicates. An empty directory or a missing
-    path is an error."""
+    """Expand directories (their files with an input suffix, any case, not recursive, sorted by name; a `.json` file
+    only when it is JSON Lines) and keep single files and `datasets` directories as given, in the order given,
+    without duplicates. What a directory holds besides (hidden names aside) is named in one warning line. An empty
+    directory or a missing path is an error."""
     files: list[Path] = []
     seen: set[Path] = set()
     if not specs:
@@ -123,7 +126,7 @@ def discover_inputs(specs: Sequence[str | os.PathLike]) -> list[Path]:
         if p.is_dir() and is_datasets_dir(p):
             found = [p]
         elif p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(INPUT_SUFFIXES))
+            found = _directory_inputs(p)
             if not found:
                 raise DataPrepError(
                     f"{p}: no .jsonl or .jsonl.gz files in this input directory (nor any other "
@@ -140,6 +143,50 @@ def discover_inputs(specs: Sequence[str | os.PathLike]) -> list[Path]:
                 seen.add(key)
                 files.append(f)
     return files
+
+
+MAX_NAMED = 10  # skipped entries named in the warning
+
+
+def _directory_inputs(directory: Path) -> list[Path]:
+    found, skipped = [], []
+    for f in sorted(directory.iterdir()):
+        if f.name.startswith("."):
+            continue
+        if not f.is_file():
+            skipped.append(f"{f.name}/")
+        elif not f.name.lower().endswith(INPUT_SUFFIXES):
+            skipped.append(f.name)
+        elif _is_json_document(f):
+            skipped.append(f"{f.name} (a JSON document, not JSON Lines)")
+        else:
+            found.append(f)
+    if skipped:
+        more = f" and {len(skipped) - MAX_NAMED} more" if len(skipped) > MAX_NAMED else ""
+        log.warning(
+            f"prepare_dataset: {directory}: skipped {len(skipped)} entries that are not inputs (not read "
+            f"recursively; see docs/data_prep.md, Formats): {', '.join(skipped[:MAX_NAMED])}{more}"
+        )
+    return found
+
+
+def _is_json_document(path: Path) -> bool:
+    """A `.json` name (compressed or not) whose first non-blank line is not a JSON object: an array, a pretty-printed
+    object, a configuration file; JSON Lines otherwise. A file that cannot be read is taken (reading it reports)."""
+    name = path.name.lower()
+    if not any(name.endswith(".json" + c) for c in ("", *COMPRESSION_SUFFIXES)):
+        return False
+    try:
+        with LineReader(path) as reader:
+            for number, raw in reader:
+                if raw.strip():
+                    parse_json_object(decode_line(raw, str(path), number), str(path), number)
+                    return False
+    except RecordError:
+        return True
+    except DataPrepError:
+        return False
+    return False
 
 
 def compression_of(path: str | os.PathLike) -> str | None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from colossal_shear.core.interrupt import worker_signals
 from colossal_shear.data.records import (
     UNENCODABLE_TEXT,
     UNKNOWN_CATEGORY,
@@ -113,6 +114,7 @@ def init_worker(tokenizer_dir: str, in_pool: bool) -> None:
     pool each worker is one core, so the Rust tokenizer's own thread pool is turned off to avoid oversubscription."""
     global _WORKER
     if in_pool:
+        worker_signals()  # Ctrl-C and SIGTERM are the parent's to handle; gone with the parent
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if _WORKER is None:
         _WORKER = DocumentTokenizer(load_tokenizer(tokenizer_dir))

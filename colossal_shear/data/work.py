@@ -241,6 +241,34 @@ class WorkDir:
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
 
+    def remove_temporaries(self, build: bool, sharded: bool) -> None:
+        """What an interrupted run leaves that no rerun uses: the build directory (`build`: this process was
+        building; pass 2's spill and parts) and unit files cut short: in a run of its own, every partial file
+        (its workers are gone); in a sharded run, only those of this host's workers that are gone (other hosts'
+        workers may be writing theirs)."""
+        if build:
+            shutil.rmtree(self.root / "build", ignore_errors=True)
+        if not self.units.is_dir():
+            return
+        done = self.done()
+        for path in self.units.iterdir():
+            if sharded:
+                if path.name.startswith(".u-") and f".tmp-{socket.gethostname()}-" in path.name:
+                    if not _alive(path.name.rsplit("-", 1)[1]):
+                        path.unlink(missing_ok=True)
+            elif path.name.startswith(".") or (path.suffix == ".arrow" and int(path.name[2:9]) not in done):
+                path.unlink(missing_ok=True)
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, OSError):  # not a pid of ours, or a process we may not signal: leave its file
+        return True
+    return True
+
 
 def describe_changes(old: dict, new: dict) -> str:
     """What differs between two states, in words: settings by name with both values, the tokenizer, input files."""

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from colossal_shear.core.interrupt import worker_signals
 from colossal_shear.vocab.corpus import iter_corpus
 
 EncoderSpec = tuple[str, str]  # ("sentencepiece", path to tokenizer.model) or ("tokenizers", path to tokenizer.json)
@@ -48,6 +49,7 @@ def load_encoder(spec: EncoderSpec):
 
 def _init_worker(spec: EncoderSpec) -> None:
     global _worker_encoder
+    worker_signals()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAYON_NUM_THREADS", "1")
     _worker_encoder = load_encoder(spec)

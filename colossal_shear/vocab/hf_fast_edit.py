@@ -222,7 +222,7 @@ class HFFastVocab:
                 else:
                     res.unreachable.append(piece)
                 continue
-            make_reachable(piece, bpe.segment, add_link, self.vocab.__contains__, _char_starts(piece))
+            make_reachable(piece, bpe, add_link, self.vocab.__contains__, _char_starts(piece))
         self._sync()
         return res
 

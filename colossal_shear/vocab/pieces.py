@@ -3,6 +3,8 @@
 Piece files are JSONL, one `{"piece": "人工智能"}` per line (the Colossal-LLaMA-2 format; other keys are ignored),
 or plain text, one piece per line. In plain text, blank lines are skipped and trailing whitespace is dropped
 (editors leave it; it is never meant), while leading spaces are kept: `" hello"` is the word-initial piece.
+A piece longer than MAX_PIECE_CHARS characters is an error naming the file and line (a corpus given as a piece file,
+a line that lost its newlines): no tokenizer has such entries, and each one costs its length in intermediate pieces.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from colossal_shear.vocab.corpus import is_jsonl, iter_lines, parse_json_line
 WHITESPACE_MARKERS = ("\u2581",)  # SentencePiece's visible space; a piece made only of it is whitespace too
 ALLOWED_CONTROL = {"\t", "\n", "\r"}
 MAX_EXAMPLES = 5
+MAX_PIECE_CHARS = 8192  # Llama-3's longest token has 256 bytes, SentencePiece's trainer stops at 16 characters
 
 
 @dataclass
@@ -41,7 +44,7 @@ def read_pieces(path: Path) -> list[Candidate]:
             piece = obj["piece"]
             if not isinstance(piece, str):
                 raise VocabError(f"{path}:{lineno}: 'piece' must be a string, got {type(piece).__name__}")
-            out.append(Candidate(piece, f"{path}:{lineno}"))
+            out.append(_checked(piece, path, lineno))
     else:
         for lineno, line, _ in iter_lines(path):
             line = line.rstrip("\r\n")
@@ -49,8 +52,17 @@ def read_pieces(path: Path) -> list[Candidate]:
                 continue
             # a line of spaces stays as it is so that it is counted as whitespace-only, not silently dropped
             text = line if not line.strip() else line.rstrip()
-            out.append(Candidate(text, f"{path}:{lineno}"))
+            out.append(_checked(text, path, lineno))
     return out
+
+
+def _checked(text: str, path: Path, lineno: int) -> Candidate:
+    if len(text) > MAX_PIECE_CHARS:
+        raise VocabError(
+            f"{path}:{lineno}: a piece of {len(text):,} characters; pieces have at most {MAX_PIECE_CHARS:,} "
+            "(a piece file holds one piece per line: is this a corpus?)"
+        )
+    return Candidate(text, f"{path}:{lineno}")
 
 
 def basic_rejection(text: str) -> tuple[str, str] | None:

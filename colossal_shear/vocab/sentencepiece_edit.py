@@ -27,6 +27,8 @@ from colossal_shear.vocab.common import ExpandResult, copy_configs, source_added
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 ALWAYS_KEEP_TYPES = (UNKNOWN, CONTROL, USER_DEFINED, BYTE)
+# `sentencepiece` (0.2.x, measured) refuses to load a model holding a longer piece: "INTERNAL: piece is too long"
+MAX_PIECE_BYTES = 7999
 
 
 def _pb2():
@@ -126,6 +128,12 @@ class SentencePieceVocab:
         internal = self._normalizer.normalize(text)
         if not internal:
             return None, "empty after the tokenizer's normalisation"
+        size = len(internal.encode("utf-8"))
+        if size > MAX_PIECE_BYTES:
+            return (
+                None,
+                f"{size:,} bytes in UTF-8: `sentencepiece` loads no model with a piece over {MAX_PIECE_BYTES:,}",
+            )
         return internal, None
 
     def always_keep_ids(self) -> set[int]:
@@ -206,7 +214,7 @@ class SentencePieceVocab:
             if bpe.segment(piece) == [piece]:
                 continue
             if add_intermediates:
-                make_reachable(piece, bpe.segment, add_link)
+                make_reachable(piece, bpe, add_link)
             else:
                 res.unreachable.append(piece)
         res.intermediates = [p for p, _ in inter]
