@@ -186,7 +186,7 @@ class CheckpointManager:
         final, tmp = self.save_dir / name, self.save_dir / (f".tmp-{name}-{self.job}" if self.job else f".tmp-{name}")
         rank = dist.get_rank()
         latest = self.save_dir / LATEST
-        previous = latest.read_text().strip() if latest.is_file() else None
+        previous = _pointer(latest)[0]
         what = f"saving checkpoint {final}"
         note = f"; {latest} still names {previous}, which is intact" if previous else ""
 
