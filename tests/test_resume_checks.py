@@ -12,12 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_distributed
+from conftest import prepare_bundled_corpus, run_distributed
 from test_checkpoint_faults import _fails, _one_error
 from test_train import TRAIN, _args, tb_scalars
 
-from colossal_shear.bundled import TinyLlamaShape, build_tiny_llama, corpus_files
-from colossal_shear.data import PrepareConfig, prepare_dataset
+from colossal_shear.bundled import TinyLlamaShape, build_tiny_llama
 from colossal_shear.data.manifest import DatasetMismatch
 from colossal_shear.train.io.lock import LOCK, LockHeld, SaveDirLock
 from colossal_shear.train.optim import WarmupCosine
@@ -88,18 +87,7 @@ def test_another_stage_tied_model_or_seed_is_one_line(
 def test_a_dataset_reprepared_with_another_seed_is_refused(base, model_dir, tokenizer_dir, tmp_path):
     """Before: accepted (only the part sizes were compared) and trained on other sequences."""
     other = tmp_path / "reprepared"
-    prepare_dataset(
-        PrepareConfig(
-            data_input_dirs=[str(p) for p in corpus_files()],
-            tokenizer_dir=str(tokenizer_dir),
-            data_output_dirs=str(other),
-            max_length=64,
-            num_spliced_dataset_bins=2,
-            num_proc=1,
-            progress=False,
-            seed=7,
-        )
-    )
+    prepare_bundled_corpus(tokenizer_dir, other, seed=7)
     _copy(base, tmp_path)
     log = _fails(*_resume_args(model_dir, other, tmp_path))
     _one_error(log, "--dataset: prepared with seed [7] != [42] in checkpoint", "another order")
