@@ -93,7 +93,7 @@ def family_model(bundled, tmp_path_factory):
     return build
 
 
-def prepare_bundled_corpus(tokenizer_dir, out, bins: int = 2) -> Path:
+def prepare_bundled_corpus(tokenizer_dir, out, bins: int = 2, seed: int = 42) -> Path:
     """The bundled corpus prepared for training with a tokenizer: 64-token sequences in `bins` parts."""
     config = PrepareConfig(
         data_input_dirs=[str(p) for p in corpus_files()],
@@ -103,6 +103,7 @@ def prepare_bundled_corpus(tokenizer_dir, out, bins: int = 2) -> Path:
         num_spliced_dataset_bins=bins,
         num_proc=1,
         progress=False,
+        seed=seed,
     )
     prepare_dataset(config)
     return Path(out)

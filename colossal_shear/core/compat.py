@@ -270,6 +270,45 @@ def padded_vocab_checkpoint() -> bool:
     return True
 
 
+@_patch
+def strict_shapes() -> bool:
+    """Loading a model checkpoint: `load_state_dict_into_model(..., strict=True)` (ddp, zero2, gemini's general
+    path) raises only for unexpected keys and drops torch's size-mismatch messages, so a checkpoint of another
+    model shape loads silently (the mismatched tensors keep the new model's values). Raise them like torch does."""
+    from colossalai.checkpoint_io import utils as ckpt_utils
+
+    original = ckpt_utils.load_state_dict_into_model
+    if getattr(original, "_colossal_shear", False):
+        return False
+
+    def load_state_dict_into_model(model, state_dict, missing_keys, strict=False, load_sub_module=True):
+        if strict:
+            target = model.base_model if hasattr(model, "patch_state_dict") else model
+            own = target.state_dict()
+            wrong = [
+                f"{k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}"
+                for k, v in state_dict.items()
+                if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)
+            ]
+            if wrong:
+                raise RuntimeError(
+                    f"Error(s) in loading state_dict for {target.__class__.__name__}: size mismatch for {wrong[0]}"
+                    + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else "")
+                )
+        return original(model, state_dict, missing_keys, strict, load_sub_module)
+
+    load_state_dict_into_model._colossal_shear = True
+    _rebind(
+        "load_state_dict_into_model",
+        original,
+        load_state_dict_into_model,
+        "colossalai.checkpoint_io.utils",
+        "colossalai.checkpoint_io.general_checkpoint_io",
+        "colossalai.checkpoint_io.hybrid_parallel_checkpoint_io",
+    )
+    return True
+
+
 def _rebind(attr: str, original, replacement, *module_names: str) -> None:
     """Point every module that imported `original` under `attr` (`from x import f` copies the name) at the
     replacement."""

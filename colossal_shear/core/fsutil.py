@@ -246,3 +246,38 @@ def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike)
             shutil.copyfile(src / name, dst / name)
             copied.append(name)
     return copied
+
+
+def outside(root: str | os.PathLike, rel) -> str | None:
+    """Why `rel`, a path read from a file kept in `root` (a manifest entry, a pointer), must not be opened as
+    root/rel, or None: it must be a non-empty relative path without `..` whose real path (symlinks followed) stays
+    inside root. A file naming anything else is treated like a corrupted one by its readers."""
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        return "is not a relative path"
+    if os.path.isabs(rel) or rel.startswith("~"):
+        return "is an absolute path"
+    if ".." in Path(rel).parts:
+        return "goes up ('..')"
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([real_root, os.path.realpath(os.path.join(root, rel))]) != real_root:
+        return f"leads outside {root} (a symlink)"
+    return None
+
+
+SAMPLE_BYTES = 1 << 20
+
+
+def sampled_fingerprint(root: str | os.PathLike, paths: Sequence[str | os.PathLike]) -> str:
+    """A cheap sha256 fingerprint of large files (model weights, Arrow parts): each file's path relative to `root`,
+    its size, and its first and last MiB (the whole file when smaller). Two different trainings or shuffles differ
+    there in practice; reading a few MiB instead of gigabytes keeps it instant."""
+    h = hashlib.sha256()
+    for path in paths:
+        size = os.path.getsize(path)
+        h.update(f"{os.path.relpath(path, root)}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            h.update(f.read(SAMPLE_BYTES))
+            if size > SAMPLE_BYTES:
+                f.seek(max(SAMPLE_BYTES, size - SAMPLE_BYTES))
+                h.update(f.read(SAMPLE_BYTES))
+    return h.hexdigest()

@@ -12,8 +12,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+from colossal_shear.core.errors import UserError
+from colossal_shear.core.fsutil import outside, sampled_fingerprint
+
 MANIFEST_NAME = "manifest.json"
 FORMAT = "colossal_shear.packed/1"
+
+
+class DatasetMismatch(UserError, ValueError):
+    """A prepared dataset that cannot be used as given: another tokenizer or length, or a damaged manifest."""
 
 
 def tokenizer_fingerprint(tokenizer) -> dict:
@@ -49,9 +56,14 @@ def read_manifest(path: str | os.PathLike) -> dict:
     with open(p, encoding="utf-8") as f:
         manifest = json.load(f)
     if not isinstance(manifest, dict) or "parts" not in manifest or "tokenizer" not in manifest:
-        raise ValueError(f"{p}: not a data-prep manifest (missing 'parts' or 'tokenizer')")
+        raise DatasetMismatch(f"{p}: not a data-prep manifest (missing 'parts' or 'tokenizer')")
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{p}: manifest format {manifest.get('format')!r}, expected {FORMAT!r}")
+        raise DatasetMismatch(f"{p}: manifest format {manifest.get('format')!r}, expected {FORMAT!r}")
+    for part in manifest["parts"]:  # a part is a directory of arrow/, named by a plain name
+        name = part.get("name") if isinstance(part, dict) else None
+        why = outside(p.parent / "arrow", name) or (None if Path(str(name)).name == name else "is not a plain name")
+        if why:
+            raise DatasetMismatch(f"{p}: part name {name!r} {why}: refused like a corrupted manifest")
     return manifest
 
 
@@ -59,6 +71,20 @@ def part_paths(output_dir: str | os.PathLike) -> list[Path]:
     """The Arrow part directories of a prepared dataset, in bucket order (load each with `datasets.load_from_disk`)."""
     root = Path(output_dir)
     return [root / "arrow" / part["name"] for part in read_manifest(root)["parts"]]
+
+
+def dataset_fingerprint(roots: list[Path], part_dirs: list[Path]) -> dict:
+    """What a run trains on, in order: each dataset's manifest (tokenizer, length, seed, parts and their sizes), the
+    parts in the order given, and a sampled fingerprint of their Arrow files (the sequences and their order inside
+    each part). {'hash', 'seeds', 'parts'}: the hash decides, the rest names what differs."""
+    h = hashlib.sha256()
+    seeds = []
+    for root in roots:
+        h.update(manifest_path(root).read_bytes())
+        seeds.append(read_manifest(root).get("seed"))
+    for d in part_dirs:
+        h.update(sampled_fingerprint(d, sorted(d.glob("*.arrow"))).encode())
+    return {"hash": h.hexdigest(), "seeds": seeds, "parts": [f"{d.parent.parent.name}/{d.name}" for d in part_dirs]}
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:

@@ -7,12 +7,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from colossal_shear.core.errors import UserError
-from colossal_shear.data.manifest import MANIFEST_NAME, read_manifest, tokenizer_fingerprint
+from colossal_shear.data.manifest import (
+    MANIFEST_NAME,
+    DatasetMismatch,
+    dataset_fingerprint,
+    read_manifest,
+    tokenizer_fingerprint,
+)
 
-
-class DatasetMismatch(UserError, ValueError):
-    pass
+__all__ = ["DatasetMismatch", "PreparedData", "open_prepared"]
 
 
 @dataclass
@@ -21,6 +24,7 @@ class PreparedData:
     part_sizes: list
     max_length: int
     categories: list
+    fingerprint: dict | None = None  # manifest.dataset_fingerprint: what a checkpoint records and resuming compares
 
 
 def _parts_of(path: Path) -> tuple[list[Path], Path]:
@@ -39,9 +43,11 @@ def open_prepared(paths, tokenizer, max_length: int | None = None, model_positio
     from datasets import concatenate_datasets, load_from_disk
 
     expected = tokenizer_fingerprint(tokenizer)
-    parts, lengths, categories = [], set(), []
+    parts, lengths, categories, roots, all_dirs = [], set(), [], [], []
     for raw in paths:
         part_dirs, root = _parts_of(Path(os.path.expanduser(raw)))
+        roots.append(root)
+        all_dirs.extend(part_dirs)
         manifest = read_manifest(root)
         got = manifest["tokenizer"]
         if got["hash"] != expected["hash"] or got["vocab_size"] != expected["vocab_size"]:
@@ -73,4 +79,4 @@ def open_prepared(paths, tokenizer, max_length: int | None = None, model_positio
     if not parts:
         raise DatasetMismatch(f"{', '.join(map(str, paths))}: no sequences")
     dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    return PreparedData(dataset, [len(p) for p in parts], packed, categories)
+    return PreparedData(dataset, [len(p) for p in parts], packed, categories, dataset_fingerprint(roots, all_dirs))

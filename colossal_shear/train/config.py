@@ -272,6 +272,11 @@ class TrainConfig:
         return self.stage == "align"
 
 
-def save_config(cfg: TrainConfig, path: Path) -> None:
-    """The effective config, nested by section (older flat files load too: core.config.load_yaml)."""
-    atomic_write_text(Path(path), to_yaml(cfg))
+def save_config(cfg: TrainConfig, path: Path, step: int = 0) -> None:
+    """The effective config, nested by section (older flat files load too: core.config.load_yaml). A config.yaml
+    already there that says otherwise (a resume that changed options) is kept first as
+    `config-history/until-step-NNNNNNN.yaml`: the history of what the run used."""
+    path, text = Path(path), to_yaml(cfg)
+    if path.is_file() and path.read_text(encoding="utf-8") != text:
+        atomic_write_text(path.parent / "config-history" / f"until-step-{step:07d}.yaml", path.read_text("utf-8"))
+    atomic_write_text(path, text)

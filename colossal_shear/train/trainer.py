@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from colossal_shear.core.errors import TrainingError
+from colossal_shear.core.logger import get_logger
 from colossal_shear.train.batches import Batches, make_sampler, model_inputs, real_tokens
 from colossal_shear.train.config import TrainConfig, save_config
 from colossal_shear.train.distributed.collective import all_true, fail
@@ -31,13 +32,17 @@ from colossal_shear.train.engine import make_engine, tensors_finite
 from colossal_shear.train.evaluate import evaluate_losses
 from colossal_shear.train.io import checkpoint as ckpt
 from colossal_shear.train.io.export import export_hf
+from colossal_shear.train.io.lock import lock_save_dir
 from colossal_shear.train.io.metrics import flops_per_token, peak_flops
+from colossal_shear.train.io.origin import run_origin, schedule_changes
 from colossal_shear.train.io.run_logger import RunLogger
 from colossal_shear.train.model import build_model, load_frozen_model
-from colossal_shear.train.optim import make_optimizer, resolve_warmup, warmup_cosine
+from colossal_shear.train.optim import continue_schedule, make_optimizer, resolve_warmup, warmup_cosine
 from colossal_shear.train.preflight import Inputs, preflight
 from colossal_shear.train.stages.base import HookList, StageHooks
 from colossal_shear.train.stages.freeze import param_groups
+
+log = get_logger(__name__)
 
 
 class TrainState:
@@ -108,6 +113,7 @@ class Trainer:
 
         cfg, par, opt = self.cfg, self.cfg.parallel, self.cfg.optim
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.lock = lock_save_dir(cfg.checkpoint.save_dir)  # one job per save_dir, before anything is written
         self.device = (
             torch.device("cuda", torch.cuda.current_device()) if device_type() == "cuda" else torch.device("cpu")
         )
@@ -140,8 +146,16 @@ class Trainer:
         self.model, self.optimizer, _, _, self.scheduler = self.booster.boost(model, optimizer, lr_scheduler=scheduler)
         self.batches = Batches(self.data, self.sampler, opt.batch_size)
 
+        schedule = {"lr": opt.lr, "max_steps": self.total_steps}
+        schedule.update(batch_size=opt.batch_size, accumulation_steps=opt.accumulation_steps)
         self.checkpointer = ckpt.CheckpointManager(
-            cfg.checkpoint, self.booster, self.model, self.optimizer, ckpt.layout(par, self.world, self.ranks.dp_size)
+            cfg.checkpoint,
+            self.booster,
+            self.model,
+            self.optimizer,
+            ckpt.layout(par, self.world, self.ranks.dp_size),
+            origin=run_origin(cfg, self.inputs, schedule),
+            job=self.lock.job if self.lock else "",
         )
         self.checkpointer.register("train", self.state)
         self.checkpointer.register("scheduler", self.scheduler)
@@ -215,13 +229,28 @@ class Trainer:
         cfg, where = self.cfg, self.cfg.checkpoint
         if where.load_checkpoint and not ckpt.is_hf_model_dir(where.load_checkpoint):
             self.good_checkpoint = self.checkpointer.resume(where.load_checkpoint)
+            self._apply_changes()
         if where.save_dir and self.rank == 0:
-            save_config(cfg, Path(where.save_dir) / "config.yaml")
+            save_config(cfg, Path(where.save_dir) / "config.yaml", self.state.step)
         self.logger = RunLogger(cfg.log, cfg.stage, self.total_steps, self.rank == 0, start_step=self.state.step)
         if self.state.step == 0:
             start = self.hooks.start_scalars()
             if start:
                 self.logger.scalars(0, start)
+
+    def _apply_changes(self) -> None:
+        """The schedule options this resume changes (README, Resuming): applied, said in one line; the learning rate
+        continues from the checkpoint's (optim.continue_schedule)."""
+        opt, step = self.cfg.optim, self.state.step
+        changes = schedule_changes(self.checkpointer.resumed_origin, self.checkpointer.origin)
+        if not changes and self.scheduler.base_lrs[0] != opt.lr:  # a checkpoint without an origin
+            changes = [f"--lr {self.scheduler.base_lrs[0]} -> {opt.lr}"]
+        if not changes:
+            return
+        line = f"--load_checkpoint {self.cfg.checkpoint.load_checkpoint}: {', '.join(changes)} applied from step {step}"
+        if any(c.startswith(("--lr ", "--max_steps ")) for c in changes):
+            line += "; " + continue_schedule(self.scheduler, step, opt.lr, self.total_steps)
+        log.info(line)
 
     # --- the loop ------------------------------------------------------------------------------------------------
 

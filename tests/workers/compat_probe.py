@@ -85,6 +85,18 @@ def probe_padded_vocab_checkpoint():
     assert search_tp_partition_dim(torch.Size([1536, 4]), torch.Size([3000, 4]), 2) == 0
 
 
+def probe_strict_shapes():
+    from colossalai.checkpoint_io.utils import load_state_dict_into_model
+
+    model = torch.nn.Linear(4, 4)
+    try:  # a checkpoint of another shape (intermediate_size 8 against 4)
+        load_state_dict_into_model(model, {"weight": torch.ones(8, 4), "bias": torch.ones(8)}, [], strict=True)
+    except RuntimeError as e:
+        assert "size mismatch" in str(e), str(e)
+        return
+    raise AssertionError("a state dict of another shape loaded with strict=True without an error")
+
+
 def main():
     os.environ.update(
         RANK="0",

@@ -31,10 +31,11 @@ import torch.distributed as dist
 
 from colossal_shear.core.compat import save_keeping_os_reason
 from colossal_shear.core.errors import UserError
-from colossal_shear.core.fsutil import atomic_write_text, file_digests, publish_dir
+from colossal_shear.core.fsutil import atomic_write_text, file_digests, outside, publish_dir
 from colossal_shear.core.logger import get_logger
 from colossal_shear.train.config import CheckpointConfig
 from colossal_shear.train.distributed.collective import gather
+from colossal_shear.train.io.origin import mismatch
 
 LATEST, MANIFEST = "latest", "manifest.json"
 TRAINER_STATE, RANK_STATE = "trainer_state.pt", "rank-{rank}.pt"
@@ -160,11 +161,14 @@ class CheckpointManager:
     registered stateful component (`state_dict`/`load_state_dict`): shared ones in `trainer_state.pt` (the same on
     every rank, written by rank 0) and per-rank ones in `rank-R.pt` (RNG, data position), and the manifest."""
 
-    def __init__(self, cfg: CheckpointConfig, booster, model, optimizer, layout: dict):
+    def __init__(self, cfg: CheckpointConfig, booster, model, optimizer, layout: dict, origin=None, job: str = ""):
         self.booster, self.model, self.optimizer = booster, model, optimizer
         self.save_dir = Path(cfg.save_dir) if cfg.save_dir else None
         self.interval, self.keep_last = cfg.save_interval, cfg.keep_last
         self.layout = layout  # recorded in each manifest; resuming needs the same
+        self.origin = origin  # what the run is trained from (origin.py): recorded, and compared when resuming
+        self.resumed_origin = None  # the origin of the checkpoint resumed, once resumed
+        self.job = job  # this job's id (lock.py): its temporary directories are named after it
         self.shared: dict = {}
         self.per_rank: dict = {}
         self.last_saved: int | None = None
@@ -179,10 +183,10 @@ class CheckpointManager:
 
     def save(self, step: int) -> Path:
         name = f"step-{step:07d}"
-        final, tmp = self.save_dir / name, self.save_dir / f".tmp-{name}"
+        final, tmp = self.save_dir / name, self.save_dir / (f".tmp-{name}-{self.job}" if self.job else f".tmp-{name}")
         rank = dist.get_rank()
         latest = self.save_dir / LATEST
-        previous = latest.read_text().strip() if latest.is_file() else None
+        previous = _pointer(latest)[0]
         what = f"saving checkpoint {final}"
         note = f"; {latest} still names {previous}, which is intact" if previous else ""
 
@@ -205,7 +209,8 @@ class CheckpointManager:
             if rank != 0:
                 return
             entries = {rel: {"size": size, "sha256": sha} for part in gathered for rel, (size, sha) in part.items()}
-            manifest = {"format": 1, "step": step, "layout": self.layout, "files": dict(sorted(entries.items()))}
+            manifest = {"format": 1, "step": step, "layout": self.layout, "origin": self.origin}
+            manifest["files"] = dict(sorted(entries.items()))
             atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
             publish_dir(tmp, final, overwrite=True)  # the same step may be saved again
             atomic_write_text(latest, name)
@@ -248,18 +253,26 @@ class CheckpointManager:
         try:
             self.booster.load_model(self.model, str(chosen / "model"))
             self.booster.load_optimizer(self.optimizer, str(chosen / "optimizer"))
+            for states, components in ((shared, self.shared), (mine, self.per_rank)):
+                for name, component in components.items():
+                    component.load_state_dict(states[name])
         except pickle.UnpicklingError as e:  # a file that matches its manifest but holds pickled objects
             raise CheckpointError(str(e)) from None
-        for states, components in ((shared, self.shared), (mine, self.per_rank)):
-            for name, component in components.items():
-                component.load_state_dict(states[name])
+        except (KeyError, ValueError, RuntimeError) as e:  # written by a run of another kind, without an origin
+            if isinstance(e, RuntimeError) and "size mismatch" not in str(e):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise CheckpointError(
+                f"--load_checkpoint {path}: {chosen} does not fit this run's model, optimizer or stage "
+                f"({type(e).__name__}: {first[:200]}): resume with the model and settings it was written with"
+            ) from None
         self.last_saved = None
         return chosen
 
     def _choose(self, path: Path):
         """(checkpoint, its states, a line saying what was skipped or None). An explicit checkpoint directory must
         pass; a save_dir falls back to its newest checkpoint that passes."""
-        explicit, candidates, named = _scan(path)
+        explicit, candidates, named, bad_pointer = _scan(path)
         if explicit:
             problem, states = self._check(path)
             if problem is not None:
@@ -270,15 +283,17 @@ class CheckpointManager:
             raise CheckpointError(
                 f"--load_checkpoint {path}: neither a checkpoint ({MANIFEST}), a save_dir with a "
                 f"'{LATEST}' pointer or step-N checkpoints, nor a Hugging Face model directory "
-                "(config.json)"
+                "(config.json)" + (f"; {bad_pointer}" if bad_pointer else "")
             )
         skipped = [] if named is None or named in candidates else [f"{pointer} names {named}, which is missing"]
+        if bad_pointer:
+            skipped.append(bad_pointer)
         for name in candidates:
             problem, states = self._check(path / name)
             if problem is None:
                 if not skipped and name == named:
                     return path / name, states, None
-                if named is None:
+                if named is None and not bad_pointer:
                     skipped.insert(0, f"{path} has no '{LATEST}' pointer")
                 note = (
                     f"--load_checkpoint {path}: {'; '.join(skipped) or f'{pointer} names {named}'}; resuming "
@@ -316,9 +331,16 @@ class CheckpointManager:
                 True,
             )
         if problem is None:
+            problem = _unsafe_entry(path, files)
+        if problem is None:
+            different = mismatch(manifest.get("origin"), self.origin, path) if self.origin else None
+            problem = (different, True) if different else None
+        if problem is None:
             share = _shares({rel: meta["size"] for rel, meta in files.items()}, world)[rank]
             problem = _verify(path, files, share)
         problem = _first(problem)
+        if problem is None:
+            self.resumed_origin = manifest.get("origin")
         if problem is None:  # every file verified: now the state files, read before any collective load
             try:
                 states = (_load_state(path / TRAINER_STATE), _load_state(path / RANK_STATE.format(rank=rank)))
@@ -334,17 +356,63 @@ def _first(problem):
     return ([p for p in agreed if p[1]] or agreed or [None])[0]
 
 
-def _scan(path: Path) -> tuple[bool, list[str], str | None]:
-    """(is `path` itself a checkpoint, its step-N checkpoints newest first, what `latest` names), as rank 0 sees
-    them: every rank then checks the same candidates in the same order."""
+def _scan(path: Path) -> tuple[bool, list[str], str | None, str | None]:
+    """(is `path` itself a checkpoint, its step-N checkpoints newest first, the step `latest` names, why `latest` is
+    ignored), as rank 0 sees them: every rank then checks the same candidates in the same order."""
     found = [None]
     if dist.get_rank() == 0:
         explicit = any((path / n).exists() for n in (MANIFEST, TRAINER_STATE)) or bool(STEP_DIR.fullmatch(path.name))
-        steps = sorted((p for p in path.glob("step-*") if p.is_dir() and _step_of(p) >= 0), key=_step_of, reverse=True)
-        pointer = path / LATEST
-        found[0] = (explicit, [p.name for p in steps], pointer.read_text().strip() if pointer.is_file() else None)
+        steps = sorted(
+            (p for p in path.glob("step-*") if p.is_dir() and not p.is_symlink() and _step_of(p) >= 0),
+            key=_step_of,
+            reverse=True,
+        )
+        found[0] = (explicit, [p.name for p in steps], *_pointer(path / LATEST))
     dist.broadcast_object_list(found, src=0)
     return found[0]
+
+
+def _pointer(pointer: Path) -> tuple[str | None, str | None]:
+    """(the step-N a `latest` pointer names, or None; why it is ignored, or None). A pointer is a small file that
+    names a step-N directory beside it: a symlink or anything else is refused like a corrupted file, and never
+    shown."""
+    if pointer.is_symlink():
+        return None, f"{pointer} is a symlink, not a pointer written by a run: ignored"
+    if not pointer.is_file():
+        return None, None
+    try:
+        with open(pointer, "rb") as f:
+            text = f.read(64).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    if not STEP_DIR.fullmatch(text):
+        return None, f"{pointer} does not name a step-N checkpoint: ignored"
+    return text, None
+
+
+def _unsafe_entry(root: Path, files) -> tuple[str, bool] | None:
+    """A manifest entry that is not a plain relative path inside the checkpoint, or without a size and sha256, and
+    an index file of the Booster that names a file the manifest does not list: refused like a corrupted manifest."""
+    manifest = root / MANIFEST
+    if not isinstance(files, dict):
+        return f"{manifest} is not a readable manifest (no file list)", False
+    for rel, meta in files.items():
+        why = outside(root, rel)
+        if why is None and not (isinstance(meta, dict) and isinstance(meta.get("size"), int) and "sha256" in meta):
+            why = "has no size and sha256"
+        if why:
+            return f"{manifest}: the entry {rel!r} {why}: refused like a corrupted manifest", False
+    for rel in (r for r in files if r.endswith(".index.json")):
+        try:
+            index = json.loads((root / rel).read_text())
+            named = list(index.get("weight_map", {}).values()) + [index.get("metadata", {}).get("param_groups")]
+        except (OSError, ValueError, AttributeError) as e:
+            return f"{root / rel} is not a readable index ({e})", False
+        parent = os.path.dirname(rel)
+        stray = [n for n in named if n is not None and os.path.join(parent, str(n)) not in files]
+        if stray:
+            return f"{root / rel} names {stray[0]!r}, which {manifest} does not list: refused", False
+    return None
 
 
 def _verify(root: Path, files: dict, share: list[str]):
