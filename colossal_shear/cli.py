@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from colossal_shear.core import config as configuration
 from colossal_shear.core import logger
-from colossal_shear.core.errors import UserError
+from colossal_shear.core.errors import Stopped, UserError
 from colossal_shear.data.config import PrepareConfig
 from colossal_shear.pruning.config import OneShotConfig
 from colossal_shear.report import ReportConfig
@@ -44,13 +44,17 @@ def parse(script: str, argv=None, description: str | None = None):
 
 
 def run(script: str, work: Callable, show: Callable, argv=None, description: str | None = None) -> int:
-    """Parse the script's options, run `work(config)`, `show` the result; 2 on a user error."""
+    """Parse the script's options, run `work(config)`, `show` the result; 2 on a user error, 75 when the run stopped
+    on request (a signal) after saving."""
     cfg = parse(script, argv, description)
     try:
         result = work(cfg)
     except (UserError, *PATH_ERRORS) as e:
         report(os.path.basename(script), e)
         return 2
+    except Stopped as e:
+        log.warning(f"{os.path.basename(script)}: {e}")
+        return e.exit_code
     show(result)
     return 0
 

@@ -18,3 +18,10 @@ class TrainingError(UserError):
 
 class VocabError(UserError, ValueError):
     """Vocabulary adaptation: the message names the file (and line) or the flag at fault."""
+
+
+class Stopped(Exception):
+    """The run stopped on request (a signal, its launcher gone) at a step boundary, after saving a checkpoint when it
+    has a save_dir: not an error. Every CLI exits with `exit_code` (EX_TEMPFAIL) and the message as one line."""
+
+    exit_code = 75
