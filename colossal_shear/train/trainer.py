@@ -239,7 +239,7 @@ class Trainer:
             if self.bad_run >= self.cfg.optim.max_bad_steps:
                 raise self._diverged(f"{self.bad_run} consecutive steps had a NaN/inf loss or gradient norm")
             if result.stop:  # agreed in the step's decision: every rank leaves the loop here, and saves below
-                self.stopped = preemption.reason() or "another rank's request"
+                self.stopped = preemption.reason() or "another rank was asked to stop"
                 break
             every = self.cfg.log.eval_interval
             if self.evals is not None and every and self.state.step % every == 0:
@@ -437,7 +437,7 @@ def _stopped(result: dict, save_dir: str | None) -> Stopped:
         if not save_dir
         else "no checkpoint saved"
     )
-    return Stopped(f"stopped at step {result['steps']} on request ({result['stopped']}): {saved}")
+    return Stopped(f"stopped at step {result['steps']} ({result['stopped']}): {saved}")
 
 
 def _shutdown():

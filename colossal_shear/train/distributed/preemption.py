@@ -6,8 +6,8 @@ request is only a flag: the trainer adds it to the one all-reduce it makes per o
 so every rank learns at the same step boundary that some rank was asked to stop, wherever the signal arrived (only
 the launcher, which forwards it: torchrun sends the signal it got to its workers and SIGKILLs them after its
 `--shutdown_timeout`, 30 s by default; only some ranks; or all of them). Every rank then saves the checkpoint
-together and exits with 75 (`core.errors.Stopped.exit_code`, EX_TEMPFAIL: "try again later"): see docs/reliability.md and the
-README's "Preemption".
+together and exits with 75 (`core.errors.Stopped.exit_code`, EX_TEMPFAIL: "try again later"): see
+docs/reliability.md and the README's "Preemption".
 
 The watcher thread notices a launcher that is gone: the worker's parent (torchrun's agent) and, under
 `colossalai run`, every process up to the `colossalai run` that started it on this host, or up to the ssh session
