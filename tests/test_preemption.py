@@ -1,0 +1,175 @@
+"""Preemption (docs/reliability.md): a signal to the launcher or to one rank makes every rank stop at the same step
+boundary, save, and exit 75; the saved run resumes exactly. A launcher that is gone (SIGKILL to torchrun, SIGTERM to
+`colossalai run`) leaves no worker training."""
+
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import ROOT, _free_port, run_distributed
+from test_train import _args, tb_scalars
+
+TRAIN = ROOT / "train.py"
+REFERENCE_STEPS = 16  # the uninterrupted run every stopped-and-resumed run here is compared with
+STOPPED = re.compile(r"train\.py: stopped at step (\d+) \((.*)\): saved (\S+); the same command")
+
+
+def _job_args(model_dir, dataset, out, *extra):
+    """1000 scheduled steps, checkpoints only on request (--save_interval beyond the run)."""
+    return _args(model_dir, dataset, out, "--plugin", "zero2", "--save_interval", 100000, *extra, steps=1000)
+
+
+class Job:
+    """A launcher started in its own session, its merged output collected while it runs."""
+
+    def __init__(self, args, launcher="torchrun"):
+        bindir = Path(sys.executable).parent
+        if launcher == "torchrun":
+            cmd = [bindir / "torchrun", "--standalone", "--nproc_per_node=2", TRAIN, *args]
+        else:
+            cmd = [bindir / "colossalai", "run", "--nproc_per_node", 2, "--master_port", _free_port(), TRAIN, *args]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": f"{bindir}:{os.environ['PATH']}"}
+        self.proc = subprocess.Popen(
+            [str(c) for c in cmd],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        self.output = b""
+
+    @property
+    def text(self) -> str:
+        return self.output.decode(errors="replace")
+
+    def until(self, done, guard: float = 300.0) -> bool:
+        """Collect output until `done()` holds or the output ends (`guard` only keeps a broken run from hanging)."""
+        deadline = time.monotonic() + guard
+        while not done() and time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.1)
+            chunk = self.proc.stdout.read() if ready else None
+            if chunk == b"":
+                break
+            self.output += chunk or b""
+        return bool(done())
+
+    def at_step(self, step: int) -> bool:
+        return self.until(lambda: re.search(rf"^step {step} \|", self.text, re.M))
+
+    def workers(self) -> list[psutil.Process]:
+        """The training processes (torchrun gives only them a LOCAL_RANK)."""
+        return [p for p in psutil.Process(self.proc.pid).children(recursive=True) if "LOCAL_RANK" in p.environ()]
+
+    def finish(self) -> int:
+        self.until(lambda: False)
+        return self.proc.wait(timeout=60)
+
+    def stop(self) -> None:
+        """Kill whatever the launcher left in its session (the test's own clean-up)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("preemption-reference")
+    run_distributed(TRAIN, *_job_args(model_dir, dataset, out, "--stop_at_step", REFERENCE_STEPS))
+    return tb_scalars(out / "tb")
+
+
+def assert_resumes_exactly(model_dir, dataset, tmp_path, step, reference):
+    """The stopped run's checkpoint resumed for 2 more steps logs the uninterrupted run's losses."""
+    assert step + 2 <= REFERENCE_STEPS, f"stopped too late (step {step}) for the reference run"
+    resumed = tmp_path / "resumed-tb"
+    run_distributed(
+        TRAIN,
+        *_job_args(model_dir, dataset, tmp_path, "--tensorboard_dir", resumed, "--stop_at_step", step + 2),
+        "--load_checkpoint",
+        tmp_path / "ckpt",
+    )
+    got = tb_scalars(resumed)
+    assert sorted(got) == [step + 1, step + 2], got
+    for s in got:
+        assert got[s] == pytest.approx(reference[s], abs=1e-6, rel=0), f"step {s}: {got} vs {reference}"
+
+
+def assert_stopped_once(text: str, save_dir: Path, *why: str) -> int:
+    """One line from rank 0 naming the step, the reason and the checkpoint, which `latest` names; no worker
+    traceback (a KeyboardInterrupt on SIGINT was one per rank, 185 lines in all)."""
+    found = STOPPED.findall(text)
+    assert len(found) == 1, text[-6000:]
+    step, reason, saved = int(found[0][0]), found[0][1], found[0][2]
+    assert reason in why, text[-6000:]
+    assert saved == str(save_dir / f"step-{step:07d}"), text[-6000:]
+    assert (save_dir / "latest").read_text().strip() == f"step-{step:07d}"
+    assert "KeyboardInterrupt" not in text and "[rank0]: Traceback" not in text and "[rank1]: Traceback" not in text
+    return step
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_launcher_saves_and_the_run_resumes_exactly(sig, model_dir, dataset, reference, tmp_path):
+    """torchrun forwards SIGTERM / SIGINT to its workers (and SIGKILLs them 30 s later): both ranks stop at the same
+    step, save it, and exit 75; resuming that checkpoint follows the uninterrupted run. (torchrun then exits 1 with
+    its own SignalException traceback, whatever its workers did.)"""
+    job = Job(_job_args(model_dir, dataset, tmp_path))
+    try:
+        assert job.at_step(2), job.text[-5000:]
+        os.kill(job.proc.pid, getattr(signal, sig))
+        rc = job.finish()
+    finally:
+        job.stop()
+    assert rc == 1, job.text[-5000:]
+    step = assert_stopped_once(job.text, tmp_path / "ckpt", sig)
+    assert job.text.count("Traceback") == 1 and f"SignalException: Process {job.proc.pid} got signal" in job.text
+    assert_resumes_exactly(model_dir, dataset, tmp_path, step, reference)
+
+
+def test_sigusr1_to_one_rank_stops_every_rank_at_the_same_step(model_dir, dataset, tmp_path):
+    """Slurm's `--signal=USR1` reaching rank 1 only: rank 0 learns it in the step's decision; both save one
+    checkpoint and exit 75, which torchrun reports for the first of them."""
+    job = Job(_job_args(model_dir, dataset, tmp_path))
+    try:
+        assert job.at_step(2), job.text[-5000:]
+        rank1 = next(p for p in job.workers() if p.environ().get("RANK") == "1")
+        rank1.send_signal(signal.SIGUSR1)
+        rc = job.finish()
+    finally:
+        job.stop()
+    assert rc == 1, job.text[-5000:]
+    assert_stopped_once(job.text, tmp_path / "ckpt", "another rank was asked to stop")
+    assert "failed (exitcode: 75)" in job.text, job.text[-5000:]
+    assert len(list((tmp_path / "ckpt").glob("step-*"))) == 1
+
+
+@pytest.mark.parametrize(("launcher", "sig"), [("torchrun", "SIGKILL"), ("colossalai", "SIGTERM")])
+def test_no_worker_outlives_its_launcher(launcher, sig, model_dir, dataset, reference, tmp_path):
+    """The launcher killed (SIGKILL to torchrun; SIGTERM to `colossalai run`, which leaves its torchrun running):
+    each worker sees its launcher gone, the ranks agree to stop at a step boundary and save, and no worker is left
+    30 s later. The checkpoint resumes exactly."""
+    job = Job(_job_args(model_dir, dataset, tmp_path), launcher=launcher)
+    try:
+        assert job.at_step(2), job.text[-5000:]
+        workers = job.workers()
+        os.kill(job.proc.pid, getattr(signal, sig))
+        job.until(lambda: not psutil.wait_procs(workers, timeout=0)[1], guard=30)
+        alive = psutil.wait_procs(workers, timeout=0)[1]
+    finally:
+        job.stop()
+    assert len(workers) == 2 and not alive, job.text[-5000:]
+    # the rank that prints may have learnt it from the other one, in the step's decision
+    gone = f"the launcher (pid {job.proc.pid}) is gone"
+    step = assert_stopped_once(job.text, tmp_path / "ckpt", gone, "another rank was asked to stop")
+    assert_resumes_exactly(model_dir, dataset, tmp_path, step, reference)
