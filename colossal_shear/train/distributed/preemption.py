@@ -11,9 +11,10 @@ docs/reliability.md and the README's "Preemption".
 
 The watcher thread notices a launcher that is gone: the worker's parent (torchrun's agent) and, under
 `colossalai run`, every process up to the `colossalai run` that started it on this host, or up to the ssh session
-that started torchrun on another host. Nobody will stop this worker any more, so it asks to stop like a signal does
-and, `COLOSSAL_SHEAR_STOP_GRACE` seconds later (25 by default) if it is still running (a peer that cannot agree, a
-save that hangs), ends the process itself. Linux only (/proc); elsewhere only the parent is watched.
+that started torchrun on another host (a non-interactive `sshd: user@notty`). Nobody will stop this worker any more,
+so it asks to stop like a signal does and, `COLOSSAL_SHEAR_STOP_GRACE` seconds later (25 by default) if it is still
+running (a peer that cannot agree, a save that hangs), ends the process itself (status 1). Linux only (/proc);
+elsewhere only the parent is watched. `COLOSSAL_SHEAR_WATCH_LAUNCHER=0` switches the watch off.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from colossal_shear.core.logger import EVERY_RANK, get_logger
 
 SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 GRACE_VAR = "COLOSSAL_SHEAR_STOP_GRACE"
+WATCH_VAR = "COLOSSAL_SHEAR_WATCH_LAUNCHER"  # 0: do not watch the launcher (a worker meant to outlive it)
 DEFAULT_GRACE = 25.0
 POLL_SECONDS = 0.5
 
@@ -108,12 +110,10 @@ def _cmdline(pid: int) -> list[str]:
         return []
 
 
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
+def _is_ssh_command(argv: list[str]) -> bool:
+    """sshd's process for a non-interactive command (`sshd: user@notty`, `sshd-session: user@notty`): how
+    `colossalai run` (and pdsh, mpirun) start the launcher on other hosts. An interactive login has a tty instead."""
+    return bool(argv) and argv[0].startswith(("sshd:", "sshd-session:")) and argv[0].endswith("@notty")
 
 
 def _is_colossalai_run(argv: list[str]) -> bool:
@@ -123,8 +123,9 @@ def _is_colossalai_run(argv: list[str]) -> bool:
 def launcher_chain(max_depth: int = 12) -> list[tuple[int, int]]:
     """(pid, start time) of the processes whose end means this worker's launcher is gone: its parent and, above
     it, up to the topmost `colossalai run` of this host or else up to the first sshd (a host `colossalai run`
-    reached over ssh). Under a plain `python train.py` (no launcher), nothing."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
+    reached over ssh). Under a plain `python train.py` (no launcher) or with COLOSSAL_SHEAR_WATCH_LAUNCHER=0,
+    nothing."""
+    if "LOCAL_RANK" not in os.environ or os.environ.get(WATCH_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
         return []
     parent = os.getppid()
     if not os.path.exists(f"/proc/{parent}/stat"):  # no /proc: the parent only, through getppid
@@ -141,7 +142,7 @@ def launcher_chain(max_depth: int = 12) -> list[tuple[int, int]]:
         if _is_colossalai_run(_cmdline(pid)):
             cut = i + 1
     if cut == 1:
-        sshd = next((i for i, (pid, _) in enumerate(chain) if _comm(pid) in ("sshd", "sshd-session")), None)
+        sshd = next((i for i, (pid, _) in enumerate(chain) if _is_ssh_command(_cmdline(pid))), None)
         cut = 1 if sshd is None else sshd + 1
     return chain[:cut]
 
