@@ -173,3 +173,27 @@ def test_no_worker_outlives_its_launcher(launcher, sig, model_dir, dataset, refe
     gone = f"the launcher (pid {job.proc.pid}) is gone"
     step = assert_stopped_once(job.text, tmp_path / "ckpt", gone, "another rank was asked to stop")
     assert_resumes_exactly(model_dir, dataset, tmp_path, step, reference)
+
+
+def _readme_function(name: str) -> str:
+    """A shell function as the README shows it (so the documented workaround is the tested one)."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"{name}() {{")
+    indent = text.rindex("\n", 0, start) + 1
+    lines = text[indent : text.index("\n   }\n", start) + 5].splitlines()
+    return "\n".join(line[start - indent :] for line in lines) + "\n"
+
+
+def test_a_failed_colossalai_run_prints_secrets_unless_launched_without_them(tmp_path):
+    """colossalai's behaviour (it cannot be patched from the workers): a failed host command is printed with the
+    launching shell's environment, values included. The README's `colossalai_run` leaves such variables out."""
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "MY_API_TOKEN": "tok-8c1f", "DB_PASSWORD": "pw-77a2"}
+    launch = f"--nproc_per_node 1 --master_port {_free_port()} {tmp_path / 'missing.py'}"
+    for how, secrets_shown in (("colossalai run", True), ("colossalai_run", False)):
+        script = _readme_function("colossalai_run") + f"{how} {launch}\n"
+        proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and "Command: 'cd " in output, output[-3000:]
+        assert ("tok-8c1f" in output and "pw-77a2" in output) == secrets_shown, output[-3000:]
+        assert f'PATH="{env["PATH"]}"' in output  # the rest of the environment still goes to every host
