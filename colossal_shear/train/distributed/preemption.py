@@ -39,7 +39,7 @@ class _Request:
     def __init__(self):
         self.reason: str | None = None
         self.launcher_gone_at: float | None = None
-        self.watcher: threading.Thread | None = None
+        self.installed = False
 
 
 _request = _Request()
@@ -66,16 +66,17 @@ def _on_signal(signum, frame) -> None:  # only sets a flag: safe wherever the ma
 
 def install() -> None:
     """Handle SIGTERM, SIGINT and SIGUSR1 as stop requests and watch the launcher. From the main thread; idempotent."""
-    if threading.current_thread() is not threading.main_thread() or _request.watcher is not None:
+    if threading.current_thread() is not threading.main_thread() or _request.installed:
         return
+    _request.installed = True
     for name in SIGNALS:
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), _on_signal)
     watched = launcher_chain()
-    _request.watcher = threading.Thread(
-        target=_watch, args=(watched, grace_seconds()), name="colossal_shear-launcher-watch", daemon=True
-    )
-    _request.watcher.start()
+    if watched:
+        threading.Thread(
+            target=_watch, args=(watched, grace_seconds()), name="colossal_shear-launcher-watch", daemon=True
+        ).start()
 
 
 def grace_seconds() -> float:
@@ -163,7 +164,7 @@ def gone(chain: list[tuple[int, int]]) -> int | None:
 def _watch(chain: list[tuple[int, int]], grace: float) -> None:
     while True:
         time.sleep(POLL_SECONDS)
-        if _request.launcher_gone_at is None and chain:
+        if _request.launcher_gone_at is None:
             pid = gone(chain)
             if pid is not None:
                 _request.launcher_gone_at = time.monotonic()
