@@ -209,3 +209,16 @@ def test_a_failed_colossalai_run_prints_secrets_unless_launched_without_them(tmp
         assert proc.returncode != 0 and "Command: 'cd " in output, output[-3000:]
         assert ("tok-8c1f" in output and "pw-77a2" in output) == secrets_shown, output[-3000:]
         assert f'PATH="{env["PATH"]}"' in output  # the rest of the environment still goes to every host
+
+
+@pytest.mark.parametrize(("session", "watched"), [("sshd: root@notty", 2), ("sshd: root@pts/0", 1)])
+def test_a_worker_watches_a_non_interactive_ssh_session_not_a_login(session, watched):
+    """A worker (LOCAL_RANK set) under a stand-in for torchrun under an sshd session: the session of a command
+    (how `colossalai run` reaches other hosts) is watched with its launcher; an interactive login is not, so
+    `nohup torchrun … &` outlives it."""
+    code = "from colossal_shear.train.distributed import preemption; print(len(preemption.launcher_chain()))"
+    probe = f"{sys.executable} -c '{code}'"
+    script = 'exec -a "$0" bash -c \'bash -c "$PROBE; true"; true\''
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LOCAL_RANK": "0", "PROBE": probe}
+    proc = subprocess.run(["bash", "-c", script, session], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split() == [str(watched)], proc.stdout + proc.stderr
