@@ -1,7 +1,7 @@
 """`colossalai run --hostfile` across two hosts, for real: network namespaces with an sshd each, sharing the file
 system, whose own host names resolve to loopback (tests/netns_hosts.py). 2 hosts x 1 process train like 1 host x 2
-processes, resume exactly, write each checkpoint/export file once, prune, and survive losing a host; switched off,
-the interface choice gives back the original failure."""
+processes, resume exactly, write each checkpoint/export file once, prune, survive losing a host, and leave no worker
+behind a killed launcher or a cut ssh session; switched off, the interface choice gives back the original failure."""
 
 import json
 import os
