@@ -2,6 +2,7 @@
 boundary, save, and exit 75; the saved run resumes exactly. A launcher that is gone (SIGKILL to torchrun, SIGTERM to
 `colossalai run`) leaves no worker training."""
 
+import contextlib
 import os
 import re
 import select
@@ -29,13 +30,19 @@ def _job_args(model_dir, dataset, out, *extra):
 class Job:
     """A launcher started in its own session, its merged output collected while it runs."""
 
-    def __init__(self, args, launcher="torchrun"):
+    def __init__(self, args, launcher="torchrun", env=None):
         bindir = Path(sys.executable).parent
         if launcher == "torchrun":
             cmd = [bindir / "torchrun", "--standalone", "--nproc_per_node=2", TRAIN, *args]
         else:
             cmd = [bindir / "colossalai", "run", "--nproc_per_node", 2, "--master_port", _free_port(), TRAIN, *args]
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": f"{bindir}:{os.environ['PATH']}"}
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "OMP_NUM_THREADS": "1",
+            "PATH": f"{bindir}:{os.environ['PATH']}",
+            **(env or {}),
+        }
         self.proc = subprocess.Popen(
             [str(c) for c in cmd],
             cwd=ROOT,
@@ -45,7 +52,7 @@ class Job:
             start_new_session=True,
         )
         os.set_blocking(self.proc.stdout.fileno(), False)
-        self.output = b""
+        self.output, self.seen = b"", {}
 
     @property
     def text(self) -> str:
@@ -67,18 +74,24 @@ class Job:
 
     def workers(self) -> list[psutil.Process]:
         """The training processes (torchrun gives only them a LOCAL_RANK)."""
-        return [p for p in psutil.Process(self.proc.pid).children(recursive=True) if "LOCAL_RANK" in p.environ()]
+        found = [p for p in psutil.Process(self.proc.pid).children(recursive=True) if "LOCAL_RANK" in p.environ()]
+        self.seen.update((p.pid, p) for p in found)
+        return found
 
     def finish(self) -> int:
         self.until(lambda: False)
         return self.proc.wait(timeout=60)
 
     def stop(self) -> None:
-        """Kill whatever the launcher left in its session (the test's own clean-up)."""
+        """Kill whatever the launcher left in its session, and the workers seen (torchrun starts each in a session
+        of its own): the test's own clean-up."""
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for p in self.seen.values():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
         self.proc.wait()
         self.proc.stdout.close()
 
@@ -185,6 +198,24 @@ def test_no_worker_outlives_its_launcher(launcher, sig, model_dir, dataset, tmp_
     # the rank that prints may have learnt it from the other one, in the step's decision
     gone = f"the launcher (pid {job.proc.pid}) is gone"
     assert_stopped_once(job.text, tmp_path / "ckpt", gone, "another rank was asked to stop")
+
+
+def test_a_worker_that_cannot_agree_with_its_peers_ends_itself(model_dir, dataset, tmp_path):
+    """torchrun killed while rank 1 is frozen (SIGSTOP): rank 0, blocked in the step's all-reduce, cannot agree with
+    it, and its watcher ends it COLOSSAL_SHEAR_STOP_GRACE seconds after it noticed, without a save."""
+    job = Job(_job_args(model_dir, dataset, tmp_path), env={"COLOSSAL_SHEAR_STOP_GRACE": "3"})
+    try:
+        assert job.at_step(2), job.text[-5000:]
+        ranks = {p.environ()["RANK"]: p for p in job.workers()}
+        ranks["1"].suspend()
+        os.kill(job.proc.pid, signal.SIGKILL)
+        job.until(lambda: not running([ranks["0"]]), guard=60)
+        left = running([ranks["0"]])
+    finally:
+        job.stop()
+    assert not left, job.text[-5000:]
+    assert job.text.count("[rank 0] still running 3 s after the launcher went") == 1, job.text[-5000:]
+    assert not (tmp_path / "ckpt" / "latest").exists()
 
 
 def _readme_function(name: str) -> str:
