@@ -62,6 +62,8 @@ def request(why: str) -> None:
 
 def _on_signal(signum, frame) -> None:  # only sets a flag: safe wherever the main thread was interrupted
     request(signal.Signals(signum).name)
+    if signum == signal.SIGINT:  # a second Ctrl-C interrupts at once (KeyboardInterrupt), as it did before
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def install() -> None:
