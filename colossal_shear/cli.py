@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from colossal_shear.core import config as configuration
 from colossal_shear.core import interrupt, logger
-from colossal_shear.core.errors import DiskFullError, UserError, failed_path, is_disk_full, os_errno
+from colossal_shear.core.errors import DiskFullError, Stopped, UserError, failed_path, is_disk_full, os_errno
 from colossal_shear.data.config import PrepareConfig
 from colossal_shear.pruning.config import OneShotConfig
 from colossal_shear.report import ReportConfig
@@ -47,13 +47,13 @@ def parse(script: str, argv=None, description: str | None = None):
 
 def run(script: str, work: Callable, show: Callable, argv=None, description: str | None = None) -> int:
     """Parse the script's options, run `work(config)`, `show` the result; 2 on a user error or a full disk,
-    128 + N on signal N (SIGTERM, SIGINT)."""
+    128 + N on signal N (SIGTERM, SIGINT) outside training, 75 when training stopped on request after saving."""
     cfg = parse(script, argv, description)
     prog = os.path.basename(script)
     try:
         with interrupt.handlers():
             result = work(cfg)
-    except interrupt.Interrupted as e:
+    except (interrupt.Interrupted, Stopped) as e:
         log.warning(f"{prog}: {e}")
         return e.exit_code
     except (UserError, *PATH_ERRORS) as e:

@@ -72,6 +72,16 @@ def test_readme_names_only_flags_that_exist():
         "--include",
         "--exclude",
         "--fix",
+        # torchrun's and colossalai run's shutdown and signal options, sbatch's (README, "Preemption")
+        "--shutdown_timeout",
+        "--signals_to_handle",
+        "--extra_launch_args",
+        "--signal",
+        "--requeue",
+        "--open-mode",
+        "--nodes",
+        "--gpus-per-node",
+        "--time",
     }
     readme = (ROOT / "README.md").read_text()
     named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", readme))

@@ -1,7 +1,7 @@
 """`colossalai run --hostfile` across two hosts, for real: network namespaces with an sshd each, sharing the file
 system, whose own host names resolve to loopback (tests/netns_hosts.py). 2 hosts x 1 process train like 1 host x 2
-processes, resume exactly, write each checkpoint/export file once, prune, and survive losing a host; switched off,
-the interface choice gives back the original failure."""
+processes, resume exactly, write each checkpoint/export file once, prune, survive losing a host, and leave no worker
+behind a killed launcher or a cut ssh session; switched off, the interface choice gives back the original failure."""
 
 import json
 import os
@@ -322,3 +322,54 @@ def test_prune_stage_on_two_hosts_writes_each_file_once(cluster, model_dir, data
     assert not twice, f"written more than once: {twice}"
     exported = sorted(p.name for p in (tmp_path / "export").iterdir())
     assert exported and all(outputs.get(f"export/{name}") == ["cs-node-1"] for name in exported), writes
+
+
+def _workers(host) -> list[int]:
+    """The training processes of `host` (torchrun gives only them a LOCAL_RANK)."""
+    out = []
+    for pid in host.pids():
+        try:
+            if b"\0LOCAL_RANK=" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes():
+                out.append(pid)
+        except OSError:
+            continue
+    return out
+
+
+def _alive(pids) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                out.append(pid)
+        except OSError:
+            continue
+    return out
+
+
+@pytest.mark.parametrize("cut", ["launcher", "ssh"])
+def test_no_worker_outlives_its_launcher_or_its_ssh_session(cut, cluster, model_dir, dataset, tmp_path):
+    """SIGTERM to `colossalai run` (whose helpers then keep torchrun running on both hosts), or the ssh session to
+    cs-node-2 cut (its sshd processes killed): the workers that lost their launcher ask to stop, every rank agrees
+    in the step's decision, saves and exits; no worker is left on either host 30 s later."""
+    run = Running(cluster, _args(model_dir, dataset, tmp_path, "--save_interval", 100000))
+    try:
+        assert run.until(lambda: re.search(r"^step 2 \|", run.text, re.M)), run.text[-5000:]
+        workers = [pid for host in cluster.hosts for pid in _workers(host)]
+        if cut == "launcher":
+            os.kill(run.proc.pid, signal.SIGTERM)
+        else:
+            host = cluster.hosts[1]
+            for pid in host.pids():
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if pid != host.sshd.pid and argv[0].startswith(b"sshd"):
+                    os.kill(pid, signal.SIGKILL)
+        run.until(lambda: not _alive(workers), guard=30)
+        left = _alive(workers)
+    finally:
+        run.stop()
+    assert len(workers) == 2 and not left, run.text[-5000:]
+    stopped = re.findall(r"train\.py: stopped at step (\d+) \((.*)\): saved (\S+);", run.text)
+    assert len(stopped) == 1, run.text[-5000:]
+    step = int(stopped[0][0])
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == f"step-{step:07d}"

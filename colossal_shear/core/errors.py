@@ -58,3 +58,10 @@ def failed_path(error: BaseException) -> str | None:
             return str(seen.filename)
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+class Stopped(Exception):
+    """The run stopped on request (a signal, its launcher gone) at a step boundary, after saving a checkpoint when it
+    has a save_dir: not an error. Every CLI exits with `exit_code` (EX_TEMPFAIL) and the message as one line."""
+
+    exit_code = 75

@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from colossal_shear.core.errors import TrainingError
+from colossal_shear.core.errors import Stopped, TrainingError
 from colossal_shear.core.logger import get_logger
 from colossal_shear.train.batches import Batches, make_sampler, model_inputs, real_tokens
 from colossal_shear.train.config import TrainConfig, save_config
+from colossal_shear.train.distributed import preemption
 from colossal_shear.train.distributed.collective import all_true, fail
 from colossal_shear.train.distributed.launch import launch
 from colossal_shear.train.distributed.plugins import booster_kwargs, device_type, make_plugin, model_dtype
@@ -64,6 +65,7 @@ class StepResult:
     grad_norm: float | torch.Tensor | None  # None when the step was skipped; a tensor is read only when logged
     tokens: int
     seconds: float
+    stop: bool = False  # some rank was asked to stop (a signal, its launcher gone): every rank stops after this step
 
 
 @dataclass
@@ -74,6 +76,7 @@ class Verdict:
     tokens: int
     loss_finite: bool
     grads_finite: bool
+    stop: bool = False
 
 
 @dataclass
@@ -105,6 +108,7 @@ class Trainer:
         self.state = TrainState()
         self.bad_run, self.history, self.last_eval, self.last_eval_step = 0, [], None, None
         self.good_checkpoint = None  # the newest checkpoint known to hold finite weights (saved or resumed)
+        self.stopped = None  # why every rank stopped before the end on request (preemption.py)
 
     # --- set-up --------------------------------------------------------------------------------------------------
 
@@ -263,6 +267,9 @@ class Trainer:
             self.log_step(result)
             if self.bad_run >= self.cfg.optim.max_bad_steps:
                 raise self._diverged(f"{self.bad_run} consecutive steps had a NaN/inf loss or gradient norm")
+            if result.stop:  # agreed in the step's decision: every rank leaves the loop here, and saves below
+                self.stopped = preemption.reason() or "another rank was asked to stop"
+                break
             every = self.cfg.log.eval_interval
             if self.evals is not None and every and self.state.step % every == 0:
                 self.evaluate()
@@ -272,7 +279,7 @@ class Trainer:
             raise self._diverged(f"the last {self.bad_run} step(s) had a NaN/inf loss or gradient norm")
         if self.checkpointer.save_dir and self.checkpointer.last_saved != self.state.step:
             self.save()
-        if self.state.step < self.total_steps:  # stopped early on request: the run continues from the checkpoint
+        if self.state.step < self.total_steps or self.stopped:  # stopped early: the run continues from the checkpoint
             return self.finish()
         if self.evals is not None and self.last_eval_step != self.state.step:
             self.evaluate()
@@ -334,11 +341,12 @@ class Trainer:
         self.state.skipped += 0 if applied else 1
         self.state.step += 1
         self.state.tokens += verdict.tokens
-        return StepResult(verdict.loss, grad_norm, verdict.tokens, time.perf_counter() - started)
+        return StepResult(verdict.loss, grad_norm, verdict.tokens, time.perf_counter() - started, verdict.stop)
 
     def _decide(self, losses: list, objectives: list, tokens: int) -> Verdict:
         """One all-reduce and one host read for the whole step: the summed loss, its count and the tokens (for
-        logging), and how many ranks saw a non-finite objective or non-finite gradients."""
+        logging), how many ranks saw a non-finite objective or non-finite gradients, and how many were asked to stop
+        (preemption.py): so stopping costs no collective of its own."""
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         loss_sum = torch.stack(losses).double().sum() if losses else zero
         objective_sum = torch.stack(objectives).double().sum() if objectives else zero
@@ -350,16 +358,18 @@ class Trainer:
                 zero + tokens,
                 (~torch.isfinite(objective_sum)).double(),
                 (~grads_ok).double(),
+                zero + preemption.requested(),
             ]
         )
         dist.all_reduce(packed)
-        loss_sum, count, tokens, bad_objectives, bad_grads = packed.tolist()
+        loss_sum, count, tokens, bad_objectives, bad_grads, stop = packed.tolist()
         mean_loss = loss_sum / max(count, 1)
         return Verdict(
             mean_loss,
             int(tokens),
             loss_finite=math.isfinite(mean_loss) and not bad_objectives,
             grads_finite=not bad_grads,
+            stop=bool(stop),
         )
 
     def log_step(self, r: StepResult) -> None:
@@ -416,6 +426,10 @@ class Trainer:
 
     def finish(self) -> dict:
         result = {"steps": self.state.step, "losses": self.history, "skipped": self.state.skipped}
+        if self.stopped:
+            result["stopped"] = self.stopped
+            saved = self.checkpointer.last_saved == self.state.step
+            result["checkpoint"] = str(self.good_checkpoint) if saved else None
         if self.last_eval is not None and self.state.step >= self.total_steps:
             result["eval"] = self.last_eval
         if self.cfg.checkpoint.export_dir and self.state.step >= self.total_steps:
@@ -427,6 +441,7 @@ class Trainer:
 def train(cfg: TrainConfig) -> dict:
     """Check every input, join the process group, train, and leave the process group: cleanly (after a barrier)
     when every rank is done, at once when this rank fails (collective.fail), so no rank waits for a dead one."""
+    preemption.install()  # SIGTERM / SIGINT / SIGUSR1 and a vanished launcher: stop at a step boundary, saving
     inputs = preflight(cfg)
     launch(seed=cfg.seed)
     try:
@@ -438,7 +453,20 @@ def train(cfg: TrainConfig) -> dict:
             raise
         raise leaving from None
     _shutdown()
+    if "stopped" in result:
+        raise _stopped(result, cfg.checkpoint.save_dir)
     return result
+
+
+def _stopped(result: dict, save_dir: str | None) -> Stopped:
+    saved = (
+        f"saved {result['checkpoint']}; the same command with --load_checkpoint {save_dir} resumes it"
+        if result["checkpoint"]
+        else "nothing saved (no --save_dir)"
+        if not save_dir
+        else "no checkpoint saved"
+    )
+    return Stopped(f"stopped at step {result['steps']} ({result['stopped']}): {saved}")
 
 
 def _shutdown():
