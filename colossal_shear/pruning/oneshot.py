@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from colossal_shear.core.constants import DTYPES
+from colossal_shear.models.registry import adapter_for
 from colossal_shear.pruning.config import METHODS, OneShotConfig
 from colossal_shear.pruning.masked_model import decoder_of, unwrap
 from colossal_shear.pruning.masks import kind_shapes, select
@@ -65,9 +66,9 @@ class _Stats:
 class _ImportanceHooks:
     """Forward hooks on a decoder's layers that accumulate the calibration statistics of every kind."""
 
-    def __init__(self, s: PruneShape, hd: int, device):
-        self.s, self.hd = s, hd
-        self.norm_stats = [[_Stats(), _Stats()] for _ in range(s.layers)]
+    def __init__(self, s: PruneShape, hd: int, device, adapter):
+        self.s, self.hd, self.adapter = s, hd, adapter
+        self.norm_stats = [[_Stats() for _ in adapter.pre_norms] for _ in range(s.layers)]
         self.head_stats = [_Stats() for _ in range(s.layers)]
         self.neuron_stats = [_Stats() for _ in range(s.layers)]
         self.cos_sum = torch.zeros(s.layers, dtype=torch.float64, device=device)
@@ -78,10 +79,8 @@ class _ImportanceHooks:
     def register(self, layers, want_width: bool, want_depth: bool) -> None:
         for i, layer in enumerate(layers):
             if want_width:
-                self.handles.append(layer.input_layernorm.register_forward_hook(self._abs_out(self.norm_stats[i][0])))
-                self.handles.append(
-                    layer.post_attention_layernorm.register_forward_hook(self._abs_out(self.norm_stats[i][1]))
-                )
+                for norm, stats in zip(self.adapter.scored_norms(layer), self.norm_stats[i]):
+                    self.handles.append(norm.register_forward_hook(self._abs_out(stats)))
                 self.handles.append(layer.self_attn.o_proj.register_forward_pre_hook(self._head_norms(i)))
                 self.handles.append(layer.mlp.down_proj.register_forward_pre_hook(self._abs_in(self.neuron_stats[i])))
             if want_depth:
@@ -132,7 +131,8 @@ def collect_importance(model: nn.Module, batches, want_width: bool = True, want_
     model = unwrap(model)
     base = decoder_of(model)
     device = base.embed_tokens.weight.device
-    hooks = _ImportanceHooks(PruneShape.from_config(model.config), head_dim_of(model.config), device)
+    config = model.config
+    hooks = _ImportanceHooks(PruneShape.from_config(config), head_dim_of(config), device, adapter_for(config))
     try:
         hooks.register(base.layers, want_width, want_depth)
         _run_calibration(model, base, batches, device, hooks)
@@ -336,9 +336,7 @@ def _source_and_target(cfg: OneShotConfig, src_dir: Path):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(src_dir, trust_remote_code=False)
-    for name in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size"):
-        if not hasattr(config, name):
-            raise PruneError(f"{src_dir}: model type {config.model_type!r} is not LLaMA-style (no {name})")
+    adapter = adapter_for(config, f"--pretrained {src_dir}")  # before any calibration pass
     source = PruneShape.from_config(config)
     if cfg.target_shape:
         target = PruneShape.parse(cfg.target_shape, config)
@@ -347,6 +345,7 @@ def _source_and_target(cfg: OneShotConfig, src_dir: Path):
     else:
         raise PruneError("--target_shape is required (except for --method depth with --keep_layers)")
     target.validate_against(source)
+    adapter.check_prune(source, target)
     if cfg.method == "depth":
         narrower = [
             k for k in ("hidden", "heads", "kv_heads", "intermediate") if getattr(target, k) != getattr(source, k)
