@@ -217,3 +217,60 @@ def test_every_cli_refuses_an_unsupported_family_up_front(neox_dir, dataset, tmp
         assert err.startswith(f"{script}: error:") and err.count("\n") == 1, (script, err)
         assert "model type 'gpt_neox' is not supported; supported: llama" in err, (script, err)
     assert not any((tmp_path / d).exists() for d in ("p", "r"))
+
+
+# ------------------------------------------------------------------------------------------------ the prune stage
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prune_stage_hooks_train_and_fold_exactly(family, family_model, ids):
+    """The prune stage's own hooks on each family: a training forward / backward reaches every gate's log_alpha, and
+    its export transform folds the binary masks into a model with the masked model's logits."""
+    from colossal_shear.train.config import PruneConfig
+    from colossal_shear.train.stages.prune import PruneStage
+
+    model = _load(family_model(family))
+    target = "48,2,4,128,1" if family == "gemma3_text" else "48,2,3,128,1"
+    stage = PruneStage(
+        PruneConfig(target_shape=target),
+        model,
+        model.config,
+        total_steps=100,
+        warmup_steps=1,
+        seed=0,
+        calibration_dataset=None,
+        device=torch.device("cpu"),
+        dp_rank=0,
+    )
+    with torch.no_grad():  # gates in the middle of their range: sampled values below 1, binarisation chooses
+        for gate in stage.masks.gates.values():
+            gate.log_alpha.copy_(torch.randn(gate.log_alpha.shape, generator=torch.Generator().manual_seed(2)))
+    stage.train(True)
+    stage.before_forward(0, 0)
+    loss = model(ids, labels=ids).loss + stage.extra_loss(0, None, None)
+    loss.backward()
+    for kind, gate in stage.masks.gates.items():
+        assert gate.log_alpha.grad is not None and gate.log_alpha.grad.abs().sum() > 0, kind
+    stage.train(False)
+    z = stage.masks.binarize()
+    small = stage.export_transform()(model)  # detaches the stage's hooks
+    assert PruneShape.from_config(small.config) == PruneShape.parse(target, model.config)
+    with torch.no_grad():
+        torch.testing.assert_close(small(ids).logits, _masked_logits(model, z, ids), atol=1e-5, rtol=0)
+
+
+def test_prune_stage_on_two_processes_exports_qwen3(family_model, dataset, tmp_path):
+    """A real 2-process prune stage on Qwen3 (q/k norms: its export used to fail after training) exports the target
+    as a Qwen3 model."""
+    from conftest import run_distributed
+
+    src = family_model("qwen3")
+    run_distributed(
+        ROOT / "train.py",
+        *("--stage", "prune", "--pretrained", src, "--dataset", dataset, "--plugin", "ddp"),
+        *("--mixed_precision", "fp32", "--batch_size", 2, "--max_steps", 3, "--lr", 1e-3, "--warmup_steps", 1),
+        *("--target_shape", "48,2,3,128,1", "--lagrangian_warmup_steps", 2, "--save_interval", 100),
+        *("--save_dir", tmp_path / "ckpt", "--export_dir", tmp_path / "export"),
+    )
+    config = AutoConfig.from_pretrained(tmp_path / "export")
+    assert config.model_type == "qwen3" and PruneShape.from_config(config) == PruneShape(48, 2, 3, 128, 1)
+    with torch.no_grad():
+        assert torch.isfinite(_load(tmp_path / "export")(torch.tensor([[1, 5, 9, 200]])).logits).all()
