@@ -6,6 +6,7 @@ and an unsupported family (GPT-NeoX) or feature refused in one line by the regis
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 
 import pytest
@@ -18,6 +19,7 @@ from colossal_shear.models.base import ModelFamilyError
 from colossal_shear.models.registry import SUPPORTED, adapter_for
 from colossal_shear.pruning.fold import fold, save_folded
 from colossal_shear.pruning.masked_model import MaskedModel
+from colossal_shear.pruning.masks import _top_layers, select
 from colossal_shear.pruning.oneshot import random_masks
 from colossal_shear.pruning.shape import PruneShape
 
@@ -97,22 +99,34 @@ def test_gemma_soft_hidden_mask_untied(family, family_model, ids):
         torch.testing.assert_close(fold(model, z)(ids).logits, masked, atol=1e-5, rtol=0)
 
 
-def test_alternating_layer_types_refused(family_model):
-    """Gemma 3 (sliding layers use a local rotary embedding) and Gemma 2 with a window shorter than its context: a
-    fold that moves a layer to a position of the other type, and any layer-removing target, are refused."""
+def test_alternating_layer_types_keep_their_positions(family_model):
+    """Gemma 3 (sliding layers use a local rotary embedding), Gemma 2 with a window shorter than its context: the
+    kept layers are chosen so that each keeps its type at its new index (the best total score among those), and a
+    fold that would move a layer to a position of the other type is refused."""
     gemma3 = _load(family_model("gemma3_text"))
-    with pytest.raises(ValueError, match="keep the pattern"):
+    with pytest.raises(ModelFamilyError, match="keep the pattern"):
         fold(gemma3, _masks(torch.Generator().manual_seed(7), keep_layers=[1, 2, 3]))
-    narrower = PruneShape(48, 2, 4, 128, 1)
-    shallower = PruneShape(64, 4, 3, 192, 2)
-    adapter_for(gemma3.config).check_prune(SOURCE, narrower)
-    with pytest.raises(ModelFamilyError, match="removing layers is not supported.*SGSG"):
-        adapter_for(gemma3.config).check_prune(SOURCE, shallower)
+    assert adapter_for(gemma3.config).layer_pattern(3) == (["sliding", "global"] * 2, ["sliding", "global", "sliding"])
+    z = select(
+        SOURCE,
+        PruneShape(64, 4, 3, 192, 2),
+        {"layer": torch.tensor([0.0, 5, 5, 5])},
+        layer_pattern=(adapter_for(gemma3.config).layer_pattern(3)),
+    )
+    assert z["layer"].tolist() == [1, 1, 1, 0]  # not the top 3 (1, 2, 3): that would be G S G
     gemma2 = AutoConfig.from_pretrained(family_model("gemma2"))
-    adapter_for(gemma2).check_prune(SOURCE, shallower)  # window 512 = context 512: every layer the same
+    assert adapter_for(gemma2).layer_pattern(3) is None  # window 512 = context 512: every layer the same
     gemma2.sliding_window = 16
-    with pytest.raises(ModelFamilyError, match="removing layers"):
-        adapter_for(gemma2).check_prune(SOURCE, shallower)
+    assert adapter_for(gemma2).layer_pattern(3) is not None
+    # Gemma 3's real pattern (5 sliding, 1 global) on 12 layers cut to 8: the optimum of all valid choices
+    config = {"model_type": "gemma3_text", "num_hidden_layers": 12, "sliding_window_pattern": 6, "rope_theta": 1e6}
+    config["rope_local_base_freq"] = 1e4
+    types, wanted = adapter_for(config).layer_pattern(8)
+    scores = torch.rand(12, generator=torch.Generator().manual_seed(0))
+    keep = _top_layers(scores, 8, (types, wanted)).nonzero().flatten().tolist()
+    valid = [c for c in itertools.combinations(range(12), 8) if [types[i] for i in c] == wanted]
+    assert [types[i] for i in keep] == wanted
+    assert float(scores[keep].sum()) == pytest.approx(max(float(scores[list(c)].sum()) for c in valid))
 
 
 def test_registry_refuses_unsupported_families_and_features():
@@ -129,8 +143,8 @@ def test_registry_refuses_unsupported_families_and_features():
 
 
 # ------------------------------------------------------------------------------------------------ prune.py
-def _prune_main():
-    spec = importlib.util.spec_from_file_location("prune_cli", ROOT / "prune.py")
+def _script_main(path):
+    spec = importlib.util.spec_from_file_location(path.stem + "_cli", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.main
@@ -143,21 +157,15 @@ def _oneshot_args(method, src, out, target):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prune_py_every_method(family, family_model, ids, tmp_path, capsys):
-    """importance (width and depth), depth and random run and export the target as the same model_type; random's
-    export gives the masked model's logits. Gemma 3 keeps its layers (its removal is refused in one line)."""
-    main, src = _prune_main(), family_model(family)
+    """importance (width and depth), depth and random export the target as the same model_type; random's export
+    gives the masked model's logits (Gemma 3: layers chosen to keep the sliding / global pattern)."""
+    main, src = _script_main(ROOT / "prune.py"), family_model(family)
     model = _load(src)
-    keeps_layers = family == "gemma3_text"
-    width = "48,2,4,128,1" if keeps_layers else "48,2,3,128,1"
+    width = "48,2,3,128,1"
     assert main(_oneshot_args("importance", src, tmp_path / "imp", width)) == 0
     assert main(_oneshot_args("random", src, tmp_path / "rnd", width)) == 0
-    depth = main(_oneshot_args("depth", src, tmp_path / "depth", "64,4,3,192,2"))
-    err = capsys.readouterr().err
-    if keeps_layers:
-        assert depth == 2 and "removing layers is not supported" in err and err.count("\n") == 1, err
-    else:
-        assert depth == 0
-        assert json.loads((tmp_path / "depth" / "config.json").read_text())["num_hidden_layers"] == 3
+    assert main(_oneshot_args("depth", src, tmp_path / "depth", "64,4,3,192,2")) == 0
+    assert json.loads((tmp_path / "depth" / "config.json").read_text())["num_hidden_layers"] == 3
     target = PruneShape.parse(width, model.config)
     for out in ("imp", "rnd"):
         config = AutoConfig.from_pretrained(tmp_path / out)
@@ -165,6 +173,21 @@ def test_prune_py_every_method(family, family_model, ids, tmp_path, capsys):
     masked = _masked_logits(model, random_masks(model.config, target, 0), ids)
     with torch.no_grad():
         torch.testing.assert_close(_load(tmp_path / "rnd")(ids).logits, masked, atol=1e-5, rtol=0)
+    if family == "gemma3_text":  # layers that would change type at their new position: one line, exit 2
+        capsys.readouterr()
+        args = [
+            "--method",
+            "depth",
+            "--pretrained",
+            str(src),
+            "--keep_layers",
+            "1,2,3",
+            "--output_dir",
+            str(tmp_path / "n"),
+        ]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "attention types ['global', 'sliding', 'global'] differ" in err and err.count("\n") == 1, err
 
 
 # ------------------------------------------------------------------------------------------------ up-front refusal
@@ -182,18 +205,13 @@ def neox_dir(tokenizer_dir, tmp_path_factory):
     return out
 
 
-def _script_main(path):
-    spec = importlib.util.spec_from_file_location(path.stem + "_cli", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main
-
-
 def test_every_cli_refuses_an_unsupported_family_up_front(neox_dir, dataset, tmp_path, capsys):
     from colossal_shear.train.trainer import train
 
     runs = {
-        "prune.py": lambda: _prune_main()(_oneshot_args("importance", neox_dir, tmp_path / "p", "16,1,1,32")),
+        "prune.py": lambda: _script_main(ROOT / "prune.py")(
+            _oneshot_args("importance", neox_dir, tmp_path / "p", "16,1,1,32")
+        ),
         "init_model.py": lambda: _script_main(ROOT / "tokenizer" / "init_model.py")(
             [
                 "--source_model_and_tokenizer_path",
@@ -228,7 +246,7 @@ def test_prune_stage_hooks_train_and_fold_exactly(family, family_model, ids):
     from colossal_shear.train.stages.prune import PruneStage
 
     model = _load(family_model(family))
-    target = "48,2,4,128,1" if family == "gemma3_text" else "48,2,3,128,1"
+    target = "48,2,3,128,1"
     stage = PruneStage(
         PruneConfig(target_shape=target),
         model,

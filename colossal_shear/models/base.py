@@ -58,17 +58,16 @@ class FamilyAdapter:
         config = self.config if config is None else config
         return ["global"] * int(config_get(config, "num_hidden_layers"))
 
-    def check_prune(self, source, target) -> None:
-        """Refuse a target the fold cannot give exactly: layers removed while layer types alternate (a smaller
-        config recomputes each layer's type from its new index)."""
+    def layer_pattern(self, target_layers: int) -> tuple[list[str], list[str]] | None:
+        """(source layer types, the types a `target_layers`-layer config gives its positions) when the types are not
+        all the same, else None: the kept layers must then be chosen so that each keeps its type at its new index
+        (a smaller config recomputes each layer's type from its position)."""
         types = self.layer_types()
-        if target.layers < source.layers and len(set(types)) > 1:
-            pattern = "".join(t[0].upper() for t in types)
-            raise ModelFamilyError(
-                f"{self.get('model_type')}: removing layers is not supported for this model: its layers alternate "
-                f"sliding-window and global attention ({pattern}), and a smaller config recomputes each layer's type "
-                f"from its position; keep all {source.layers} layers (prune width only)"
-            )
+        if len(set(types)) <= 1:
+            return None
+        smaller = dict(self.config) if isinstance(self.config, dict) else self.config.to_dict()
+        smaller["num_hidden_layers"] = int(target_layers)
+        return types, self.layer_types(smaller)
 
     # ------------------------------------------------------------------ modules
     def hidden_norms(self, layer) -> list:

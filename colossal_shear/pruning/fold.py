@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from colossal_shear.core.fsutil import atomic_dir, copy_tokenizer_files
+from colossal_shear.models.base import ModelFamilyError
 from colossal_shear.models.registry import adapter_for
 from colossal_shear.pruning.masked_model import decoder_of, unwrap
 from colossal_shear.pruning.masks import effective_heads
@@ -163,7 +164,7 @@ def _check_layer_types(adapter, lay: dict, new_config) -> None:
     kept = [before[u["layer"]] for u in lay["layers"]]
     after = adapter.layer_types(new_config)
     if kept != after:
-        raise ValueError(
+        raise ModelFamilyError(
             f"the kept layers {[u['layer'] for u in lay['layers']]} have attention types {kept}, but a "
             f"{lay['shape'].layers}-layer {new_config.model_type} config gives {after}: choose layers that keep the "
             "pattern"

@@ -167,7 +167,7 @@ def importance_masks(model: nn.Module, batches, target: PruneShape) -> dict:
     target.validate_against(source)
     scores = collect_importance(model, batches, want_width=True, want_depth=target.layers < source.layers)
     scores["group"] = group_scores(scores["head"], source)
-    return select(source, target, scores)
+    return select(source, target, scores, layer_pattern=adapter_for(model.config).layer_pattern(target.layers))
 
 
 def depth_masks(model: nn.Module, batches, target: PruneShape | None, layers: list[int] | None = None) -> dict:
@@ -187,22 +187,35 @@ def depth_masks(model: nn.Module, batches, target: PruneShape | None, layers: li
             f"({target.describe()} vs {source.describe()}): use the importance method for width"
         )
     device = decoder_of(model).embed_tokens.weight.device
+    pattern = adapter_for(model.config).layer_pattern(target.layers)
     if layers is not None:
-        keep = sorted(set(int(i) for i in layers))
-        bad = [i for i in keep if not 0 <= i < source.layers]
-        if bad:
-            raise PruneError(f"layers to keep {bad} are out of range 0..{source.layers - 1}")
-        if len(keep) != len(layers):
-            raise PruneError(f"layers to keep {layers} contain duplicates")
-        if len(keep) != target.layers:
-            raise PruneError(f"{len(keep)} layers to keep, but the target has {target.layers} layers")
-        score = torch.zeros(source.layers, device=device)
-        score[keep] = 1.0
+        score = _keep_scores(layers, source, target, pattern).to(device)
     else:
         if batches is None:
             raise PruneError("depth pruning by block influence needs calibration batches (or a list of layers)")
         score = collect_importance(model, batches, want_width=False, want_depth=True)["layer"]
-    return select(source, target, {"layer": score}, device=device)
+    return select(source, target, {"layer": score}, device=device, layer_pattern=pattern)
+
+
+def _keep_scores(layers: list[int], source: PruneShape, target: PruneShape, pattern) -> torch.Tensor:
+    """Scores that keep exactly `layers` (checked: in range, no duplicates, the target's count, and, where layer
+    types alternate, each layer's type the one of its new position)."""
+    keep = sorted(set(int(i) for i in layers))
+    bad = [i for i in keep if not 0 <= i < source.layers]
+    if bad:
+        raise PruneError(f"layers to keep {bad} are out of range 0..{source.layers - 1}")
+    if len(keep) != len(layers):
+        raise PruneError(f"layers to keep {layers} contain duplicates")
+    if len(keep) != target.layers:
+        raise PruneError(f"{len(keep)} layers to keep, but the target has {target.layers} layers")
+    if pattern is not None and [pattern[0][i] for i in keep] != pattern[1]:
+        raise PruneError(
+            f"layers to keep {keep}: their attention types {[pattern[0][i] for i in keep]} differ from the types "
+            f"a {len(keep)}-layer model gives its positions {pattern[1]}"
+        )
+    score = torch.zeros(source.layers)
+    score[keep] = 1.0
+    return score
 
 
 def random_masks(config, target: PruneShape, seed: int = 0) -> dict:
@@ -210,7 +223,7 @@ def random_masks(config, target: PruneShape, seed: int = 0) -> dict:
     source = PruneShape.from_config(config)
     g = torch.Generator().manual_seed(int(seed))
     scores = {k: torch.rand(shape, generator=g) for k, shape in kind_shapes(source).items()}
-    return select(source, target, scores)
+    return select(source, target, scores, layer_pattern=adapter_for(config).layer_pattern(target.layers))
 
 
 # ---------------------------------------------------------------------------------------------- calibration data
@@ -336,7 +349,7 @@ def _source_and_target(cfg: OneShotConfig, src_dir: Path):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(src_dir, trust_remote_code=False)
-    adapter = adapter_for(config, f"--pretrained {src_dir}")  # before any calibration pass
+    adapter_for(config, f"--pretrained {src_dir}")  # an unsupported family: one line, before any calibration pass
     source = PruneShape.from_config(config)
     if cfg.target_shape:
         target = PruneShape.parse(cfg.target_shape, config)
@@ -345,7 +358,6 @@ def _source_and_target(cfg: OneShotConfig, src_dir: Path):
     else:
         raise PruneError("--target_shape is required (except for --method depth with --keep_layers)")
     target.validate_against(source)
-    adapter.check_prune(source, target)
     if cfg.method == "depth":
         narrower = [
             k for k in ("hidden", "heads", "kv_heads", "intermediate") if getattr(target, k) != getattr(source, k)

@@ -117,9 +117,7 @@ def _check_prune(cfg: TrainConfig, model_config) -> None:
             "--stage prune needs --target_shape (hidden,heads,layers,intermediate[,kv_heads] or a config.json)"
         )
     try:
-        shape, source = PruneShape.parse(target, model_config), PruneShape.from_config(model_config)
-        shape.validate_against(source)
-        adapter_for(model_config).check_prune(source, shape)
+        PruneShape.parse(target, model_config).validate_against(PruneShape.from_config(model_config))
     except (ValueError, FileNotFoundError) as e:
         raise TrainingError(f"--target_shape: {e}") from None
     if cfg.parallel.plugin == "3d":
