@@ -70,6 +70,15 @@ class FamilyAdapter:
         return types, self.layer_types(smaller)
 
     # ------------------------------------------------------------------ modules
+    def decoder(self, model):
+        """The decoder stack (embed_tokens, layers, norm) of a causal LM, or the stack itself. Not found through
+        `base_model_prefix`: Gemma 3's text model names its prefix `language_model` but holds `.model`."""
+        base = model.model if hasattr(model, "model") and hasattr(model.model, "layers") else model
+        for name in ("embed_tokens", "layers", "norm"):
+            if not hasattr(base, name):
+                raise ModelFamilyError(f"{type(model).__name__}: not a {self.family} decoder (no .{name})")
+        return base
+
     def hidden_norms(self, layer) -> list:
         """Every norm of a layer over the hidden channels (all are masked to the kept channels)."""
         return [getattr(layer, n) for n in self.pre_norms + self.post_norms]

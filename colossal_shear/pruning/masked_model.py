@@ -40,12 +40,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
-    """The decoder stack (`LlamaModel`) of a `LlamaForCausalLM` or of itself."""
-    base = model.model if hasattr(model, "model") and hasattr(model.model, "layers") else model
-    for name in ("embed_tokens", "layers", "norm"):
-        if not hasattr(base, name):
-            raise TypeError(f"{type(model).__name__}: not a LLaMA-style decoder (no .{name})")
-    return base
+    """The decoder stack (`LlamaModel`, ...) of a causal LM of a supported family, or the stack itself."""
+    return adapter_for(model.config).decoder(model)
 
 
 class MaskedModel:

@@ -371,7 +371,7 @@ def _source_and_target(cfg: OneShotConfig, src_dir: Path):
 
 
 def _load_model(cfg: OneShotConfig, src_dir: Path) -> nn.Module:
-    """The source model on --device (default: cuda when available), in eval mode; a LLaMA-style decoder."""
+    """The source model on --device (default: cuda when available), in eval mode; a decoder of a supported family."""
     from transformers import AutoModelForCausalLM
 
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -379,10 +379,7 @@ def _load_model(cfg: OneShotConfig, src_dir: Path) -> nn.Module:
     model = AutoModelForCausalLM.from_pretrained(
         src_dir, torch_dtype=dtype, use_safetensors=True, trust_remote_code=False
     ).to(device)
-    try:
-        decoder_of(model)
-    except TypeError as e:
-        raise PruneError(str(e)) from None
+    decoder_of(model)  # ModelFamilyError (one line) when the stack is not where the family keeps it
     return model.eval()
 
 

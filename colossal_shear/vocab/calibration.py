@@ -210,13 +210,6 @@ def _split_document(doc: list[int], seq_len: int, budget: int) -> list[list[int]
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _decoder(model):
-    base = getattr(model, model.base_model_prefix, None)
-    if base is None:
-        raise CalibrationError(f"{type(model).__name__}: no base model to read hidden states from")
-    return base
-
-
 def check_supported(model) -> str | None:
     """The fit assumes logits = final-norm hidden state · row: a supported family (its adapter; an embedding scale
     needs nothing here, since the hidden states come from the model's own forward). A family that soft-caps its
@@ -242,7 +235,7 @@ def hidden_states(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(H, y, seq): final-norm hidden states (P x d, float32) at every position that has a next token, the next
     tokens (P) and each position's window index (P). Windows are batched by length, right-padded."""
-    base = _decoder(model)
+    base = adapter_for(model.config).decoder(model)
     order = sorted(range(len(windows)), key=lambda i: (-len(windows[i]), i))
     hs: list[torch.Tensor] = []
     ys: list[torch.Tensor] = []
