@@ -1,4 +1,5 @@
-"""Hard-concrete masks over one LLaMA config, their expected shape / size, and exact binarisation.
+"""Hard-concrete masks over one decoder config (any supported family), their expected shape / size, and exact
+binarisation.
 
 Mask kinds (`KINDS`), each a tensor of gates in [0, 1]:
   'hidden'       [d]      hidden channels (the residual stream; shared by every layer, the embeddings and the head)
@@ -151,7 +152,7 @@ def select(
 
 
 class PruningMasks(nn.Module):
-    """Masks for one LlamaConfig: 'hidden' [d], 'layer' [L], 'group' [L, KV] (whole KV groups), 'head' [L, H] (query
+    """Masks for one decoder config: 'hidden' [d], 'layer' [L], 'group' [L, KV] (whole KV groups), 'head' [L, H] (query
     heads), 'intermediate' [L, F]. Learnable (hard-concrete) only for the kinds `target` shrinks."""
 
     def __init__(
