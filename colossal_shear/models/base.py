@@ -26,6 +26,12 @@ def config_get(config, key: str, default=None):
     return getattr(config, key, default)
 
 
+def head_dim_of(config) -> int:
+    """The head dimension of an HF config or config.json dict (explicit `head_dim`, else hidden / heads)."""
+    hd = config_get(config, "head_dim")
+    return int(hd) if hd else int(config_get(config, "hidden_size")) // int(config_get(config, "num_attention_heads"))
+
+
 class FamilyAdapter:
     """LLaMA (1/2/3.x): RMSNorm `w * x_hat`, separate q/k/v and gate/up projections, no embedding scale."""
 

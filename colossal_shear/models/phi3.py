@@ -3,21 +3,17 @@
 
 from __future__ import annotations
 
-from colossal_shear.models.base import FamilyAdapter, config_get
+from colossal_shear.models.base import FamilyAdapter, head_dim_of
 
 
 class Phi3Adapter(FamilyAdapter):
     family = "phi3"
     model_types = ("phi3",)
 
-    def _head_dim(self) -> int:
-        hd = config_get(self.config, "head_dim")
-        return int(hd) if hd else int(self.get("hidden_size")) // int(self.get("num_attention_heads"))
-
     def attention_in_rows(self, q_rows, kv_rows, source) -> dict:
         import torch
 
-        q_size, kv_size = source.heads * self._head_dim(), source.kv_heads * self._head_dim()
+        q_size, kv_size = source.heads * head_dim_of(self.config), source.kv_heads * head_dim_of(self.config)
         return {"qkv_proj": torch.cat([q_rows, q_size + kv_rows, q_size + kv_size + kv_rows])}
 
     def mlp_in_rows(self, neurons, source) -> dict:
