@@ -106,6 +106,8 @@ class FamilyAdapter:
     def scaled_norm_weight(self, weight, scale):
         """The norm weight whose output is `scale` times this one's (a per-channel or scalar fp32 scale)."""
         w = weight.float()
+        if hasattr(scale, "to"):
+            scale = scale.to(w.device)
         return ((self.norm_offset + w) * scale - self.norm_offset).to(weight.dtype)
 
     def embed_scale(self, hidden_size: int) -> float:
