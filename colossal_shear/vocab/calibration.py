@@ -430,11 +430,10 @@ class CoefficientFit:
             if slope > -1e-12:  # Newton decrement: converged
                 break
             t = 1.0
-            while True:
-                trial = self.evaluate(theta + t * step, derivatives=False)
-                if trial <= loss + 1e-4 * t * slope or t < 1e-6:
-                    break
+            while self.evaluate(theta + t * step, derivatives=False) > loss + 1e-4 * t * slope:
                 t *= 0.5
+                if t < 1e-6:  # no descent left at the float32 scores' precision: at the optimum
+                    return theta, start, loss
             theta = theta + t * step
             loss, g, hess = self.evaluate(theta)
         return theta, start, loss
