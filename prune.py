@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""One-shot structured pruning of a LLaMA-style Hugging Face model to a target shape (no training).
+"""One-shot structured pruning of a Hugging Face decoder (Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3) to a target
+shape (no training).
 
   --method importance  Minitron activation importance on calibration data (width) + block influence (depth)
   --method depth       remove whole layers: lowest block influence, or keep exactly --keep_layers

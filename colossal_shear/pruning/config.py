@@ -13,8 +13,8 @@ METHODS = ("importance", "depth", "random")
 
 @dataclass
 class OneShotConfig:
-    """One-shot structured pruning of a LLaMA-style Hugging Face model to a target shape (no training): importance
-    (Minitron activations for width, block influence for depth), depth (whole layers) or random."""
+    """One-shot structured pruning of a Hugging Face decoder of a supported family to a target shape (no training):
+    importance (Minitron activations for width, block influence for depth), depth (whole layers) or random."""
 
     method: str = option(help="how to choose what to keep", choices=METHODS)
     pretrained: Path = option(help="source Hugging Face model directory")

@@ -13,14 +13,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from colossal_shear.core.errors import UserError
+from colossal_shear.models.base import head_dim_of
 
 FIELDS = ("hidden", "heads", "layers", "intermediate", "kv_heads")
-
-
-def head_dim_of(config) -> int:
-    """The head dimension of an HF config (explicit `head_dim`, else hidden_size // num_attention_heads)."""
-    hd = getattr(config, "head_dim", None)
-    return int(hd) if hd else config.hidden_size // config.num_attention_heads
 
 
 class PruneError(UserError, ValueError):
