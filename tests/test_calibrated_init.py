@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ZH_WORDS
+from conftest import FAMILIES, ZH_WORDS
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -104,6 +104,26 @@ def test_old_rows_and_old_logits_are_bit_identical(calibrated, name):
     with torch.no_grad():
         assert torch.equal(a(x).logits, b(x).logits[..., :2048])
     assert report.calibration["loss_fit"] < report.calibration["loss_subtoken_mean"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_keeps_old_logits_bit_identical(family, family_model, tok, calib, work):
+    """`--init calibrated` on each family's tiny model (Gemma: embeddings scaled by sqrt(hidden); Gemma 2: soft-capped
+    logits, fitted before the cap and said so): old rows and old-token logits bit-identical, the fit better than
+    the sub-token mean."""
+    src, dst = family_model(family), work / f"family-{family}"
+    report = resize(src, tok, dst, init="calibrated", calibration_file=[calib], calibration_tokens=300)
+    a, b = load(src), load(dst)
+    assert b.config.model_type == a.config.model_type
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        assert torch.equal(getattr(a, get)().weight, getattr(b, get)().weight[:2048])
+    x = _old_ids()
+    with torch.no_grad():
+        assert torch.equal(a(x).logits, b(x).logits[..., :2048])
+    assert report.calibration["loss_fit"] < report.calibration["loss_subtoken_mean"]
+    assert any("soft-caps its logits" in n for n in report.notes) == bool(
+        a.config.to_dict().get("final_logit_softcapping")
+    )
 
 
 def test_tied_stays_tied_untie_unties(calibrated, tok):

@@ -5,7 +5,9 @@ For gates z (a binarised mask dict, any subset of the five kinds; a missing kind
   * kept units are scaled by their z: the effective head gate into o_proj's input columns, intermediate z into
     down_proj's input columns, layer z (x hidden z) into o_proj's and down_proj's output rows, hidden z into the
     embedding columns (untied models only: a tied matrix is also the LM head, which reads the norm's output);
-  * RMSNorm weights are sliced to the kept channels (the folded norm's mean runs over exactly those).
+  * norm weights are sliced to the kept channels (the folded norm's mean runs over exactly those);
+  * what differs between families (which rows a head / neuron owns in fused projections, q/k norms, sandwich norms
+    that carry the residual scale, the embedding scale) comes from the family's adapter (`colossal_shear.models`).
 The new config keeps the source head_dim explicitly. The masked model (`apply.MaskedModel`) with the same z and the
 folded model compute the same function.
 """
@@ -20,6 +22,8 @@ import torch
 from torch import nn
 
 from colossal_shear.core.fsutil import atomic_dir, copy_tokenizer_files
+from colossal_shear.models.base import ModelFamilyError
+from colossal_shear.models.registry import adapter_for
 from colossal_shear.pruning.masked_model import decoder_of, unwrap
 from colossal_shear.pruning.masks import effective_heads
 from colossal_shear.pruning.shape import PruneShape, head_dim_of
@@ -53,6 +57,7 @@ def folded_layout(config, z: dict) -> dict:
     per_layer = [_layer_units(i, gates["heads"][i], gates["intermediate"][i], s) for i in kept_layers]
     return {
         "shape": _uniform_shape(per_layer, kept_hidden),
+        "source": s,
         **gates,
         "kept_hidden": kept_hidden,
         "layers": per_layer,
@@ -126,12 +131,15 @@ def fold(model: nn.Module, z: dict, target: PruneShape | None = None) -> nn.Modu
     model = unwrap(model)
     device = decoder_of(model).embed_tokens.weight.device
     config = model.config
+    adapter = adapter_for(config)
     source = PruneShape.from_config(config)
     hd = head_dim_of(config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     lay = folded_layout(config, z)
     _check_foldable(lay, source, target, tied)
-    new = _build(type(model), _folded_config(config, lay["shape"], hd), _folded_state(model, lay, hd, tied), device)
+    new_config = _folded_config(config, lay["shape"], hd)
+    _check_layer_types(adapter, lay, new_config)
+    new = _build(model, new_config, _folded_state(model, lay, hd, tied, adapter), device, adapter)
     if getattr(model, "generation_config", None) is not None and hasattr(new, "generation_config"):
         new.generation_config = copy.deepcopy(model.generation_config)
     return new.eval()
@@ -147,6 +155,19 @@ def _check_foldable(lay: dict, source: PruneShape, target: PruneShape | None, ti
         raise ValueError(
             "a tied model needs hidden mask values of exactly 0 or 1: a scale on hidden channels cannot "
             "be folded into a matrix that is both the embedding and the LM head"
+        )
+
+
+def _check_layer_types(adapter, lay: dict, new_config) -> None:
+    """Every kept layer keeps its attention type (sliding / global) at its new index."""
+    before = adapter.layer_types()
+    kept = [before[u["layer"]] for u in lay["layers"]]
+    after = adapter.layer_types(new_config)
+    if kept != after:
+        raise ModelFamilyError(
+            f"the kept layers {[u['layer'] for u in lay['layers']]} have attention types {kept}, but a "
+            f"{lay['shape'].layers}-layer {new_config.model_type} config gives {after}: choose layers that keep the "
+            "pattern"
         )
 
 
@@ -184,60 +205,71 @@ def _rows_of(units: torch.Tensor, size: int) -> torch.Tensor:
     return (units[:, None] * size + torch.arange(size)).flatten()
 
 
-def _folded_state(model: nn.Module, lay: dict, hd: int, tied: bool) -> dict[str, torch.Tensor]:
-    """The folded model's state dict: embedding, final norm, the kept layers renumbered, the LM head."""
+def _folded_state(model: nn.Module, lay: dict, hd: int, tied: bool, adapter) -> dict[str, torch.Tensor]:
+    """The folded model's state dict: embedding, final norm, the kept layers renumbered, the LM head. A family whose
+    embedding output is scaled by sqrt(hidden) keeps the source's scale: the embedding rows are scaled by
+    sqrt(d / d') (Hugging Face recomputes sqrt(d') from the new config) and, tied, the final norm's output by the
+    inverse, so that the shared matrix gives the same logits."""
     base = decoder_of(model)
     prefix = "model." if base is not model else ""
     kh = lay["kept_hidden"]
-    emb = _scaled(base.embed_tokens.weight, cols=kh, col_scale=None if tied else lay["hidden"][kh])
-    sd = {prefix + "embed_tokens.weight": emb, prefix + "norm.weight": _scaled(base.norm.weight, rows=kh)}
+    ratio = adapter.embed_scale(lay["source"].hidden) / adapter.embed_scale(lay["shape"].hidden)
+    col_scale = None if tied else lay["hidden"][kh]
+    if ratio != 1.0:
+        col_scale = torch.full((len(kh),), ratio) if col_scale is None else col_scale * ratio
+    emb = _scaled(base.embed_tokens.weight, cols=kh, col_scale=col_scale)
+    norm = _scaled(base.norm.weight, rows=kh)
+    if tied and ratio != 1.0:
+        norm = adapter.scaled_norm_weight(norm, 1.0 / ratio)
+    sd = {prefix + "embed_tokens.weight": emb, prefix + "norm.weight": norm}
     for j, units in enumerate(lay["layers"]):
-        sd.update(_folded_layer(base.layers[units["layer"]], f"{prefix}layers.{j}.", units, lay, hd))
+        sd.update(_folded_layer(base.layers[units["layer"]], f"{prefix}layers.{j}.", units, lay, hd, adapter))
     if base is not model:
         head = model.get_output_embeddings()
         sd["lm_head.weight"] = emb if tied else _scaled(head.weight, cols=kh)
     return sd
 
 
-def _folded_layer(src: nn.Module, p: str, units: dict, lay: dict, hd: int) -> dict[str, torch.Tensor]:
-    """One kept decoder layer's tensors under the prefix `p`; its outputs scaled by the layer gate (x hidden gates)."""
+def _folded_layer(src: nn.Module, p: str, units: dict, lay: dict, hd: int, adapter) -> dict[str, torch.Tensor]:
+    """One kept decoder layer's tensors under the prefix `p`; its residual contributions scaled by the layer gate
+    (x hidden gates): in the output projections' rows, or in the sandwich norms after them."""
     i, kh = units["layer"], lay["kept_hidden"]
     out_scale = lay["layer"][i] * lay["hidden"][kh]
-    sd = {
-        p + "input_layernorm.weight": _scaled(src.input_layernorm.weight, rows=kh),
-        p + "post_attention_layernorm.weight": _scaled(src.post_attention_layernorm.weight, rows=kh),
-    }
-    sd.update(_folded_attention(src.self_attn, p + "self_attn.", units, lay["heads"][i], hd, kh, out_scale))
-    sd.update(_folded_mlp(src.mlp, p + "mlp.", units["neurons"], lay["intermediate"][i], kh, out_scale))
+    sd = {p + f"{n}.weight": _scaled(getattr(src, n).weight, rows=kh) for n in adapter.pre_norms}
+    for n in adapter.post_norms:
+        sd[p + f"{n}.weight"] = adapter.scaled_norm_weight(_scaled(getattr(src, n).weight, rows=kh), out_scale)
+    proj_scale = None if adapter.post_norms else out_scale
+    sd.update(_folded_attention(src.self_attn, p + "self_attn.", units, lay, hd, proj_scale, adapter))
+    sd.update(_folded_mlp(src.mlp, p + "mlp.", units, lay, proj_scale, adapter))
     return sd
 
 
-def _folded_attention(attn, p: str, units: dict, head_gates, hd: int, kh, out_scale) -> dict[str, torch.Tensor]:
-    """The kept heads' q rows and groups' k / v rows; o_proj's input columns scaled by the effective head gates."""
+def _folded_attention(attn, p: str, units: dict, lay: dict, hd: int, out_scale, adapter) -> dict[str, torch.Tensor]:
+    """The kept heads' q rows and groups' k / v rows (the family says which projection rows they own); o_proj's input
+    columns scaled by the effective head gates; the per-head_dim q / k norms as they are."""
+    kh, source = lay["kept_hidden"], lay["source"]
     q_rows, kv_rows = _rows_of(units["heads"], hd), _rows_of(units["groups"], hd)
-    head_scale = head_gates[units["heads"]].repeat_interleave(hd)
-    sd = {
-        p + "q_proj.weight": _scaled(attn.q_proj.weight, rows=q_rows, cols=kh),
-        p + "k_proj.weight": _scaled(attn.k_proj.weight, rows=kv_rows, cols=kh),
-        p + "v_proj.weight": _scaled(attn.v_proj.weight, rows=kv_rows, cols=kh),
-        p + "o_proj.weight": _scaled(
-            attn.o_proj.weight, rows=kh, cols=q_rows, row_scale=out_scale, col_scale=head_scale
-        ),
-    }
-    rows = {"q_proj": q_rows, "k_proj": kv_rows, "v_proj": kv_rows}
+    head_scale = lay["heads"][units["layer"]][units["heads"]].repeat_interleave(hd)
+    rows = adapter.attention_in_rows(q_rows, kv_rows, source)
+    sd = {p + f"{name}.weight": _scaled(getattr(attn, name).weight, rows=r, cols=kh) for name, r in rows.items()}
+    sd[p + "o_proj.weight"] = _scaled(
+        attn.o_proj.weight, rows=kh, cols=q_rows, row_scale=out_scale, col_scale=head_scale
+    )
+    for name in adapter.head_norms:
+        sd[p + f"{name}.weight"] = getattr(attn, name).weight.detach().clone()
     return sd | _folded_biases(attn, p, rows, "o_proj", kh, out_scale)
 
 
-def _folded_mlp(mlp, p: str, neurons, neuron_gates, kh, out_scale) -> dict[str, torch.Tensor]:
-    """The kept neurons' gate / up rows; down_proj's input columns scaled by their gates."""
-    sd = {
-        p + "gate_proj.weight": _scaled(mlp.gate_proj.weight, rows=neurons, cols=kh),
-        p + "up_proj.weight": _scaled(mlp.up_proj.weight, rows=neurons, cols=kh),
-        p + "down_proj.weight": _scaled(
-            mlp.down_proj.weight, rows=kh, cols=neurons, row_scale=out_scale, col_scale=neuron_gates[neurons]
-        ),
-    }
-    rows = {"gate_proj": neurons, "up_proj": neurons}
+def _folded_mlp(mlp, p: str, units: dict, lay: dict, out_scale, adapter) -> dict[str, torch.Tensor]:
+    """The kept neurons' input rows (gate / up, or the fused gate_up); down_proj's input columns scaled by their
+    gates."""
+    kh, neurons = lay["kept_hidden"], units["neurons"]
+    gates = lay["intermediate"][units["layer"]][neurons]
+    rows = adapter.mlp_in_rows(neurons, lay["source"])
+    sd = {p + f"{name}.weight": _scaled(getattr(mlp, name).weight, rows=r, cols=kh) for name, r in rows.items()}
+    sd[p + "down_proj.weight"] = _scaled(
+        mlp.down_proj.weight, rows=kh, cols=neurons, row_scale=out_scale, col_scale=gates
+    )
     return sd | _folded_biases(mlp, p, rows, "down_proj", kh, out_scale)
 
 
@@ -254,27 +286,29 @@ def _folded_biases(module, p: str, in_rows: dict, out_name: str, kh, out_scale) 
     return sd
 
 
-def _build(cls, config, state: dict, device) -> nn.Module:
-    """Instantiate `cls(config)` without initialising weights (meta device), then take `state` as its tensors."""
+def _build(source: nn.Module, config, state: dict, device, adapter) -> nn.Module:
+    """Instantiate the source's class with `config` without initialising weights (meta device), then take `state` as
+    its tensors; non-persistent buffers (rotary inv_freq) copied from the source's module of the same name (they
+    depend on head_dim and the rope settings, which folding keeps), shape-dependent ones set by the family."""
+    cls = type(source)
     with torch.device("meta"):
         new = cls(config)
     missing = set(new.state_dict()) - set(state)
     extra = set(state) - set(new.state_dict())
     if missing or extra:
         raise ValueError(
-            f"cannot fold a {cls.__name__}: weights missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(extra)[:5]} (only LLaMA-style models are supported)"
+            f"cannot fold a {cls.__name__}: weights missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}"
         )
     new.load_state_dict(state, strict=True, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         new.tie_weights()
-    # non-persistent buffers (rotary inv_freq) are not in the state dict: rebuild those modules on the real device
+    adapter.fix_buffers(new, config)
     for name, module in list(new.named_modules()):
         if any(b.is_meta for b in module.buffers(recurse=False)):
             if not hasattr(module, "rope_init_fn") and "rotary" not in type(module).__name__.lower():
                 raise ValueError(f"cannot rebuild buffers of {name} ({type(module).__name__})")
             parent, _, attr = name.rpartition(".")
-            rebuilt = type(module)(config=config, device=device)
+            rebuilt = copy.deepcopy(source.get_submodule(name)).to(device)
             setattr(new.get_submodule(parent) if parent else new, attr, rebuilt)
     leftover = [n for n, t in list(new.named_parameters()) + list(new.named_buffers()) if t.is_meta]
     if leftover:

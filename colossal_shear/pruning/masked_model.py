@@ -1,14 +1,17 @@
-"""Masked forward of a standard Hugging Face LLaMA-style model through hooks (no forked modelling file).
+"""Masked forward of a standard Hugging Face decoder (any family of `colossal_shear.models`) through hooks (no forked
+modelling file). What differs between families (norm formula, sandwich norms) comes from the family's adapter.
 
 Semantics (Sheared-LLaMA), for gates z from `PruningMasks` (any subset of the five kinds; a missing kind = all ones):
-  * hidden z multiplies the embedding output and the outputs of every o_proj and down_proj (all residual
-    contributions), so the residual stream is exactly 0 on pruned channels (and scaled on partly kept ones);
-  * every RMSNorm (input_layernorm, post_attention_layernorm, the final norm) computes its mean square over the kept
-    channels only (hidden z > 0), so a binary hidden mask folds exactly into a smaller model;
+  * hidden z multiplies the embedding output and every residual contribution (the outputs of o_proj and down_proj,
+    or of the sandwich norms after them: Gemma 2/3), so the residual stream is exactly 0 on pruned channels (and
+    scaled on partly kept ones);
+  * every norm over the hidden channels (input_layernorm, post_attention_layernorm or the sandwich norms, the final
+    norm) computes its mean square over the kept channels only (hidden z > 0) and its output by the family's
+    formula (w * x_hat, Gemma (1 + w) * x_hat), so a binary hidden mask folds exactly into a smaller model;
   * the effective head gate (head z * its group's z) multiplies each query head's attention context at the input of
     o_proj;
   * intermediate z multiplies the input of down_proj (the MLP's act(gate) * up product);
-  * layer z multiplies the outputs of o_proj and down_proj: z = 0 turns the whole block into the identity.
+  * layer z multiplies the residual contributions: z = 0 turns the whole block into the identity.
 Gates are cast to the activation dtype. Gradients flow to whatever the gates were computed from (log_alpha).
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from colossal_shear.models.registry import adapter_for
 from colossal_shear.pruning.masks import effective_heads
 from colossal_shear.pruning.shape import PruneShape, head_dim_of
 
@@ -36,12 +40,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
-    """The decoder stack (`LlamaModel`) of a `LlamaForCausalLM` or of itself."""
-    base = model.model if hasattr(model, "model") and hasattr(model.model, "layers") else model
-    for name in ("embed_tokens", "layers", "norm"):
-        if not hasattr(base, name):
-            raise TypeError(f"{type(model).__name__}: not a LLaMA-style decoder (no .{name})")
-    return base
+    """The decoder stack (`LlamaModel`, ...) of a causal LM of a supported family, or the stack itself."""
+    return adapter_for(model.config).decoder(model)
 
 
 class MaskedModel:
@@ -58,6 +58,7 @@ class MaskedModel:
         self.masks_fn = masks_fn
         self.base = decoder_of(self.model)
         self.config = self.model.config
+        self.adapter = adapter_for(self.config)
         self.source = PruneShape.from_config(self.config)
         self.head_dim = head_dim_of(self.config)
         self.z: dict | None = None  # the gates of the current (last) forward
@@ -78,11 +79,11 @@ class MaskedModel:
         for i, layer in enumerate(self.base.layers):
             attn, mlp = layer.self_attn, layer.mlp
             h.append(attn.o_proj.register_forward_pre_hook(self._head_in(i)))
-            h.append(attn.o_proj.register_forward_hook(self._residual_out(i)))
             h.append(mlp.down_proj.register_forward_pre_hook(self._neuron_in(i)))
-            h.append(mlp.down_proj.register_forward_hook(self._residual_out(i)))
-            h.append(layer.input_layernorm.register_forward_hook(self._norm))
-            h.append(layer.post_attention_layernorm.register_forward_hook(self._norm))
+            for norm in self.adapter.hidden_norms(layer):  # before the residual scale: a sandwich norm is both
+                h.append(norm.register_forward_hook(self._norm))
+            for module in self.adapter.residual_outputs(layer):
+                h.append(module.register_forward_hook(self._residual_out(i)))
         h.append(self.base.norm.register_forward_hook(self._norm))
         return self
 
@@ -118,7 +119,8 @@ class MaskedModel:
             if kept == 0:
                 raise ValueError("the hidden mask keeps no channel")
             out["hidden"] = hidden
-            out["norm_ratio"] = s.hidden / kept if kept != s.hidden else None
+            out["norm_keep"] = (hidden > 0).to(torch.float32) if kept != s.hidden else None
+            out["norm_kept"] = kept
         if layer is not None and tuple(layer.shape) != (s.layers,):
             raise ValueError(f"layer mask shape {tuple(layer.shape)} != ({s.layers},)")
         if hidden is not None and layer is not None:
@@ -178,11 +180,12 @@ class MaskedModel:
         return hook
 
     def _norm(self, module, args, output):
-        ratio = self._prepared.get("norm_ratio")
-        if ratio is None:  # every channel kept: the module's own output is already right
+        keep = self._prepared.get("norm_keep")
+        if keep is None:  # every channel kept: the module's own output is already right
             return None
         x = args[0]
         h = x.to(torch.float32)
-        variance = h.pow(2).mean(-1, keepdim=True) * ratio  # = sum over kept channels / k (pruned ones are 0)
+        # the mean square over the kept channels only (a sandwich norm's input is not 0 on the pruned ones)
+        variance = (h.pow(2) * keep.to(h.device)).sum(-1, keepdim=True) / self._prepared["norm_kept"]
         eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
-        return module.weight * (h * torch.rsqrt(variance + eps)).to(x.dtype)
+        return self.adapter.norm_output(module, h * torch.rsqrt(variance + eps), x)

@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from colossal_shear.models.registry import adapter_for
 from colossal_shear.pruning.hard_concrete import HardConcrete
-from colossal_shear.pruning.shape import PruneShape, head_dim_of
+from colossal_shear.pruning.shape import PruneError, PruneShape, head_dim_of
 
 KINDS = ("hidden", "layer", "group", "head", "intermediate")
 SHAPE_KEYS = ("hidden", "layers", "heads", "kv_heads", "intermediate")
@@ -67,18 +68,45 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return keep.scatter_(-1, order, True)
 
 
+def _top_layers(scores: torch.Tensor, k: int, pattern: tuple[list[str], list[str]] | None) -> torch.Tensor:
+    """The k highest-scoring layers; with a layer-type `pattern` (source types, target types), the highest total
+    score among the choices whose i-th kept layer has the target's i-th type (dynamic programming over layers)."""
+    if pattern is None:
+        return _top(scores, k)
+    source_types, target_types = pattern
+    s = scores.detach().double().cpu().tolist()
+    n, neg = len(source_types), float("-inf")
+    best = [[0.0] * (n + 1)] + [[neg] * (n + 1) for _ in target_types]  # best[j][i]: j kept among the first i
+    for j, wanted in enumerate(target_types, 1):
+        for i in range(1, n + 1):
+            take = best[j - 1][i - 1] + s[i - 1] if source_types[i - 1] == wanted else neg
+            best[j][i] = max(best[j][i - 1], take)
+    if best[k][n] == neg:
+        raise PruneError(f"no {k} of the layers {source_types} keep the layer types {target_types}")
+    keep, i = torch.zeros(n, dtype=torch.bool, device=scores.device), n
+    for j in range(k, 0, -1):
+        while best[j][i] == best[j][i - 1]:  # layer i-1 not needed for this optimum
+            i -= 1
+        keep[i - 1] = True
+        i -= 1
+    return keep
+
+
 def select(
     source: PruneShape,
     target: PruneShape,
     scores: dict,
     values: dict | None = None,
     device: torch.device | str | None = None,
+    layer_pattern: tuple[list[str], list[str]] | None = None,
 ) -> dict:
     """Masks with exactly the target counts, chosen by `scores` (higher = keep).
 
     Keeps the top `layers` layers; in every layer the top `kv_heads` groups, then the top heads // kv_heads query
     heads inside each kept group (the same number per group: a valid GQA layout); the top `intermediate` neurons per
-    layer; the top `hidden` channels. `scores[kind]` is needed only for the kinds the target shrinks. Kept entries get
+    layer; the top `hidden` channels. With a `layer_pattern` (`FamilyAdapter.layer_pattern`: alternating sliding /
+    global layers), the kept layers keep their types at their new positions. `scores[kind]` is needed only for the
+    kinds the target shrinks. Kept entries get
     `values[kind]` (default 1.0), pruned ones 0. Returns fp32 tensors for all five kinds.
     """
     target.validate_against(source)
@@ -98,7 +126,9 @@ def select(
 
     all_ = lambda kind: torch.ones(shapes[kind], dtype=torch.bool, device=device)  # noqa: E731
     keep["hidden"] = _top(need("hidden"), target.hidden) if target.hidden < source.hidden else all_("hidden")
-    keep["layer"] = _top(need("layer"), target.layers) if target.layers < source.layers else all_("layer")
+    keep["layer"] = (
+        _top_layers(need("layer"), target.layers, layer_pattern) if target.layers < source.layers else all_("layer")
+    )
     keep["group"] = _top(need("group"), target.kv_heads) if target.kv_heads < source.kv_heads else all_("group")
     ratio, t_ratio = source.heads // source.kv_heads, target.heads // target.kv_heads
     if t_ratio < ratio:
@@ -142,6 +172,7 @@ class PruningMasks(nn.Module):
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.min_kept_value = float(min_kept_value)
         self.pruned = pruned_kinds(self.source, target)
+        self.layer_pattern = adapter_for(config).layer_pattern(target.layers)
         g = torch.Generator().manual_seed(seed)  # the same initial log_alpha on every rank
         shapes = kind_shapes(self.source)
         self.gates = nn.ModuleDict(
@@ -234,7 +265,7 @@ class PruningMasks(nn.Module):
         scores = {k: self.gates[k].log_alpha.detach().float() for k in self.pruned}
         det = self.deterministic()
         values = {k: det[k].clamp(min=self.min_kept_value) for k in ("layer", "group", "head", "intermediate")}
-        return select(self.source, self.target, scores, values, device=self.device)
+        return select(self.source, self.target, scores, values, self.device, self.layer_pattern)
 
 
 def _sizes(shape: PruneShape) -> dict[str, float]:

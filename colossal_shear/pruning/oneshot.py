@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from colossal_shear.core.constants import DTYPES
+from colossal_shear.models.registry import adapter_for
 from colossal_shear.pruning.config import METHODS, OneShotConfig
 from colossal_shear.pruning.masked_model import decoder_of, unwrap
 from colossal_shear.pruning.masks import kind_shapes, select
@@ -65,9 +66,9 @@ class _Stats:
 class _ImportanceHooks:
     """Forward hooks on a decoder's layers that accumulate the calibration statistics of every kind."""
 
-    def __init__(self, s: PruneShape, hd: int, device):
-        self.s, self.hd = s, hd
-        self.norm_stats = [[_Stats(), _Stats()] for _ in range(s.layers)]
+    def __init__(self, s: PruneShape, hd: int, device, adapter):
+        self.s, self.hd, self.adapter = s, hd, adapter
+        self.norm_stats = [[_Stats() for _ in adapter.pre_norms] for _ in range(s.layers)]
         self.head_stats = [_Stats() for _ in range(s.layers)]
         self.neuron_stats = [_Stats() for _ in range(s.layers)]
         self.cos_sum = torch.zeros(s.layers, dtype=torch.float64, device=device)
@@ -78,10 +79,8 @@ class _ImportanceHooks:
     def register(self, layers, want_width: bool, want_depth: bool) -> None:
         for i, layer in enumerate(layers):
             if want_width:
-                self.handles.append(layer.input_layernorm.register_forward_hook(self._abs_out(self.norm_stats[i][0])))
-                self.handles.append(
-                    layer.post_attention_layernorm.register_forward_hook(self._abs_out(self.norm_stats[i][1]))
-                )
+                for norm, stats in zip(self.adapter.scored_norms(layer), self.norm_stats[i]):
+                    self.handles.append(norm.register_forward_hook(self._abs_out(stats)))
                 self.handles.append(layer.self_attn.o_proj.register_forward_pre_hook(self._head_norms(i)))
                 self.handles.append(layer.mlp.down_proj.register_forward_pre_hook(self._abs_in(self.neuron_stats[i])))
             if want_depth:
@@ -132,7 +131,8 @@ def collect_importance(model: nn.Module, batches, want_width: bool = True, want_
     model = unwrap(model)
     base = decoder_of(model)
     device = base.embed_tokens.weight.device
-    hooks = _ImportanceHooks(PruneShape.from_config(model.config), head_dim_of(model.config), device)
+    config = model.config
+    hooks = _ImportanceHooks(PruneShape.from_config(config), head_dim_of(config), device, adapter_for(config))
     try:
         hooks.register(base.layers, want_width, want_depth)
         _run_calibration(model, base, batches, device, hooks)
@@ -167,7 +167,7 @@ def importance_masks(model: nn.Module, batches, target: PruneShape) -> dict:
     target.validate_against(source)
     scores = collect_importance(model, batches, want_width=True, want_depth=target.layers < source.layers)
     scores["group"] = group_scores(scores["head"], source)
-    return select(source, target, scores)
+    return select(source, target, scores, layer_pattern=adapter_for(model.config).layer_pattern(target.layers))
 
 
 def depth_masks(model: nn.Module, batches, target: PruneShape | None, layers: list[int] | None = None) -> dict:
@@ -187,22 +187,35 @@ def depth_masks(model: nn.Module, batches, target: PruneShape | None, layers: li
             f"({target.describe()} vs {source.describe()}): use the importance method for width"
         )
     device = decoder_of(model).embed_tokens.weight.device
+    pattern = adapter_for(model.config).layer_pattern(target.layers)
     if layers is not None:
-        keep = sorted(set(int(i) for i in layers))
-        bad = [i for i in keep if not 0 <= i < source.layers]
-        if bad:
-            raise PruneError(f"layers to keep {bad} are out of range 0..{source.layers - 1}")
-        if len(keep) != len(layers):
-            raise PruneError(f"layers to keep {layers} contain duplicates")
-        if len(keep) != target.layers:
-            raise PruneError(f"{len(keep)} layers to keep, but the target has {target.layers} layers")
-        score = torch.zeros(source.layers, device=device)
-        score[keep] = 1.0
+        score = _keep_scores(layers, source, target, pattern).to(device)
     else:
         if batches is None:
             raise PruneError("depth pruning by block influence needs calibration batches (or a list of layers)")
         score = collect_importance(model, batches, want_width=False, want_depth=True)["layer"]
-    return select(source, target, {"layer": score}, device=device)
+    return select(source, target, {"layer": score}, device=device, layer_pattern=pattern)
+
+
+def _keep_scores(layers: list[int], source: PruneShape, target: PruneShape, pattern) -> torch.Tensor:
+    """Scores that keep exactly `layers` (checked: in range, no duplicates, the target's count, and, where layer
+    types alternate, each layer's type the one of its new position)."""
+    keep = sorted(set(int(i) for i in layers))
+    bad = [i for i in keep if not 0 <= i < source.layers]
+    if bad:
+        raise PruneError(f"layers to keep {bad} are out of range 0..{source.layers - 1}")
+    if len(keep) != len(layers):
+        raise PruneError(f"layers to keep {layers} contain duplicates")
+    if len(keep) != target.layers:
+        raise PruneError(f"{len(keep)} layers to keep, but the target has {target.layers} layers")
+    if pattern is not None and [pattern[0][i] for i in keep] != pattern[1]:
+        raise PruneError(
+            f"layers to keep {keep}: their attention types {[pattern[0][i] for i in keep]} differ from the types "
+            f"a {len(keep)}-layer model gives its positions {pattern[1]}"
+        )
+    score = torch.zeros(source.layers)
+    score[keep] = 1.0
+    return score
 
 
 def random_masks(config, target: PruneShape, seed: int = 0) -> dict:
@@ -210,7 +223,7 @@ def random_masks(config, target: PruneShape, seed: int = 0) -> dict:
     source = PruneShape.from_config(config)
     g = torch.Generator().manual_seed(int(seed))
     scores = {k: torch.rand(shape, generator=g) for k, shape in kind_shapes(source).items()}
-    return select(source, target, scores)
+    return select(source, target, scores, layer_pattern=adapter_for(config).layer_pattern(target.layers))
 
 
 # ---------------------------------------------------------------------------------------------- calibration data
@@ -336,9 +349,7 @@ def _source_and_target(cfg: OneShotConfig, src_dir: Path):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(src_dir, trust_remote_code=False)
-    for name in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size"):
-        if not hasattr(config, name):
-            raise PruneError(f"{src_dir}: model type {config.model_type!r} is not LLaMA-style (no {name})")
+    adapter_for(config, f"--pretrained {src_dir}")  # an unsupported family: one line, before any calibration pass
     source = PruneShape.from_config(config)
     if cfg.target_shape:
         target = PruneShape.parse(cfg.target_shape, config)
@@ -360,7 +371,7 @@ def _source_and_target(cfg: OneShotConfig, src_dir: Path):
 
 
 def _load_model(cfg: OneShotConfig, src_dir: Path) -> nn.Module:
-    """The source model on --device (default: cuda when available), in eval mode; a LLaMA-style decoder."""
+    """The source model on --device (default: cuda when available), in eval mode; a decoder of a supported family."""
     from transformers import AutoModelForCausalLM
 
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -368,10 +379,7 @@ def _load_model(cfg: OneShotConfig, src_dir: Path) -> nn.Module:
     model = AutoModelForCausalLM.from_pretrained(
         src_dir, torch_dtype=dtype, use_safetensors=True, trust_remote_code=False
     ).to(device)
-    try:
-        decoder_of(model)
-    except TypeError as e:
-        raise PruneError(str(e)) from None
+    decoder_of(model)  # ModelFamilyError (one line) when the stack is not where the family keeps it
     return model.eval()
 
 

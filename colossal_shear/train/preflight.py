@@ -9,6 +9,7 @@ from pathlib import Path
 
 from colossal_shear.core.errors import TrainingError
 from colossal_shear.data.prepared import PreparedData, open_prepared
+from colossal_shear.models.registry import adapter_for
 from colossal_shear.train.config import TrainConfig
 from colossal_shear.train.distributed.plugins import check_parallel_config
 from colossal_shear.train.io import checkpoint as ckpt
@@ -41,6 +42,7 @@ def preflight(cfg: TrainConfig) -> Inputs:
     if not (Path(model_path) / "config.json").is_file():
         raise TrainingError(f"--pretrained {model_path}: no config.json (not a Hugging Face model directory)")
     model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=model.trust_remote_code)
+    adapter_for(model_config, f"--pretrained {model_path}")  # an unsupported family: one line, before anything runs
     check_parallel_config(cfg.parallel, world_size=int(os.environ.get("WORLD_SIZE", 1)), model_config=model_config)
     attention_implementation(cfg)  # refuses flash/flex where they cannot run, before any process group work
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=model.trust_remote_code)

@@ -42,6 +42,7 @@ import torch
 
 from colossal_shear.core.errors import VocabError
 from colossal_shear.core.logger import PROGRESS, get_logger
+from colossal_shear.models.registry import adapter_for
 from colossal_shear.vocab.corpus import check_readable, iter_corpus
 
 BUCKETS = ("1", "2", "3", "4+")  # number of sub-tokens of a new piece
@@ -209,18 +210,19 @@ def _split_document(doc: list[int], seq_len: int, budget: int) -> list[list[int]
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _decoder(model):
-    base = getattr(model, model.base_model_prefix, None)
-    if base is None:
-        raise CalibrationError(f"{type(model).__name__}: no base model to read hidden states from")
-    return base
-
-
-def check_supported(model) -> None:
-    """The fit assumes logits = final-norm hidden state · row (no bias, no soft-capping, no logit scale)."""
-    cfg = model.config
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", 1.0) not in (None, 1.0):
-        raise CalibrationError(f"--init calibrated: {cfg.model_type} scales or soft-caps its logits; not supported")
+def check_supported(model) -> str | None:
+    """The fit assumes logits = final-norm hidden state · row: a supported family (its adapter; an embedding scale
+    needs nothing here, since the hidden states come from the model's own forward). A family that soft-caps its
+    logits (Gemma 2: cap·tanh(z / cap)) is fitted on z, the logits before the cap, which the cap leaves nearly
+    unchanged where |z| ≪ cap; returns that note (old rows and old-token logits stay identical either way)."""
+    adapter = adapter_for(model.config, "--init calibrated")
+    cap = adapter.logit_softcap()
+    if cap:
+        return (
+            f"{adapter.family} soft-caps its logits at {cap:g}: the new rows are fitted to the logits before the "
+            "cap (cap·tanh(z/cap) ≈ z where |z| ≪ cap)"
+        )
+    return None
 
 
 @torch.no_grad()
@@ -233,7 +235,7 @@ def hidden_states(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(H, y, seq): final-norm hidden states (P x d, float32) at every position that has a next token, the next
     tokens (P) and each position's window index (P). Windows are batched by length, right-padded."""
-    base = _decoder(model)
+    base = adapter_for(model.config).decoder(model)
     order = sorted(range(len(windows)), key=lambda i: (-len(windows[i]), i))
     hs: list[torch.Tensor] = []
     ys: list[torch.Tensor] = []
@@ -736,7 +738,9 @@ def calibrate_new_rows(
 
 def _prepare(model, tokenizer, plan, src_out, src_in, cfg: CalibrationConfig) -> _Run:
     """Check the model and the text, cut the text into windows and build the feature rows (nothing is written)."""
-    check_supported(model)
+    note = check_supported(model)
+    if note and cfg.progress is not None:
+        cfg.progress(f"calibration: {note}")
     if len(plan.new_ids) == 0:
         raise CalibrationError("--init calibrated: the target tokenizer adds no new tokens")
     device = device_for_calibration()

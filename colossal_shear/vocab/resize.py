@@ -27,6 +27,7 @@ import torch
 from colossal_shear.core.constants import DTYPES, ID_MAP_FILE
 from colossal_shear.core.fsutil import atomic_dir, check_target, copy_tokenizer_files
 from colossal_shear.core.logger import get_logger
+from colossal_shear.models.registry import adapter_for
 from colossal_shear.vocab.config import INITS, ResizeConfig, ResizeError
 from colossal_shear.vocab.id_map import read_id_map
 
@@ -314,7 +315,9 @@ def resize_model(cfg: ResizeConfig) -> ResizeReport:
     src_tok = _load_tokenizer(src, "source")
     tgt_tok = _load_tokenizer(tgt_tok_dir, "target tokenizer")
     notes: list[str] = []
-    src_dtype, out_dtype = _plan_dtypes(cfg, src, AutoConfig.from_pretrained(src), notes)
+    config = AutoConfig.from_pretrained(src)
+    adapter_for(config, str(src))  # an unsupported family: one line, before the model is loaded
+    src_dtype, out_dtype = _plan_dtypes(cfg, src, config, notes)
     model, tied = _load_model(src, src_dtype)
     source_rows = model.get_input_embeddings().weight.shape[0]
     plan = _plan_rows(cfg, src_tok, tgt_tok, tgt_tok_dir, source_rows)
@@ -448,8 +451,11 @@ def _calibrate_if_asked(model, tgt_tok, plan, src_in, src_out, cfg: ResizeConfig
     """`--init calibrated`: the new rows fitted on the calibration text; returns the CalibrationReport's fields."""
     if cfg.init != "calibrated":
         return None
-    from colossal_shear.vocab.calibration import calibrate_new_rows
+    from colossal_shear.vocab.calibration import calibrate_new_rows, check_supported
 
+    note = check_supported(model)
+    if note:
+        notes.append(note)
     calibration = calibrate_new_rows(model, tgt_tok, plan, src_out, cfg.calibration(), tied, src_in).__dict__
     notes.append(
         "tied: the calibrated rows are shared by the input embeddings and the LM head "
