@@ -163,3 +163,37 @@ def test_train_py_refuses_3d_for_gemma_before_the_process_group(family_model, da
     assert len(errors) == 1 and "cannot shard a GemmaForCausalLM" in errors[0], proc.stderr[-3000:]
     assert "zero2" in errors[0] and "Traceback" not in proc.stderr
     assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.fixture(scope="module")
+def expanded_tokenizer(tokenizer_dir, tmp_path_factory):
+    """The bundled tokenizer (every tiny family shares it) expanded with Chinese words by init_tokenizer."""
+    from conftest import ZH_WORDS
+
+    from colossal_shear.vocab import TokenizerConfig, init_tokenizer
+
+    work = tmp_path_factory.mktemp("family-vocab")
+    words = work / "zh_words.jsonl"
+    words.write_text("".join(json.dumps({"piece": w}, ensure_ascii=False) + "\n" for w in ZH_WORDS), encoding="utf-8")
+    init_tokenizer(
+        TokenizerConfig(tokenizer_dir, work / "tok", expand_tokens_file=words, num_workers=1, progress=False)
+    )
+    return work / "tok"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vocab_resize_keeps_old_token_logits(family, family_model, expanded_tokenizer, tmp_path):
+    """init_tokenizer + resize (`--init subtoken_mean`, the default) per family: old-token logits bit-identical,
+    the new rows present, the family (model_type, tying) kept."""
+    from colossal_shear.vocab.resize import ResizeConfig, resize_model
+
+    src = family_model(family)
+    resize_model(ResizeConfig(src, expanded_tokenizer, tmp_path / "out", progress=False))
+    a = AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32).eval()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "out", torch_dtype=torch.float32).eval()
+    rows = a.get_output_embeddings().weight.shape[0]
+    assert b.config.model_type == a.config.model_type and b.config.tie_word_embeddings == a.config.tie_word_embeddings
+    assert b.get_output_embeddings().weight.shape[0] > rows
+    ids = torch.randint(3, rows, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits[..., :rows])
