@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -92,6 +93,7 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default="importance,random")
     p.add_argument("--target_shape", default="512,4,18,1536,1", help="hidden,heads,layers,intermediate,kv_heads")
     p.add_argument("--prune_steps", type=int, default=4, help="train.py --stage prune steps (0: skip)")
+    p.add_argument("--calibration_samples", type=int, default=32, help="importance: sequences of 128 tokens")
     p.add_argument("--work", type=Path, default=None, help="work directory (default: the asset cache)")
     a = p.parse_args(argv)
     started = time.perf_counter()
@@ -121,7 +123,79 @@ def main(argv=None) -> int:
 
 
 def prune_part(a, work: Path) -> list[dict]:
-    raise SystemExit("--part prune: see below")
+    """prune.py's library path (masks of exactly the target, folded) per method, masked vs folded vs the reloaded
+    export on held-out text; then a short `train.py --stage prune` exported and reloaded."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from colossal_shear.pruning.fold import fold, save_folded
+    from colossal_shear.pruning.masked_model import MaskedModel
+    from colossal_shear.pruning.oneshot import calibration_batches, importance_masks, random_masks
+    from colossal_shear.pruning.shape import PruneShape
+
+    src = assets_fetch.gemma3_dir()
+    tok = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32).eval()
+    target = PruneShape.parse(a.target_shape, model.config)
+    data = splits(work, a.held_out_lines, a.english_records)
+    ids = tok([data["held_zh"][0], data["held_en"][0][:400]], return_tensors="pt", padding=True)["input_ids"]
+    rows = []
+    for method in a.methods.split(","):
+        t0 = time.perf_counter()
+        if method == "importance":
+            z = importance_masks(model, calibration_batches(tok, None, a.calibration_samples, 128, 4), target)
+        else:
+            z = random_masks(model.config, target, seed=0)
+        with MaskedModel(model, lambda z=z: z), torch.no_grad():
+            masked = model(ids).logits
+        out = save_folded(model, z, work / f"pruned-{method}", tokenizer_dir=src, overwrite=True)
+        small = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+        with torch.no_grad():
+            diff = float((small(ids).logits - masked).abs().max())
+            direct = float((fold(model, z, target)(ids).logits - masked).abs().max())
+        rows.append(_pruned_row(f"`prune.py --method {method}`", small, max(diff, direct), time.perf_counter() - t0))
+        log(f"{method}: {rows[-1]}")
+    if a.prune_steps:
+        rows.append(prune_stage(a, work, src))
+    return rows
+
+
+def _pruned_row(run: str, small, diff, seconds) -> dict:
+    c = small.config
+    shape = (
+        f"{c.hidden_size},{c.num_attention_heads},{c.num_hidden_layers},{c.intermediate_size},{c.num_key_value_heads}"
+    )
+    params = sum(p.numel() for p in small.parameters())
+    return {"run": run, "shape": f"{shape} ({c.model_type})", "params": params, "diff": diff, "seconds": seconds}
+
+
+def prune_stage(a, work: Path, src: Path) -> dict:
+    """`train.py --stage prune` for `--prune_steps` steps (one process, ddp, fp32) on the bundled corpus prepared
+    with Gemma 3's tokenizer, exported; the export reloads as gemma3_text of the target shape. Masked == folded of
+    the stage's export is tests/test_families.py's (tiny models): here its nats/char are reported instead."""
+    from transformers import AutoModelForCausalLM
+
+    from colossal_shear.bundled import corpus_files
+    from colossal_shear.data import PrepareConfig, prepare_dataset
+
+    prepared = work / "prune-data"
+    if not (prepared / "manifest.json").exists():
+        files = [str(p) for p in corpus_files()]
+        prepare_dataset(PrepareConfig(files, str(src), str(prepared), max_length=64, num_proc=1, progress=False))
+    out = work / "prune-stage-export"
+    t0 = time.perf_counter()
+    cmd = [sys.executable, str(ROOT / "train.py"), "--stage", "prune", "--pretrained", str(src), "--dataset"]
+    cmd += [str(prepared), "--target_shape", a.target_shape, "--plugin", "ddp", "--mixed_precision", "fp32"]
+    cmd += ["--batch_size", "1", "--max_steps", str(a.prune_steps), "--lagrangian_warmup_steps", "1"]
+    cmd += ["--save_interval", "0", "--export_dir", str(out), "--overwrite", "--log_interval", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"prune stage failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    small = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    data = splits(work, a.held_out_lines, a.english_records)
+    row = _pruned_row(f"`train.py --stage prune`, {a.prune_steps} steps", small, float("nan"), time.perf_counter() - t0)
+    row["zh"] = Evaluator()(out, data["held_zh"], "zh")
+    log(f"prune stage: {row}")
+    return row
 
 
 if __name__ == "__main__":
