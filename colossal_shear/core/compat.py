@@ -306,6 +306,53 @@ def strict_shapes() -> bool:
         "colossalai.checkpoint_io.general_checkpoint_io",
         "colossalai.checkpoint_io.hybrid_parallel_checkpoint_io",
     )
+
+def qwen2_padded_head() -> bool:
+    """3d with a Qwen2 model: the embedding is padded to a multiple of 64·tp rows (VocabParallelEmbedding1D, or
+    PaddingEmbedding for a tied head without tp), but Qwen2's policy keeps the LM head a plain Linear1D_Col / Linear
+    that knows nothing of padding. A tied head then shares the padded weight and its padding rows (zeros) enter the
+    softmax: the loss is not the model's (0.02-0.045 off on a tiny model), and an untied head whose vocabulary tp
+    does not divide cannot be split. Give Qwen2 the head Llama's and Mistral's policies give theirs:
+    VocabParallelLMHead1D under tp (its output drops the padding columns), PaddingLMHead otherwise."""
+    from colossalai.shardformer.layer import PaddingLMHead, VocabParallelLMHead1D
+    from colossalai.shardformer.policies.base_policy import ModulePolicyDescription, SubModuleReplacementDescription
+    from colossalai.shardformer.policies.qwen2 import Qwen2ForCausalLM, Qwen2ForCausalLMPolicy
+
+    original = Qwen2ForCausalLMPolicy.module_policy
+    if getattr(original, "_colossal_shear", False):
+        return False
+
+    def module_policy(self):
+        policy = original(self)
+        shard = self.shard_config
+        if self.pipeline_stage_manager is not None and self.pipeline_stage_manager.use_zbv:
+            return policy  # zero-bubble pipelines keep their own head (LinearWithGradAccum)
+        if shard.enable_tensor_parallelism:
+            head = SubModuleReplacementDescription(
+                suffix="lm_head",
+                target_module=VocabParallelLMHead1D,
+                kwargs={
+                    "gather_output": not shard.parallel_output,
+                    "make_vocab_size_divisible_by": shard.make_vocab_size_divisible_by,
+                    "fp8_communication": shard.fp8_communication,
+                },
+            )
+        else:
+            head = SubModuleReplacementDescription(
+                suffix="lm_head",
+                target_module=PaddingLMHead,
+                kwargs={"make_vocab_size_divisible_by": shard.make_vocab_size_divisible_by},
+            )
+        entry = policy.get(Qwen2ForCausalLM)
+        if entry is None:
+            policy[Qwen2ForCausalLM] = ModulePolicyDescription(sub_module_replacement=[head])
+        else:
+            kept = [d for d in (entry.sub_module_replacement or []) if d.suffix != "lm_head"]
+            entry.sub_module_replacement = [*kept, head]
+        return policy
+
+    module_policy._colossal_shear = True
+    Qwen2ForCausalLMPolicy.module_policy = module_policy
     return True
 
 

@@ -62,6 +62,15 @@ def resolve(choice: str, device_type: str, plugin: str, flash_installed: bool | 
     return choice
 
 
+def hf_name(implementation: str, config) -> str:
+    """The `attn_implementation` transformers gets for ours. transformers' sdpa path drops attention-score
+    soft-capping (Gemma 2's attn_logit_softcapping) without a word: such a model gets eager attention, which takes
+    the same dense block-causal mask (flex and flash apply the capping themselves)."""
+    if implementation == "sdpa" and getattr(config, "attn_logit_softcapping", None):
+        return "eager"
+    return HF_NAMES[implementation]
+
+
 def block_mask(document_ids: torch.Tensor):
     """FlexAttention's BlockMask for packed rows: causal within a document, nothing across."""
     from torch.nn.attention.flex_attention import create_block_mask

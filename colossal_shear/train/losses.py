@@ -59,9 +59,24 @@ class _PrecomputedGradients(torch.autograd.Function):
         return (grad_h * grad_out.to(grad_h.dtype), grad_weight, *others)
 
 
+def logit_softcap(config) -> float | None:
+    """The final-logit soft-capping of a model config (Gemma 2: logits → c·tanh(logits / c)), or None."""
+    return getattr(config, "final_logit_softcapping", None) or None
+
+
+def _head_logits(h, weight, softcap):
+    """fp32 logits of a chunk through the head, soft-capped when `softcap`; with the capping's derivative
+    (1 - tanh², a buffer the chunk sizes count) or None."""
+    logits = (h @ weight.t()).float()
+    if not softcap:
+        return logits, None
+    tanh = logits.div_(softcap).tanh_()
+    return tanh * softcap, tanh.mul_(tanh).neg_().add_(1.0)
+
+
 class _ChunkedCrossEntropy(_PrecomputedGradients):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, denominator, chunk, with_grad):
+    def forward(ctx, hidden, weight, targets, denominator, chunk, with_grad, softcap=None):
         ctx.weight_dtype = weight.dtype
         grad_h = torch.empty_like(hidden) if with_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad else None
@@ -70,17 +85,19 @@ class _ChunkedCrossEntropy(_PrecomputedGradients):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]
             valid = t != IGNORE_INDEX
             safe = t.clamp(min=0)[:, None]
-            logits = (h @ weight.t()).float()
+            logits, capping = _head_logits(h, weight, softcap)
             lse = torch.logsumexp(logits, dim=-1)
             total += ((lse - logits.gather(1, safe).squeeze(1)) * valid).sum()
             if with_grad:  # d/dlogits = softmax - onehot, per valid token, over the denominator
                 probs = logits.sub_(lse[:, None]).exp_()
                 probs.scatter_add_(1, safe, -valid[:, None].to(probs.dtype))
                 probs.mul_((valid.to(probs.dtype) / denominator)[:, None])
+                if capping is not None:  # through c·tanh(z / c)
+                    probs.mul_(capping)
                 g = probs.to(hidden.dtype)
                 grad_h[start : start + chunk] = g @ weight
                 grad_w += (g.t() @ h).float()
-            del logits
+            del logits, capping
         if with_grad:
             ctx.save_for_backward(grad_h, grad_w)
         return total / denominator
@@ -92,11 +109,12 @@ def chunked_cross_entropy(
     labels: torch.Tensor,
     num_items_in_batch=None,
     chunk_tokens: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Hugging Face's causal-LM loss (labels shifted by one, -100 ignored, mean over labelled tokens or a sum over
     `num_items_in_batch`) of hidden [B, T, H] through a head weight [V, H], without [B·T, V] logits: chunks of
-    `chunk_tokens` tokens, by default as many as chunk_rows allows. No host synchronisation: the denominator stays
-    on the device."""
+    `chunk_tokens` tokens, by default as many as chunk_rows allows; logits soft-capped to ±`softcap` (Gemma 2's
+    final_logit_softcapping) when given. No host synchronisation: the denominator stays on the device."""
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     targets = labels[:, 1:].reshape(-1).to(hidden.device)
     if num_items_in_batch is not None:
@@ -104,26 +122,29 @@ def chunked_cross_entropy(
     else:
         denominator = (targets != IGNORE_INDEX).sum().clamp(min=1).float()
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    chunk = chunk_tokens or chunk_rows(weight, CE_FP32_BUFFERS)
-    return _ChunkedCrossEntropy.apply(hidden, weight, targets, denominator, chunk, with_grad)
+    chunk = chunk_tokens or chunk_rows(weight, CE_FP32_BUFFERS + (1 if softcap else 0))
+    return _ChunkedCrossEntropy.apply(hidden, weight, targets, denominator, chunk, with_grad, softcap)
 
 
 class _ChunkedKD(_PrecomputedGradients):
     @staticmethod
-    def forward(ctx, hidden, weight, t_hidden, t_weight, keep, denominator, temperature, chunk, with_grad):
+    def forward(ctx, hidden, weight, t_hidden, t_weight, keep, denominator, temperature, chunk, with_grad, caps):
         ctx.weight_dtype = weight.dtype
         grad_h = torch.empty_like(hidden) if with_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h, k = hidden[start : start + chunk], keep[start : start + chunk].to(torch.float32)
-            log_s = torch.log_softmax((h @ weight.t()).float() / temperature, dim=-1)
-            log_t = torch.log_softmax((t_hidden[start : start + chunk] @ t_weight.t()).float() / temperature, dim=-1)
+            s, capping = _head_logits(h, weight, caps[0])
+            log_s = torch.log_softmax(s.div_(temperature), dim=-1)
+            t_logits = _head_logits(t_hidden[start : start + chunk], t_weight, caps[1])[0]
+            log_t = torch.log_softmax(t_logits.div_(temperature), dim=-1)
             p_t = log_t.exp()
             total += ((p_t * (log_t - log_s)).sum(-1) * k).sum()
-            del log_t
-            if with_grad:  # d(T²·KL)/d(raw logits) = T · (softmax(s/T) - softmax(t/T))
-                g = log_s.exp_().sub_(p_t).mul_((k * temperature / denominator)[:, None]).to(hidden.dtype)
+            del log_t, t_logits, s
+            if with_grad:  # d(T²·KL)/d(logits) = T · (softmax(s/T) - softmax(t/T)), through the student's capping
+                g = log_s.exp_().sub_(p_t).mul_((k * temperature / denominator)[:, None])
+                g = (g if capping is None else g.mul_(capping)).to(hidden.dtype)
                 grad_h[start : start + chunk] = g @ weight
                 grad_w += (g.t() @ h).float()
             del log_s, p_t
@@ -140,9 +161,11 @@ def chunked_kd_loss(
     labels: torch.Tensor,
     temperature: float = 1.0,
     chunk_tokens: int | None = None,
+    softcaps: tuple[float | None, float | None] = (None, None),
 ) -> torch.Tensor:
     """`kd_loss` below (T²·KL(teacher ‖ student) per labelled token, after the causal shift)
-    from hidden states and head weights, without the student's or the teacher's full logits."""
+    from hidden states and head weights, without the student's or the teacher's full logits; `softcaps` are the
+    student's and the teacher's final-logit soft-capping (`logit_softcap`)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     if weight.shape[0] != teacher_weight.shape[0]:
@@ -163,8 +186,9 @@ def chunked_kd_loss(
         keep,
         denominator,
         float(temperature),
-        chunk_tokens or chunk_rows(weight, KD_FP32_BUFFERS),
+        chunk_tokens or chunk_rows(weight, KD_FP32_BUFFERS + sum(1 for c in softcaps if c)),
         with_grad,
+        tuple(softcaps),
     )
 
 
@@ -177,6 +201,7 @@ class ChunkedCausalLMOutput(CausalLMOutputWithPast):
 
     last_hidden_state: torch.Tensor | None = None
     lm_head_weight: torch.Tensor | None = None
+    logit_softcap: float | None = None
 
 
 def head_weight(model) -> torch.Tensor:
@@ -245,8 +270,8 @@ def _chunked_lm_output(model, inputs: dict, labels, chunk_tokens: int | None) ->
     num_items = inputs.pop("num_items_in_batch", None)
     inputs.pop("logits_to_keep", None)
     out = model.get_decoder()(**inputs)
-    hidden, weight = out.last_hidden_state, head_weight(model)
-    loss = chunked_cross_entropy(hidden, weight, labels, num_items, chunk_tokens)
+    hidden, weight, softcap = out.last_hidden_state, head_weight(model), logit_softcap(model.config)
+    loss = chunked_cross_entropy(hidden, weight, labels, num_items, chunk_tokens, softcap)
     return ChunkedCausalLMOutput(
         loss=loss,
         logits=None,
@@ -255,6 +280,7 @@ def _chunked_lm_output(model, inputs: dict, labels, chunk_tokens: int | None) ->
         attentions=out.attentions,
         last_hidden_state=hidden,
         lm_head_weight=weight,
+        logit_softcap=softcap,
     )
 
 

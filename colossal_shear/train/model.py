@@ -62,13 +62,15 @@ def load_frozen_model(cfg: TrainConfig, path: str, device):
 
 def _load(cfg: TrainConfig, path: str, **kwargs):
     """The HF model in the run's weight dtype, with the run's attention kernel fed packed documents."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     implementation = attention_implementation(cfg)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         path,
+        config=config,
         torch_dtype=model_dtype(cfg.parallel),
-        attn_implementation=attention.HF_NAMES[implementation],
+        attn_implementation=attention.hf_name(implementation, config),
         trust_remote_code=cfg.model.trust_remote_code,
         **kwargs,
     )

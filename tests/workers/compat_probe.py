@@ -96,6 +96,41 @@ def probe_strict_shapes():
         return
     raise AssertionError("a state dict of another shape loaded with strict=True without an error")
 
+def probe_qwen2_padded_head():
+    """A tied Qwen2 whose vocabulary (1000) shardformer pads (to 1024), sharded for tensor parallelism: its loss must
+    be the model's own."""
+    from colossalai.shardformer import ShardConfig, ShardFormer
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from colossal_shear.core import compat
+
+    compat.cpu_rng()  # tensor-parallel layers seed through the accelerator: that failure is cpu_rng's, not this one's
+
+    config = Qwen2Config(
+        vocab_size=1000,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).eval()
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        true_loss = model(input_ids=ids, labels=ids).loss.item()
+    shard = ShardConfig(
+        tensor_parallel_process_group=torch.distributed.group.WORLD,
+        enable_tensor_parallelism=True,
+        enable_fused_normalization=False,
+    )
+    sharded, _ = ShardFormer(shard).optimize(model)
+    with torch.no_grad():
+        loss = sharded(input_ids=ids, labels=ids).loss.item()
+    assert abs(loss - true_loss) < 1e-5, f"sharded loss {loss:.5f} != the model's {true_loss:.5f}"
+
 
 def main():
     os.environ.update(

@@ -60,6 +60,29 @@ def check_parallel_config(cfg: ParallelConfig, world_size: int | None = None, mo
             )
         if cfg.pp > model_config.num_hidden_layers:
             raise PluginError(f"--pp {cfg.pp} is larger than the model's {model_config.num_hidden_layers} layers")
+        if cfg.plugin == "3d":
+            check_shardformer_policy(model_config)
+
+
+def check_shardformer_policy(model_config) -> None:
+    """`3d` runs the model through colossalai's shardformer, which needs a policy for its class: refuse a model
+    without one (Gemma, Phi-3, Qwen3... in colossalai 0.5.0), naming the plugins that train it, instead of a
+    traceback on every rank after the process group started. Models whose class transformers does not know (remote
+    code) are left to colossalai."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from colossal_shear.core import compat  # noqa: F401  (quiets colossalai's import noise)
+
+    from colossalai.shardformer.policies.auto_policy import _POLICY_LIST  # isort: skip
+
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(model_config), None)
+    if model_class is None or f"{model_class.__module__}.{model_class.__qualname__}" in _POLICY_LIST:
+        return
+    usable = [p for p in PLUGINS if p != "3d" and not (p in CUDA_ONLY and device_type() == "cpu")]
+    raise PluginError(
+        f"--plugin 3d cannot shard a {model_class.__name__} (model_type {model_config.model_type}): colossalai's "
+        f"shardformer has no policy for it; use --plugin {', '.join(usable)}"
+    )
 
 
 def make_plugin(cfg: ParallelConfig, max_norm: float = 1.0):

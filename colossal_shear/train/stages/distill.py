@@ -10,7 +10,7 @@ import torch
 
 from colossal_shear.train.attention import labels_for
 from colossal_shear.train.config import DistillConfig
-from colossal_shear.train.losses import chunked_kd_loss, head_weight, kd_loss
+from colossal_shear.train.losses import chunked_kd_loss, head_weight, kd_loss, logit_softcap
 from colossal_shear.train.stages.base import StageHooks
 
 
@@ -35,6 +35,7 @@ class Distillation(StageHooks):
                 head_weight(self.teacher),
                 labels,
                 self.temperature,
+                softcaps=(outputs.logit_softcap, logit_softcap(self.teacher.config)),
             )
         else:
             with torch.no_grad():
