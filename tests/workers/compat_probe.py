@@ -96,6 +96,7 @@ def probe_strict_shapes():
         return
     raise AssertionError("a state dict of another shape loaded with strict=True without an error")
 
+
 def probe_qwen2_padded_head():
     """A tied Qwen2 whose vocabulary (1000) shardformer pads (to 1024), sharded for tensor parallelism: its loss must
     be the model's own."""
