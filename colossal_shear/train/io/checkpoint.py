@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from colossal_shear.core.compat import save_keeping_os_reason
-from colossal_shear.core.errors import UserError
+from colossal_shear.core.errors import UserError, os_errno
 from colossal_shear.core.fsutil import atomic_write_text, file_digests, outside, publish_dir
 from colossal_shear.core.logger import get_logger
 from colossal_shear.train.config import CheckpointConfig
@@ -72,16 +72,9 @@ def _describe(lay: dict, keys) -> str:
 
 
 def os_reason(error: BaseException) -> str | None:
-    """The operating system's reason behind a failed write ("No space left on device"), from the error or its
-    chain (torch reports it as "enforce fail at inline_container.cc" with the OSError as context), or from the
-    "(os error N)" safetensors puts in its message."""
-    seen = error
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.strerror:
-            return seen.strerror
-        seen = seen.__cause__ or seen.__context__
-    match = re.search(r"os error (\d+)", str(error))
-    return os.strerror(int(match.group(1))) if match else None
+    """The operating system's reason behind a failed write ("No space left on device"), if there is one."""
+    number = os_errno(error)
+    return os.strerror(number) if number else None
 
 
 def attempt(fn, *args):
