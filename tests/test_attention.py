@@ -99,6 +99,12 @@ def test_flex_document_mask_is_the_dense_block_causal_mask():
     assert torch.equal(dense, block_causal_mask(docs, torch.float32) == 0)
     full_blocks = -(-docs.shape[1] // 128)
     assert int(bm.kv_num_blocks.sum()) < docs.shape[0] * full_blocks * full_blocks  # sparse: blocks skipped
+    windowed = attention.block_mask(docs, window=16)  # Mistral's sliding window, carried by both masks
+    dense = create_mask(windowed.mask_mod, docs.shape[0], 1, docs.shape[1], docs.shape[1], device="cpu")
+    expected = block_causal_mask(docs, torch.float32, window=16) == 0
+    assert torch.equal(dense, expected) and int(expected.sum()) < int(
+        (block_causal_mask(docs, torch.float32) == 0).sum()
+    )
 
 
 def test_flex_forward_matches_dense_sdpa(model_dir):

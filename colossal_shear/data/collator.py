@@ -33,12 +33,15 @@ def collate(rows: dict) -> dict:
     }
 
 
-def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, 1, L, L) additive mask: 0 where token i may attend to token j (j <= i, same document), else the dtype's
-    minimum, as Hugging Face's 4D attention-mask convention expects."""
+def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
+    """(B, 1, L, L) additive mask: 0 where token i may attend to token j (j <= i, same document, and i - j < window
+    when there is a sliding window), else the dtype's minimum, as Hugging Face's 4D attention-mask convention
+    expects."""
     length = segment_ids.shape[1]
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
+    if window:
+        causal = causal.triu(-(window - 1))
     allowed = (same & causal)[:, None]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)

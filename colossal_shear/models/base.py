@@ -114,6 +114,11 @@ class FamilyAdapter:
         """What the model multiplies its embedding output by, for a hidden size."""
         return float(hidden_size) ** 0.5 if self.scaled_embedding else 1.0
 
+    def mask_window(self) -> int | None:
+        """The sliding window a 4D attention mask handed to the model must carry itself: the model applies it only
+        to masks it builds (Mistral). None where there is none, or where the model applies it to any mask (Gemma)."""
+        return None
+
     def logit_softcap(self) -> float | None:
         """The final logit soft-capping (logits = cap * tanh(z / cap)), if any."""
         return self.get("final_logit_softcapping") or None

@@ -13,3 +13,6 @@ class LlamaAdapter(FamilyAdapter):
 class MistralAdapter(FamilyAdapter):
     family = "mistral"
     model_types = ("mistral",)
+
+    def mask_window(self) -> int | None:
+        return self.get("sliding_window") or None

@@ -71,14 +71,15 @@ def hf_name(implementation: str, config) -> str:
     return HF_NAMES[implementation]
 
 
-def block_mask(document_ids: torch.Tensor):
-    """FlexAttention's BlockMask for packed rows: causal within a document, nothing across."""
+def block_mask(document_ids: torch.Tensor, window: int | None = None):
+    """FlexAttention's BlockMask for packed rows: causal within a document (and the sliding window), nothing across."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     docs = document_ids
+    reach = window or document_ids.shape[1]
 
     def document_causal(b, h, q, kv):
-        return (docs[b, q] == docs[b, kv]) & (q >= kv)
+        return (docs[b, q] == docs[b, kv]) & (q >= kv) & (q - kv < reach)
 
     batch, length = docs.shape
     return create_block_mask(document_causal, batch, None, length, length, device=docs.device)
@@ -91,17 +92,18 @@ def _mask_dtype(model, device: torch.device) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def packed_inputs(implementation: str, kwargs: dict, dtype_of=None) -> dict:
-    """Replace kwargs['document_ids'] by what `implementation` needs (see the module docstring)."""
+def packed_inputs(implementation: str, kwargs: dict, dtype_of=None, window: int | None = None) -> dict:
+    """Replace kwargs['document_ids'] by what `implementation` needs (see the module docstring); `window`: the
+    model's sliding window where the mask must carry it (flash gets it from the model itself)."""
     from colossal_shear.data.collator import block_causal_mask
 
     docs = kwargs.pop("document_ids", None)
     if docs is None:
         return kwargs
     if implementation == "sdpa":
-        kwargs["attention_mask"] = block_causal_mask(docs, dtype_of(docs.device))
+        kwargs["attention_mask"] = block_causal_mask(docs, dtype_of(docs.device), window)
     elif implementation == "flex":
-        kwargs["attention_mask"] = block_mask(docs)
+        kwargs["attention_mask"] = block_mask(docs, window)
     else:  # flash: one row
         for key in ("input_ids", "position_ids"):
             if kwargs.get(key) is not None:
@@ -126,9 +128,12 @@ def labels_for(labels: torch.Tensor, tokens_shape) -> torch.Tensor:
 
 def install(model, implementation: str):
     """Let `model` take `document_ids` (see the module docstring); returns the model."""
+    from colossal_shear.models.registry import adapter_for
+
+    window = adapter_for(model.config).mask_window()
 
     def hook(module, args, kwargs):
-        return args, packed_inputs(implementation, kwargs, lambda device: _mask_dtype(module, device))
+        return args, packed_inputs(implementation, kwargs, lambda device: _mask_dtype(module, device), window)
 
     model.register_forward_pre_hook(hook, with_kwargs=True)
     return model
