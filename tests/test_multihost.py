@@ -374,3 +374,60 @@ def test_no_worker_outlives_its_launcher_or_its_ssh_session(cut, cluster, model_
     assert len(stopped) == 1, run.text[-5000:]
     step = int(stopped[0][0])
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == f"step-{step:07d}"
+
+
+def _losses(logdir) -> dict:
+    """The logged losses; none where a job was killed before its writer flushed any."""
+    try:
+        return tb_scalars(logdir)
+    except KeyError:
+        return {}
+
+
+def _with_tb(args: list, tb) -> list:
+    args = list(args)
+    args[args.index("--tensorboard_dir") + 1] = tb
+    return args
+
+
+def test_one_job_per_save_dir_across_hosts(cluster, model_dir, dataset, reference, tmp_path):
+    """A 2-host job holds its save_dir: a job started on the other host with the same save_dir (the file system is
+    shared) is refused before its first step, naming the holder's host. After the whole job is killed its lock stays
+    (nobody released it); from another host only its heartbeat can say it is stale (COLOSSAL_SHEAR_LOCK_STALE_S, here
+    1 s): a job there takes it over with a notice, resumes (the killed job's losses where it logged the same
+    steps) and releases the lock at exit."""
+    run = Running(cluster, _args(model_dir, dataset, tmp_path))  # 1000 steps: still running
+    latest = tmp_path / "ckpt" / "latest"
+    second = _args(model_dir, dataset, tmp_path, "--load_checkpoint", tmp_path / "ckpt")
+    try:
+        assert run.until(latest.exists), run.text[-5000:]
+        refused = cluster.run_on(
+            cluster.hosts[1],
+            [sys.executable, "train.py", *_with_tb(second, tmp_path / "refused-tb")],
+            check=False,
+            timeout=300,
+        )
+        still_running = run.proc.poll() is None
+    finally:
+        run.stop()
+    assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
+    line = [l for l in refused.stderr.splitlines() if "is in use by job" in l]
+    assert len(line) == 1 and "on cs-node-1" in line[0] and "job.lock" in line[0], refused.stderr[-3000:]
+    assert still_running, "the running job was disturbed by the refused one"
+    assert not (tmp_path / "refused-tb").exists(), "the refused job wrote logs"
+
+    resumed_from = int(latest.read_text().strip().removeprefix("step-"))
+    end = resumed_from + 2  # the killed job may have passed STEPS: it ran on while the refused one started
+    args = _with_tb([*second, "--stop_at_step", end], tmp_path / "resumed-tb")
+    time.sleep(1.5)  # the lock's heartbeat older than the 1 s limit below
+    took_over = cluster.run_on(
+        cluster.hosts[1],
+        ["torchrun", "--standalone", "--nproc_per_node", 2, "train.py", *args],
+        env=cluster.env(COLOSSAL_SHEAR_LOCK_STALE_S="1"),
+        timeout=300,
+    )
+    assert "took over the stale lock" in took_over.stdout + took_over.stderr, took_over.stderr[-3000:]
+    assert not (tmp_path / "ckpt" / "job.lock").exists(), "the lock was not released at exit"
+    got, first = _losses(tmp_path / "resumed-tb"), _losses(tmp_path / "tb")
+    assert sorted(got) == [resumed_from + 1, end], took_over.stdout[-3000:] + took_over.stderr[-3000:]
+    assert [got[s] for s in got if s in first] == pytest.approx([first[s] for s in got if s in first], abs=1e-6)
