@@ -86,7 +86,8 @@ def test_3d_accepts_a_family_with_a_shardformer_policy(family, family_model):
 ODD_VOCAB = {"qwen2": dict(vocab_size=2051)}
 CASES = {
     "zero2": (["--plugin", "zero2"], FAMILIES, BITING),
-    "ddp": (["--plugin", "ddp"], ("qwen2", "gemma2"), BITING),
+    "ddp": (["--plugin", "ddp"], FAMILIES, BITING),
+    "zero2_cpu": (["--plugin", "zero2_cpu"], FAMILIES, BITING),
     "3d_tp2": (["--plugin", "3d", "--tp", "2"], SHARDFORMER_FAMILIES, ODD_VOCAB),
 }
 
