@@ -12,6 +12,7 @@ from colossal_shear.core import config as configuration
 from colossal_shear.core import logger
 from colossal_shear.core.errors import UserError
 from colossal_shear.data.config import PrepareConfig
+from colossal_shear.eval.config import EvalConfig
 from colossal_shear.pruning.config import OneShotConfig
 from colossal_shear.report import ReportConfig
 from colossal_shear.train.config import TrainConfig
@@ -24,6 +25,7 @@ CLIS = {
     "data_prep/prepare_pretrain_dataset.py": PrepareConfig,
     "prune.py": OneShotConfig,
     "train.py": TrainConfig,
+    "evaluate.py": EvalConfig,
     "colossal_shear/report.py": ReportConfig,  # python -m colossal_shear.report
 }
 

@@ -1,0 +1,81 @@
+"""`evaluate(cfg)`: what evaluate.py runs. Every input is checked before the model loads (unknown task, missing model
+directory, missing or empty text file: one error line each)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from colossal_shear.core.errors import ConfigError
+from colossal_shear.core.logger import get_logger
+from colossal_shear.eval.benchmarks import check_tasks
+from colossal_shear.eval.config import EvalConfig
+from colossal_shear.eval.results import make_results, write_results
+from colossal_shear.eval.text import read_texts
+
+log = get_logger(__name__)
+
+
+def preflight(cfg: EvalConfig) -> None:
+    if not (Path(cfg.model) / "config.json").is_file():
+        why = "no such directory" if not Path(cfg.model).is_dir() else "no config.json in it"
+        raise ConfigError(f"--model: {cfg.model}: {why} (expected a Hugging Face model directory)")
+    if not cfg.tasks and not cfg.text_eval:
+        raise ConfigError("nothing to evaluate: give --tasks and/or --text_eval")
+    check_tasks(cfg.tasks)
+    read_texts(cfg.text_eval)
+    if cfg.limit is not None and cfg.limit < 1:
+        raise ConfigError(f"--limit: expected a positive number of documents, got {cfg.limit}")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"--batch_size: expected a positive number, got {cfg.batch_size}")
+
+
+def device_and_dtype(cfg: EvalConfig):
+    import torch
+
+    from colossal_shear.core.constants import DTYPES
+
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.dtype:
+        return device, DTYPES[cfg.dtype]
+    return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def load_model(cfg: EvalConfig):
+    """The model in evaluation mode on its device (bf16 on a GPU, fp32 on the CPU unless --dtype), its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device, dtype = device_and_dtype(cfg)
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.model, torch_dtype=dtype, trust_remote_code=cfg.trust_remote_code, low_cpu_mem_usage=True
+    )
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    return model.to(device).eval(), tokenizer
+
+
+def evaluate(cfg: EvalConfig) -> dict | None:
+    """Accuracy on cfg.tasks and text metrics on cfg.text_eval; results.json when cfg.output. None on ranks other
+    than 0 of a data-parallel run."""
+    from colossal_shear.eval.harness import go_offline, make_lm, run_tasks
+    from colossal_shear.eval.text import text_metrics
+
+    preflight(cfg)
+    go_offline()
+    if cfg.progress is False:
+        os.environ["TQDM_DISABLE"] = "1"
+    model, tokenizer = load_model(cfg)
+    tasks = None
+    if cfg.tasks:
+        _, dtype = device_and_dtype(cfg)
+        lm = make_lm(model, tokenizer, cfg.batch_size, cfg.model, str(dtype).removeprefix("torch."))
+        tasks = run_tasks(lm, cfg.tasks, cfg.num_fewshot, cfg.limit, cfg.data_dir, cfg.seed)
+        if tasks is None:
+            return None
+    text = None
+    if cfg.text_eval:
+        text = text_metrics(model, tokenizer, cfg.text_eval, cfg.batch_size, cfg.max_length, cfg.progress)
+    results = make_results(cfg.model, tasks, text)
+    if cfg.output is not None:
+        write_results(cfg.output, results)
+        log.info(f"results: {cfg.output}")
+    return results
