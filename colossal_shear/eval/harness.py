@@ -28,10 +28,11 @@ def go_offline() -> None:
 
 
 def make_lm(model, tokenizer, batch_size: int, model_dir: str | None = None, dtype: str | None = None):
-    """lm-eval's HFLM: on the loaded model, or (several processes on GPUs) on `model_dir` so lm-eval splits the work."""
+    """lm-eval's HFLM: on the loaded model; or, given `model_dir` (a data-parallel launch on GPUs), loading it itself
+    so that lm-eval splits the documents over the processes (Accelerate)."""
     from lm_eval.models.huggingface import HFLM
 
-    if model_dir is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if model_dir is not None:
         return HFLM(pretrained=str(model_dir), dtype=dtype or "bfloat16", batch_size=batch_size, device="cuda")
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 

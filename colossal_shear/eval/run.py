@@ -30,12 +30,18 @@ def preflight(cfg: EvalConfig) -> None:
         raise ConfigError(f"--batch_size: expected a positive number, got {cfg.batch_size}")
 
 
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def device_and_dtype(cfg: EvalConfig):
+    """--device, else this process's GPU (LOCAL_RANK under torchrun) or the CPU; --dtype, else bf16 on a GPU and
+    fp32 on the CPU."""
     import torch
 
     from colossal_shear.core.constants import DTYPES
 
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = cfg.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if cfg.dtype:
         return device, DTYPES[cfg.dtype]
     return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -54,8 +60,9 @@ def load_model(cfg: EvalConfig):
 
 
 def evaluate(cfg: EvalConfig) -> dict | None:
-    """Accuracy on cfg.tasks and text metrics on cfg.text_eval; results.json when cfg.output. None on ranks other
-    than 0 of a data-parallel run."""
+    """Accuracy on cfg.tasks and text metrics on cfg.text_eval; results.json when cfg.output. Launched on several
+    GPUs (torchrun), lm-eval's HFLM loads the model and splits the documents; rank 0 then computes the text metrics
+    and writes the results, the other ranks return None."""
     from colossal_shear.eval.harness import go_offline, make_lm, run_tasks
     from colossal_shear.eval.text import text_metrics
 
@@ -63,16 +70,22 @@ def evaluate(cfg: EvalConfig) -> dict | None:
     go_offline()
     if cfg.progress is False:
         os.environ["TQDM_DISABLE"] = "1"
-    model, tokenizer = load_model(cfg)
+    data_parallel = world_size() > 1
+    model = tokenizer = None
+    if not data_parallel:
+        model, tokenizer = load_model(cfg)
     tasks = None
     if cfg.tasks:
-        _, dtype = device_and_dtype(cfg)
-        lm = make_lm(model, tokenizer, cfg.batch_size, cfg.model, str(dtype).removeprefix("torch."))
+        dtype = str(device_and_dtype(cfg)[1]).removeprefix("torch.")
+        lm = make_lm(model, tokenizer, cfg.batch_size, cfg.model if data_parallel else None, dtype)
         tasks = run_tasks(lm, cfg.tasks, cfg.num_fewshot, cfg.limit, cfg.data_dir, cfg.seed)
         if tasks is None:
-            return None
+            return None  # not rank 0
+        del lm
     text = None
     if cfg.text_eval:
+        if model is None:
+            model, tokenizer = load_model(cfg)
         text = text_metrics(model, tokenizer, cfg.text_eval, cfg.batch_size, cfg.max_length, cfg.progress)
     results = make_results(cfg.model, tasks, text)
     if cfg.output is not None:
