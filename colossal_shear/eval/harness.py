@@ -24,7 +24,7 @@ def go_offline() -> None:
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     for name in ("lm_eval", "lm-eval"):
-        logging.getLogger(name).setLevel(os.environ.get("COLOSSAL_SHEAR_LM_EVAL_LOG", "WARNING"))
+        logging.getLogger(name).setLevel(os.environ.get("COLOSSAL_SHEAR_LM_EVAL_LOG", "ERROR"))
 
 
 def make_lm(model, tokenizer, batch_size: int, model_dir: str | None = None, dtype: str | None = None):
