@@ -43,7 +43,7 @@ def test_recipe_runs_every_stage_and_skips_finished_ones(tmp_path):
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     }
     first = subprocess.run(
-        ["bash", str(ROOT / "train.example.sh")], env=env, capture_output=True, text=True, timeout=900
+        ["bash", str(ROOT / "train.example.sh")], env=env, capture_output=True, text=True, timeout=1200
     )
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
