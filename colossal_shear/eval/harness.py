@@ -8,6 +8,7 @@ Data parallelism: lm-eval splits the documents over processes only when HFLM loa
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -27,14 +28,22 @@ def go_offline() -> None:
         logging.getLogger(name).setLevel(os.environ.get("COLOSSAL_SHEAR_LM_EVAL_LOG", "ERROR"))
 
 
-def make_lm(model, tokenizer, batch_size: int, model_dir: str | None = None, dtype: str | None = None):
+def make_lm(
+    model, tokenizer, batch_size: int, model_dir: str | None = None, dtype: str | None = None, progress: bool = True
+):
     """lm-eval's HFLM: on the loaded model; or, given `model_dir` (a data-parallel launch on GPUs), loading it itself
-    so that lm-eval splits the documents over the processes (Accelerate)."""
+    so that lm-eval splits the documents over the processes (Accelerate). `progress=False`: its request loops' bars
+    off (each takes `disable_tqdm`)."""
     from lm_eval.models.huggingface import HFLM
 
     if model_dir is not None:
-        return HFLM(pretrained=str(model_dir), dtype=dtype or "bfloat16", batch_size=batch_size, device="cuda")
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        lm = HFLM(pretrained=str(model_dir), dtype=dtype or "bfloat16", batch_size=batch_size, device="cuda")
+    else:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    if not progress:
+        for name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+            setattr(lm, name, functools.partial(getattr(lm, name), disable_tqdm=True))
+    return lm
 
 
 def run_tasks(

@@ -68,8 +68,6 @@ def evaluate(cfg: EvalConfig) -> dict | None:
 
     preflight(cfg)
     go_offline()
-    if cfg.progress is False:
-        os.environ["TQDM_DISABLE"] = "1"
     data_parallel = world_size() > 1
     model = tokenizer = None
     if not data_parallel:
@@ -77,7 +75,7 @@ def evaluate(cfg: EvalConfig) -> dict | None:
     tasks = None
     if cfg.tasks:
         dtype = str(device_and_dtype(cfg)[1]).removeprefix("torch.")
-        lm = make_lm(model, tokenizer, cfg.batch_size, cfg.model if data_parallel else None, dtype)
+        lm = make_lm(model, tokenizer, cfg.batch_size, cfg.model if data_parallel else None, dtype, cfg.progress)
         tasks = run_tasks(lm, cfg.tasks, cfg.num_fewshot, cfg.limit, cfg.data_dir, cfg.seed)
         if tasks is None:
             return None  # not rank 0
