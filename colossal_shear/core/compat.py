@@ -306,8 +306,10 @@ def strict_shapes() -> bool:
         "colossalai.checkpoint_io.general_checkpoint_io",
         "colossalai.checkpoint_io.hybrid_parallel_checkpoint_io",
     )
+    return True
 
 
+@_patch
 def qwen2_padded_head() -> bool:
     """3d with a Qwen2 model: the embedding is padded to a multiple of 64·tp rows (VocabParallelEmbedding1D, or
     PaddingEmbedding for a tied head without tp), but Qwen2's policy keeps the LM head a plain Linear1D_Col / Linear
