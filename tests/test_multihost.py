@@ -310,6 +310,7 @@ def test_prune_stage_on_two_hosts_writes_each_file_once(cluster, model_dir, data
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directories left behind"
     canonical = {}
     for path, hosts in writes.items():  # directories written as .tmp-NAME, files as .NAME.tmp-XXXX, then renamed
+        path = re.sub(r"(^|/)\.tmp-(step-\d+)-[^/]+", r"\1\2", path)  # .tmp-step-N-<job id>
         path = re.sub(r"(^|/)\.tmp-(step-\d+|export/)", r"\1\2", path)
         canonical.setdefault(re.sub(r"(^|/)\.([^/]+)\.tmp-[^/]+$", r"\1\2", path), []).extend(hosts)
     shared = {p: hosts for p, hosts in canonical.items() if len(set(hosts)) > 1}

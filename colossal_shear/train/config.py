@@ -277,6 +277,22 @@ def save_config(cfg: TrainConfig, path: Path, step: int = 0) -> None:
     already there that says otherwise (a resume that changed options) is kept first as
     `config-history/until-step-NNNNNNN.yaml`: the history of what the run used."""
     path, text = Path(path), to_yaml(cfg)
-    if path.is_file() and path.read_text(encoding="utf-8") != text:
+    if path.is_file() and _settings(path.read_text(encoding="utf-8")) != _settings(text):
         atomic_write_text(path.parent / "config-history" / f"until-step-{step:07d}.yaml", path.read_text("utf-8"))
     atomic_write_text(path, text)
+
+
+# where a job starts and stops, not how the run trains: a resume that changes only these has no history to keep
+RUN_CONTROL = ("load_checkpoint", "stop_at_step")
+
+
+def _settings(text: str) -> dict:
+    import yaml
+
+    def flat(node: dict) -> dict:
+        out = {}
+        for key, value in node.items():
+            out.update(flat(value) if isinstance(value, dict) else {key: value})
+        return out
+
+    return {k: v for k, v in flat(yaml.safe_load(text) or {}).items() if k not in RUN_CONTROL}
