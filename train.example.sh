@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The staged recipe: vocabulary adaptation -> data preparation -> align (new embeddings only) -> structured pruning
-# to a target shape (dynamic loading) -> continual pretraining (optional distillation) -> knowledge replay -> report.
+# to a target shape (dynamic loading) -> continual pretraining (optional distillation) -> knowledge replay ->
+# evaluation of the base model and every stage's export (evaluate.py) -> report.
 #
 # Copy to train.sh and edit the variables below. Every stage reads the previous stage's plain Hugging Face directory
 # and writes its own; a stage whose output exists is skipped on re-run (delete it to redo it), and an interrupted
@@ -30,6 +31,9 @@ PRUNE_STEPS=${PRUNE_STEPS:-200}                                    # masks settl
 CONTINUE_STEPS=${CONTINUE_STEPS:-20}
 REPLAY_STEPS=${REPLAY_STEPS:-20}
 USE_TEACHER=${USE_TEACHER:-1}                                      # distil the continue stage from the aligned model
+EVAL_TASKS=${EVAL_TASKS-piqa}                                      # evaluate.py --tasks (e.g. piqa,arc_easy,hellaswag); empty: none
+EVAL_LIMIT=${EVAL_LIMIT-20}                                        # documents per task; empty: the full validation sets
+EVAL_TEXTS=${EVAL_TEXTS-$NEW_DOMAIN_DATA}                          # nats/char per category (comma-separated files); empty: none
 PYTHON=${PYTHON:-python}
 
 LAUNCH=(colossalai run --nproc_per_node "$NPROC_PER_NODE" --master_port "${MASTER_PORT:-29511}")
@@ -92,10 +96,27 @@ stage continue "$PARENT_SAVE_DIR/prune/export" "$PARENT_SAVE_DIR/data/new" "$CON
   --warmup_steps 2 "${TEACHER[@]}"
 stage replay "$PARENT_SAVE_DIR/continue/export" "$REPLAY" "$REPLAY_STEPS" --lr 1e-3 --warmup_steps 2
 
-# ---- 7. the run report ----------------------------------------------------------------------------------------------
+# ---- 7. evaluation: the base model and every stage's export --------------------------------------------------------
+EVAL_ARGS=()
+[ -n "$EVAL_TASKS" ] && EVAL_ARGS+=(--tasks "$EVAL_TASKS")
+[ -n "$EVAL_TASKS" ] && [ -n "$EVAL_LIMIT" ] && EVAL_ARGS+=(--limit "$EVAL_LIMIT")
+[ -n "$EVAL_TEXTS" ] && EVAL_ARGS+=(--text_eval "$EVAL_TEXTS")
+EVALS=()
+evaluate() {  # name, model directory
+  local out=$PARENT_SAVE_DIR/eval/$1.json
+  [ ${#EVAL_ARGS[@]} -eq 0 ] && return
+  EVALS+=("$1=$out")
+  if [ -f "$out" ]; then echo "eval $1: done ($out)"; return; fi
+  say "evaluate $1"
+  $PYTHON evaluate.py --model "$2" "${EVAL_ARGS[@]}" --output "$out" --no_progress
+}
+evaluate base "$PRETRAINED_MODEL_PATH"
+for name in align prune continue replay; do evaluate "$name" "$PARENT_SAVE_DIR/$name/export"; done
+
+# ---- 8. the run report ----------------------------------------------------------------------------------------------
 say "report"
 $PYTHON -m colossal_shear.report --tensorboard_dir "$PARENT_TENSORBOARD_DIR" --out "$PARENT_SAVE_DIR" \
   --models "before pruning=$PARENT_SAVE_DIR/align/export" "after pruning=$PARENT_SAVE_DIR/prune/export" \
   --tokenizers "before vocab change=$PRETRAINED_MODEL_PATH" "after vocab change=$VOCAB/model" \
-  --eval_texts "$NEW_DOMAIN_DATA"
+  --eval_texts "$NEW_DOMAIN_DATA" ${EVALS[@]+--evals "${EVALS[@]}"}
 echo "final model: $PARENT_SAVE_DIR/replay/export"

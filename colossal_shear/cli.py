@@ -14,6 +14,7 @@ from colossal_shear.core import config as configuration
 from colossal_shear.core import interrupt, logger
 from colossal_shear.core.errors import DiskFullError, Stopped, UserError, failed_path, is_disk_full, os_errno
 from colossal_shear.data.config import PrepareConfig
+from colossal_shear.eval.config import EvalConfig
 from colossal_shear.pruning.config import OneShotConfig
 from colossal_shear.report import ReportConfig
 from colossal_shear.train.config import TrainConfig
@@ -26,6 +27,7 @@ CLIS = {
     "data_prep/prepare_pretrain_dataset.py": PrepareConfig,
     "prune.py": OneShotConfig,
     "train.py": TrainConfig,
+    "evaluate.py": EvalConfig,
     "colossal_shear/report.py": ReportConfig,  # python -m colossal_shear.report
 }
 

@@ -3,7 +3,11 @@ sparsity during pruning), made from the tensorboard logs of a run, plus a summar
 
     python -m colossal_shear.report --tensorboard_dir outputs/demo/tensorboard --out outputs/demo \
         [--models base=outputs/demo/base/tiny-llama prune=outputs/demo/prune/export ...] \
-        [--tokenizers before=DIR after=DIR --eval_texts FILE.jsonl]
+        [--tokenizers before=DIR after=DIR --eval_texts FILE.jsonl] \
+        [--evals base=outputs/demo/eval/base.json replay=outputs/demo/eval/replay.json ...]
+
+`--evals` takes evaluate.py's results.json per model (stage), in order: accuracy per task and nats per character per
+category, as a table and two plots.
 
 Stages are the sub-directories of --tensorboard_dir, in the order of --stages (default: the recipe's order).
 """
@@ -113,22 +117,26 @@ def make_report(
     models: dict | None = None,
     tokenizers: dict | None = None,
     eval_texts=None,
+    evals: dict | None = None,
 ) -> tuple[Path, list[tuple[str, str]]]:
-    """Write report.md and the plots; return its path and the summary rows (what, value)."""
+    """Write report.md and the plots; return its path and the summary rows (what, value). `evals`: {model name:
+    evaluate.py results.json}, in stage order."""
     tb, out = Path(tensorboard_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     logged = _read_stages(tb, _present_stages(tb, stages))
+    results = _read_evals(evals)
     plots = [
         _plot(logged.losses, "training loss per stage", "loss", out / "loss_per_stage.png"),
         _plot(logged.evals, "held-out loss per category", "loss", out / "eval_loss_per_category.png"),
         _plot(logged.weights, "domain weights (dynamic loading)", "weight", out / "domain_weights.png"),
         _plot(logged.sparsity, "expected vs target sparsity during pruning", "sparsity", out / "expected_sparsity.png"),
+        *_eval_plots(results, out),
     ]
-    summary = _summary(logged, models, tokenizers, eval_texts)
+    summary = _summary(logged, models, tokenizers, eval_texts) + _eval_summary(results)
     lines = ["# Run report", ""] + _convergence_warning(logged.gaps)
     if summary:
         lines += ["| what | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in summary] + [""]
-    lines += _final_eval_table(logged.rows)
+    lines += _final_eval_table(logged.rows) + _eval_table(results)
     for p in plots:
         if p is not None:
             lines += [f"![{p.stem}]({p.name})", ""]
@@ -239,6 +247,104 @@ def _final_eval_table(rows: list) -> list[str]:
     )
 
 
+def _read_evals(evals: dict | None) -> dict[str, dict]:
+    """{model name: results.json contents}, in the order given; a missing file is skipped with a warning."""
+    from colossal_shear.eval.results import read_results
+
+    out = {}
+    for name, path in (evals or {}).items():
+        if Path(path).is_file():
+            out[name] = read_results(path)
+        else:
+            log.warning(f"report: no evaluation results at {path} ({name}): left out")
+    return out
+
+
+def _accuracy(scores: dict) -> float | None:
+    """A task's headline accuracy: acc_norm where the task has it (lm-eval's custom for ARC, HellaSwag, PIQA...)."""
+    return scores["acc_norm"] if scores.get("acc_norm") is not None else scores.get("acc")
+
+
+def _eval_columns(results: dict) -> tuple[list[str], list[str]]:
+    tasks = list(dict.fromkeys(t for r in results.values() for t in r.get("tasks", {})))
+    cats = list(dict.fromkeys(c for r in results.values() for c in r.get("text", {})))
+    return tasks, cats
+
+
+def _eval_table(results: dict) -> list[str]:
+    """Accuracy per task and nats per character per category, one row per evaluated model (stage)."""
+    tasks, cats = _eval_columns(results)
+    if not results or not (tasks or cats):
+        return []
+    head = [f"{t} acc" for t in tasks] + [f"{c} nats/char" for c in cats] + [f"{c} tokens/char" for c in cats]
+    lines = ["## Evaluation per stage (evaluate.py)", "", "| model | " + " | ".join(head) + " |"]
+    lines.append("|---|" + "---|" * len(head))
+    for name, r in results.items():
+        cells = [_cell(_accuracy(r["tasks"][t]) if t in r["tasks"] else None) for t in tasks]
+        cells += [_cell(r["text"][c]["nats_per_char"] if c in r["text"] else None) for c in cats]
+        cells += [_cell(r["text"][c]["tokens_per_char"] if c in r["text"] else None) for c in cats]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    n = {t: next(r["tasks"][t]["n"] for r in results.values() if t in r["tasks"]) for t in tasks}
+    if tasks:
+        lines += ["", "acc: acc_norm where the task defines it, else acc; documents per task: "
+                  + ", ".join(f"{t} {k}" for t, k in n.items())]  # fmt: skip
+    return lines + [""]
+
+
+def _cell(value) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def _eval_plots(results: dict, out: Path) -> list[Path | None]:
+    tasks, cats = _eval_columns(results)
+    names = list(results)
+    accuracy = {
+        t: [_accuracy(results[m]["tasks"][t]) if t in results[m]["tasks"] else None for m in names] for t in tasks
+    }
+    nats = {
+        c: [results[m]["text"][c]["nats_per_char"] if c in results[m]["text"] else None for m in names] for c in cats
+    }
+    return [
+        _plot_models(names, accuracy, "accuracy per stage (evaluate.py)", "accuracy", out / "accuracy_per_stage.png"),
+        _plot_models(names, nats, "nats per character per stage", "nats/char", out / "nats_per_char_per_stage.png"),
+    ]
+
+
+def _plot_models(names: list[str], series: dict[str, list], title: str, ylabel: str, path: Path) -> Path | None:
+    """One line per series over the models in order (x: the model's name)."""
+    if not names or not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, values in series.items():
+        xs = [i for i, v in enumerate(values) if v is not None]
+        ax.plot(xs, [values[i] for i in xs], marker="o", label=label)
+    ax.set_xticks(range(len(names)), names, rotation=20)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    plt.close(fig)
+    return atomic_write_bytes(path, png.getvalue())
+
+
+def _eval_summary(results: dict) -> list[tuple[str, str]]:
+    rows = []
+    for name, r in results.items():
+        parts = [f"{t} {_accuracy(s):.3f}" for t, s in r.get("tasks", {}).items() if _accuracy(s) is not None]
+        parts += [f"{c} {m['nats_per_char']:.3f} nats/char" for c, m in r.get("text", {}).items()]
+        if parts:
+            rows.append((f"eval ({name})", ", ".join(parts)))
+    return rows
+
+
 def _pairs(items, flag: str) -> dict:
     out = {}
     for item in items or []:
@@ -261,6 +367,10 @@ class ReportConfig:
         help="name=tokenizer_dir: tokens per character on --eval_texts", default_factory=list
     )
     eval_texts: str | None = option(None, "JSONL records (docs/data_prep.md) or plain text for tokens per character")
+    evals: list[str] = option(
+        help="name=results.json from evaluate.py, in stage order: accuracy and nats/char per stage",
+        default_factory=list,
+    )
 
 
 def run(cfg: ReportConfig):
@@ -271,6 +381,7 @@ def run(cfg: ReportConfig):
         _pairs(cfg.models, "models"),
         _pairs(cfg.tokenizers, "tokenizers"),
         cfg.eval_texts,
+        _pairs(cfg.evals, "evals"),
     )
 
 
