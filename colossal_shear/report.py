@@ -86,16 +86,8 @@ def _plot(series: dict[str, list[tuple[int, float]]], title: str, ylabel: str, p
         if points:
             xs, ys = zip(*points)
             ax.plot(xs, ys, marker="o" if len(points) < 20 else None, markersize=3, label=name)
-    ax.set_title(title)
     ax.set_xlabel("step (stages laid end to end)")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
-    plt.close(fig)
-    return atomic_write_bytes(path, png.getvalue())
+    return _save_plot(fig, ax, path, title, ylabel)
 
 
 @dataclass
@@ -324,15 +316,7 @@ def _plot_models(names: list[str], series: dict[str, list], title: str, ylabel: 
         xs = [i for i, v in enumerate(values) if v is not None]
         ax.plot(xs, [values[i] for i in xs], marker="o", label=label)
     ax.set_xticks(range(len(names)), names, rotation=20)
-    ax.set_title(title)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
-    plt.close(fig)
-    return atomic_write_bytes(path, png.getvalue())
+    return _save_plot(fig, ax, path, title, ylabel)
 
 
 def _eval_summary(results: dict) -> list[tuple[str, str]]:
@@ -397,3 +381,18 @@ if __name__ == "__main__":
     from colossal_shear import cli
 
     sys.exit(cli.run("colossal_shear/report.py", run, show, description=__doc__))
+
+
+def _save_plot(fig, ax, path, title: str, ylabel: str):
+    """Title, grid and legend, then the PNG written atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    plt.close(fig)
+    return atomic_write_bytes(path, png.getvalue())
