@@ -377,12 +377,6 @@ def show(result) -> None:
         log.info(f"  {k:<{width}}  {v}")
 
 
-if __name__ == "__main__":
-    from colossal_shear import cli
-
-    sys.exit(cli.run("colossal_shear/report.py", run, show, description=__doc__))
-
-
 def _save_plot(fig, ax, path, title: str, ylabel: str):
     """Title, grid and legend, then the PNG written atomically; the figure is closed."""
     import matplotlib.pyplot as plt
@@ -396,3 +390,9 @@ def _save_plot(fig, ax, path, title: str, ylabel: str):
     fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
     return atomic_write_bytes(path, png.getvalue())
+
+
+if __name__ == "__main__":
+    from colossal_shear import cli
+
+    sys.exit(cli.run("colossal_shear/report.py", run, show, description=__doc__))
