@@ -88,6 +88,17 @@ def test_prune_stage_resumes_exactly_and_exports_the_target_shape(
     hardness = tb_scalars(full / "tb", "prune/hardness")
     assert [hardness[s] for s in range(1, 7)] == [0.0, 0.0, 0.5, 1.0, 1.0, 1.0]
 
+    # the last steps trained with exactly the masks of the fold: the export scores as the masked model did
+    if plugin == "ddp":
+        proc = run_distributed(
+            TRAIN,
+            *("--pretrained", full / "export", "--dataset", dataset, "--eval_dataset", dataset),
+            *("--plugin", plugin, "--mixed_precision", "fp32", "--batch_size", 2, "--max_steps", 1, "--lr", 0.0),
+        )
+        folded = json.loads(proc.stdout.split("done ", 1)[1].splitlines()[0])["eval"]
+        for cat, loss in folded.items():
+            assert loss == pytest.approx(tb_scalars(full / "tb", f"eval/loss/{cat}")[6], abs=1e-5), cat
+
     config = AutoConfig.from_pretrained(full / "export")
     shape = PruneShape.from_config(config)
     assert shape == PruneShape.parse(TARGET, AutoConfig.from_pretrained(model_dir))
