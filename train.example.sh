@@ -63,9 +63,9 @@ say() { printf '\n=== %s\n' "$*"; }
 
 # ---- 0. the base model ------------------------------------------------------------------------------------------
 if [ -z "$PRETRAINED_MODEL_PATH" ]; then
-  say "bundled base model"
-  $PYTHON -m colossal_shear.bundled "$PARENT_SAVE_DIR/base"
   PRETRAINED_MODEL_PATH=$PARENT_SAVE_DIR/base/tiny-llama
+  if [ -f "$PRETRAINED_MODEL_PATH/config.json" ]; then echo "bundled base model: done ($PRETRAINED_MODEL_PATH)"
+  else say "bundled base model"; $PYTHON -m colossal_shear.bundled "$PARENT_SAVE_DIR/base"; fi
 fi
 
 # ---- 1. vocabulary adaptation: expand the tokenizer, resize the model ---------------------------------------------
