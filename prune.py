@@ -7,7 +7,7 @@ shape (no training).
   --method random      OpenBA-V2's random-selection baseline
 
 The result is a plain Hugging Face directory (safetensors, config.json with the new shape, tokenizer files) that
-loads with AutoModelForCausalLM.from_pretrained. Training-based pruning (hard-concrete masks + Lagrangian) is
+loads with AutoModelForCausalLM.from_pretrained. Training-based pruning (hard-concrete masks held on a ramped target) is
 `train.py --stage prune`. Options: `--help` or docs/cli.md. The work is `colossal_shear.pruning.oneshot.prune_oneshot`;
 see docs/pruning.md.
 """

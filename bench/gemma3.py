@@ -185,7 +185,7 @@ def prune_stage(a, work: Path, src: Path) -> dict:
     t0 = time.perf_counter()
     cmd = [sys.executable, str(ROOT / "train.py"), "--stage", "prune", "--pretrained", str(src), "--dataset"]
     cmd += [str(prepared), "--target_shape", a.target_shape, "--plugin", "ddp", "--mixed_precision", "fp32"]
-    cmd += ["--batch_size", "1", "--max_steps", str(a.prune_steps), "--lagrangian_warmup_steps", "1"]
+    cmd += ["--batch_size", "1", "--max_steps", str(a.prune_steps), "--target_ramp_steps", "1"]
     cmd += ["--save_interval", "0", "--export_dir", str(out), "--overwrite", "--log_interval", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
     if proc.returncode != 0:

@@ -12,7 +12,7 @@ Runs (--runs, comma-separated; all by default):
                              model.compile() before boosting, as train.py --compile)
     gemini, 3d               Gemini (static placement); HybridParallel (tp --tp, pp 1, ZeRO-1 in bf16/fp16)
     prune                    zero2 with what train.py --stage prune adds to a step: sampled L0 masks through hooks,
-                             the Lagrangian penalty, the mask update
+                             the mask update and its projection onto the target
 
 Columns: tokens/s per device, MFU (GPU), peak memory (torch.cuda.max_memory_allocated per run on a GPU; on CPU the
 process's peak resident memory so far) and the ratio to plain torch.compile (or plain eager when it is not run).
@@ -133,9 +133,9 @@ def booster_step_fn(args, device, plugin_name: str, compiled: bool = False, prun
         install_chunked_loss(model)
     opt = make_optimizer(model.parameters(), lr=1e-4)
     booster = Booster(plugin=plugin)
-    masks = lagrangian = mask_opt = None
-    if prune:  # what train.py --stage prune adds to a step: sampled masks via hooks, the penalty, the mask update
-        from colossal_shear.pruning.lagrangian import Lagrangian
+    masks = constraint = mask_opt = None
+    if prune:  # what train.py --stage prune adds to a step: sampled masks via hooks, the mask update, the projection
+        from colossal_shear.pruning.constraint import ShapeConstraint
         from colossal_shear.pruning.masked_model import MaskedModel
         from colossal_shear.pruning.masks import PruningMasks
         from colossal_shear.pruning.shape import PruneShape
@@ -150,8 +150,8 @@ def booster_step_fn(args, device, plugin_name: str, compiled: bool = False, prun
             source.kv_heads,
         )
         masks = PruningMasks(model.config, target).to(device)
-        lagrangian = Lagrangian(source, target, warmup_steps=10).to(device)
-        mask_opt = torch.optim.AdamW(list(masks.parameters()) + list(lagrangian.parameters()), lr=1e-2)
+        constraint = ShapeConstraint(masks, ramp_steps=10)
+        mask_opt = torch.optim.AdamW(list(masks.parameters()), lr=1e-2)
         MaskedModel(model, lambda: masks.sample()).attach()
     if compiled:  # as train.py --compile: before boosting
         model.compile(backend=args.compile_backend)
@@ -162,8 +162,6 @@ def booster_step_fn(args, device, plugin_name: str, compiled: bool = False, prun
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = model(input_ids=data, labels=data).loss
-            if masks is not None:
-                loss = loss + lagrangian.penalty(masks.expected_per_layer(), 5)
         booster.backward(loss, opt)
         opt.step()
         opt.zero_grad()
@@ -176,6 +174,7 @@ def booster_step_fn(args, device, plugin_name: str, compiled: bool = False, prun
                 g.copy_(v.view_as(g))
             mask_opt.step()
             mask_opt.zero_grad()
+            constraint.project(masks, 5)
 
     return step
 

@@ -151,12 +151,12 @@ teacher: /models/teacher
 kd_weight: 0.5
 kd_temperature: 1.0
 target_shape: null
-lag_lr: 0.2
 mask_lr: 1.0
 mask_init: 3.0
 mask_init_from: constant
 mask_init_spread: 2.0
-lagrangian_warmup_steps: null
+target_ramp_steps: null
+mask_harden_steps: null
 save_dir: /runs/x/ckpt
 save_interval: 1000
 keep_last: 2

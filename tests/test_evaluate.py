@@ -116,7 +116,7 @@ def _direct_lm_eval(model_dir, root, limit):
 
     def loader(directory, boolq):
         def load(**_):
-            ds = datasets.load_from_disk(str(directory))
+            ds = datasets.load_from_disk(str(directory), keep_in_memory=True)  # maps write no cache-*.arrow there
             if boolq:
                 ds = ds.map(lambda d: {"label": int(d["answer"])})
             return datasets.DatasetDict({"validation": ds})
@@ -157,6 +157,110 @@ def test_scores_equal_a_direct_lm_eval_run(model_dir, benchmark_data, mc_file, t
             assert mine["acc_norm"] is None
     assert results["tasks"]["capitals"]["n"] == 3
     assert set(results["tasks"]["capitals"]) == {"acc", "acc_norm", "acc_stderr", "n"}
+
+
+def test_documents_in_pieces_pool_to_one_run(model_dir, benchmark_data, mc_file):
+    """run_tasks(samples=range(N)) scores what limit=N does; two disjoint pieces pool to those figures."""
+    from colossal_shear.eval.config import EvalConfig
+    from colossal_shear.eval.harness import make_lm, run_tasks
+    from colossal_shear.eval.results import pool
+    from colossal_shear.eval.run import load_model
+
+    lm = make_lm(*load_model(EvalConfig(model=model_dir, tasks=["piqa"])), 4, progress=False)
+    tasks = ["piqa", str(mc_file)]
+    whole = run_tasks(lm, tasks, limit=3)
+    assert run_tasks(lm, tasks, samples=[2, 0, 1]) == whole  # unsorted on purpose
+    pieces = [run_tasks(lm, tasks, samples=docs) for docs in ([0], [1, 2])]
+    for name in ("piqa", "capitals"):
+        pooled = pool([piece[name] for piece in pieces])
+        assert list(pooled) == ["acc", "acc_norm", "acc_stderr", "n"] and pooled["n"] == whole[name]["n"] == 3
+        assert (pooled["acc"], pooled["acc_norm"]) == (whole[name]["acc"], whole[name]["acc_norm"])
+        assert pooled["acc_stderr"] == pytest.approx(whole[name]["acc_stderr"], rel=1e-12, abs=1e-15)
+    with pytest.raises(ValueError, match="limit or samples"):
+        run_tasks(lm, tasks, limit=3, samples=[0])
+
+
+@pytest.mark.parametrize("split", [1, 7, 30])
+def test_pool_equals_lm_evals_mean_and_stderr(split):
+    from lm_eval.api.metrics import mean, mean_stderr
+
+    from colossal_shear.eval.results import pool
+
+    acc = [float(i % 3 == 0 or i % 7 == 1) for i in range(37)]
+    norm = [float(i % 2 == 0) for i in range(37)]
+
+    def piece(lo, hi):
+        return {"acc": mean(acc[lo:hi]), "acc_norm": mean(norm[lo:hi]), "acc_stderr": None, "n": hi - lo}
+
+    pooled = pool([piece(0, split), piece(split, 37)])
+    assert (pooled["acc"], pooled["acc_norm"], pooled["n"]) == (mean(acc), mean(norm), 37)
+    assert pooled["acc_stderr"] == pytest.approx(mean_stderr(acc), rel=1e-12)
+    assert pool([{**piece(0, 37), "acc_norm": None}])["acc_norm"] is None
+    with pytest.raises(ValueError, match="not a fraction"):
+        pool([{"acc": 0.4, "acc_norm": None, "n": 3}])
+
+
+def _store_pieces(path, task, starts, docs, size):
+    from colossal_shear.eval.chunks import store_chunk
+
+    for start in starts:
+        n = min(size, docs - start)
+        store_chunk(
+            path, task, start, {"acc": (start // size % 2) / 1, "acc_norm": None, "n": n, "seconds": 1.0}, docs, size
+        )
+
+
+def test_pieces_resume_and_concurrent_writers_keep_each_others(tmp_path):
+    """Two processes store disjoint shards of two tasks in one file at once: every piece kept, each task pooled when
+    its last piece is in; a stopped run's pending pieces are the rest; finished entries are kept; another --chunk on
+    the same file is one error line."""
+    import multiprocessing
+
+    from colossal_shear.core.errors import ConfigError
+    from colossal_shear.eval.chunks import chunk_starts, pending, read_store, store_task
+
+    out = tmp_path / "bench.json"
+    store_task(out, "piqa", {"acc": 0.5, "acc_norm": 0.5, "acc_stderr": 0.1, "n": 4, "seconds": 2.0})
+    docs, size = 103, 5
+    assert pending(out, "boolq", docs, size, (1, 2)) == chunk_starts(docs, size)[1::2]
+    _store_pieces(out, "boolq", [0, 5], docs, size)  # a run stopped after two pieces
+    assert pending(out, "boolq", docs, size) == list(range(10, 103, 5))
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=_store_pieces, args=(out, task, pending(out, task, docs, size, (i, 2)), docs, size))
+        for i in range(2)
+        for task in ("boolq", "copa")
+    ]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+        assert proc.exitcode == 0
+    data = read_store(out)
+    assert data["piqa"]["n"] == 4
+    for task in ("boolq", "copa"):
+        assert "chunks" not in data[task] and data[task]["n"] == docs and data[task]["seconds"] == 21.0
+        assert data[task]["acc"] == sum(min(size, docs - s) for s in range(5, docs, 10)) / docs
+        assert pending(out, task, docs, size) == []
+    _store_pieces(out, "sciq", [0], 20, 10)
+    with pytest.raises(ConfigError, match="pieces of 10 of 20 documents, not 5 of 20: give --chunk 10"):
+        pending(out, "sciq", 20, 5)
+
+
+def test_a_mapped_copy_of_the_data_is_read_once(benchmark_data, tmp_path):
+    """`datasets` writes cache-*.arrow files beside a dataset loaded from disk and mapped: they are not documents."""
+    import datasets
+
+    from colossal_shear.eval.benchmarks import BENCHMARKS, benchmark_yaml, num_documents
+
+    copy = tmp_path / "data"
+    shutil.copytree(benchmark_data / BENCHMARKS["arc_challenge"].data, copy / BENCHMARKS["arc_challenge"].data)
+    split = copy / BENCHMARKS["arc_challenge"].data / "validation"
+    datasets.load_from_disk(str(split)).map(lambda d: {"extra": 1})
+    assert list(split.glob("cache-*.arrow"))
+    assert num_documents("arc_challenge", copy) == 299
+    files = benchmark_yaml("arc_challenge", copy, tmp_path / "hf")["dataset_kwargs"]["data_files"]["validation"]
+    assert [os.path.basename(f) for f in files] == ["data-00000-of-00001.arrow"]
 
 
 def test_cli_runs_with_networking_disabled(model_dir, benchmark_data, mc_file, tmp_path):

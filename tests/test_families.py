@@ -263,7 +263,7 @@ def test_prune_stage_hooks_train_and_fold_exactly(family, family_model, ids):
             gate.log_alpha.copy_(torch.randn(gate.log_alpha.shape, generator=torch.Generator().manual_seed(2)))
     stage.train(True)
     stage.before_forward(0, 0)
-    loss = model(ids, labels=ids).loss + stage.extra_loss(0, None, None)
+    loss = model(ids, labels=ids).loss
     loss.backward()
     for kind, gate in stage.masks.gates.items():
         assert gate.log_alpha.grad is not None and gate.log_alpha.grad.abs().sum() > 0, kind
@@ -285,7 +285,7 @@ def test_prune_stage_on_two_processes_exports_qwen3(family_model, dataset, tmp_p
         ROOT / "train.py",
         *("--stage", "prune", "--pretrained", src, "--dataset", dataset, "--plugin", "ddp"),
         *("--mixed_precision", "fp32", "--batch_size", 2, "--max_steps", 3, "--lr", 1e-3, "--warmup_steps", 1),
-        *("--target_shape", "48,2,3,128,1", "--lagrangian_warmup_steps", 2, "--save_interval", 100),
+        *("--target_shape", "48,2,3,128,1", "--target_ramp_steps", 2, "--save_interval", 100),
         *("--save_dir", tmp_path / "ckpt", "--export_dir", tmp_path / "export"),
     )
     config = AutoConfig.from_pretrained(tmp_path / "export")

@@ -289,7 +289,7 @@ def test_prune_stage_on_two_hosts_writes_each_file_once(cluster, model_dir, data
             "prune",
             "--target_shape",
             target,
-            "--lagrangian_warmup_steps",
+            "--target_ramp_steps",
             2,
             "--export_dir",
             tmp_path / "export",

@@ -1,5 +1,5 @@
 """Structured pruning: shapes, hard-concrete gates, masks on the standard HF Llama, folding, one-shot methods, the
-Lagrangian, the distillation loss and the prune.py CLI. All on the bundled tiny GQA Llama (4 heads in 2 KV groups)."""
+target ramp and projection, the KD loss, prune.py. All on the bundled tiny GQA Llama (4 heads in 2 KV groups)."""
 
 import importlib.util
 import json
@@ -13,9 +13,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
+from colossal_shear.pruning.constraint import ShapeConstraint
 from colossal_shear.pruning.fold import fold, save_folded
 from colossal_shear.pruning.hard_concrete import HardConcrete
-from colossal_shear.pruning.lagrangian import Lagrangian
 from colossal_shear.pruning.masked_model import MaskedModel
 from colossal_shear.pruning.masks import KINDS, PruningMasks
 from colossal_shear.pruning.oneshot import calibration_batches, depth_masks, importance_masks, random_masks
@@ -411,56 +411,44 @@ def test_expected_shape_and_params(model):
     masks2.load_state_dict(masks2.state_dict())
 
 
-# ------------------------------------------------------------------------------------------------ lagrangian
-def test_lagrangian_ramp_and_penalty():
-    target = PruneShape(48, 4, 3, 96, 2)  # heads and kv_heads unchanged: no constraint for them
-    lag = Lagrangian(SOURCE, target, warmup_steps=10)
-    assert lag.constraints == ["hidden", "layers", "intermediate"]
-    assert lag.target_at(0) == {"hidden": 64.0, "layers": 4.0, "intermediate": 192.0}
-    assert lag.target_at(5) == {"hidden": 56.0, "layers": 3.5, "intermediate": 144.0}
-    assert lag.target_at(10) == lag.target_at(1000) == {"hidden": 48.0, "layers": 3.0, "intermediate": 96.0}
-    assert Lagrangian(SOURCE, target, warmup_steps=0).target_at(0)["hidden"] == 48.0
-    expected = {
-        "hidden": torch.tensor(60.0, requires_grad=True),
-        "layers": torch.tensor(4.0),
-        "heads": torch.tensor(4.0),
-        "kv_heads": torch.tensor(2.0),
-        "intermediate": torch.tensor(150.0),
-    }
-    assert float(lag.penalty(expected, 10).detach()) == 0.0  # multipliers start at 0
-    with torch.no_grad():
-        lag.lambda_1.copy_(torch.tensor([1.0, 2.0, 0.5]))
-        lag.lambda_2.copy_(torch.tensor([3.0, 0.0, 1.0]))
-    diffs = [60 / 64 - 48 / 64, 4 / 4 - 3 / 4, 150 / 192 - 96 / 192]
-    manual = sum(l1 * d + l2 * d * d for l1, l2, d in zip([1.0, 2.0, 0.5], [3.0, 0.0, 1.0], diffs))
-    penalty = lag.penalty(expected, 10)
-    assert abs(float(penalty.detach()) - manual) < 1e-6
-    penalty.backward()
-    # too big a model with positive multipliers: descent on the masks shrinks it; ascent on lambda1 grows it
-    assert expected["hidden"].grad > 0
-    assert torch.allclose(lag.lambda_1.grad, torch.tensor(diffs))
-    assert torch.allclose(lag.lambda_2.grad, torch.tensor(diffs) ** 2)
-    # at the ramp's start the target is the source: a model of the source's size costs nothing
-    src = {
-        k: torch.tensor(float(getattr(SOURCE, k))) for k in ("hidden", "layers", "heads", "kv_heads", "intermediate")
-    }
-    assert float(lag.penalty(src, 0).detach()) == 0.0
+# ------------------------------------------------------------------------------------------------ constraint
+def test_target_ramps_from_the_initial_expected_shape(model):
+    masks = PruningMasks(model.config, PruneShape(48, 4, 3, 96, 2), init_log_alpha=3.0)
+    con = ShapeConstraint(masks, ramp_steps=10)
+    assert con.constraints == ["hidden", "layers", "intermediate"]  # heads and kv_heads unchanged
+    start = {k: float(v.detach()) for k, v in masks.expected_shape().items()}
+    assert con.target_at(0) == {k: start[k] for k in con.constraints}
+    assert abs(con.target_at(5)["hidden"] - (start["hidden"] + 48) / 2) < 1e-9
+    assert con.target_at(10) == con.target_at(1000) == {"hidden": 48.0, "layers": 3.0, "intermediate": 96.0}
+    assert ShapeConstraint(masks, ramp_steps=0).target_at(0)["hidden"] == 48.0
 
 
-def test_lagrangian_quadratic_term_is_per_layer_then_averaged(model):
-    """The reference takes lambda1 d + lambda2 d^2 per layer, then the mean: two layers at +-0.25 off target cost
-    lambda2 * 0.0625 although their mean is on target (the mean-over-layers form gave 0)."""
-    target = PruneShape(64, 4, 4, 96, 2)
-    lag = Lagrangian(SOURCE, target, warmup_steps=0)
-    assert lag.constraints == ["intermediate"]
+def test_projection_puts_every_layer_on_target_and_keeps_the_order(model):
+    """After project(), the expected count of every dim (per layer for heads, KV groups and neurons) equals the
+    ramped target, log_alpha stays in the clamp range, and each row's order of gates (what binarize keeps) is that
+    of before: the projection only shifts."""
+    target = PruneShape(48, 1, 3, 128, 1)  # one KV group of two, one query head of its two
+    masks = PruningMasks(model.config, target, init_log_alpha=1.0, seed=3)
     with torch.no_grad():
-        lag.lambda_1.fill_(1.0)
-        lag.lambda_2.fill_(2.0)
-    per_layer = torch.tensor([96 + 48.0, 96 - 48.0, 96.0, 96.0])  # d = +0.25, -0.25, 0, 0
-    got = float(lag.penalty({"intermediate": per_layer}, 0).detach())
-    assert abs(got - 2.0 * (0.0625 + 0.0625) / 4) < 1e-7
-    assert float(lag.penalty({"intermediate": per_layer.mean()}, 0).detach()) == 0.0
-    masks = PruningMasks(model.config, PruneShape(48, 2, 3, 128, 1))
+        for gate in masks.gates.values():
+            gate.log_alpha.normal_(0.0, 2.0, generator=torch.Generator().manual_seed(5))
+    masks.constrain()
+    before = {k: g.log_alpha.detach().clone() for k, g in masks.gates.items()}
+    con = ShapeConstraint(masks, ramp_steps=4)
+    assert con.constraints == ["hidden", "layers", "kv_heads", "heads", "intermediate"]
+    for step in (2, 4):
+        con.project(masks, step)
+        want = con.target_at(step)
+        per = masks.expected_per_layer()
+        for dim, value in want.items():
+            got = per[dim] if per[dim].dim() else per[dim].reshape(1)
+            assert torch.allclose(got.double(), torch.full_like(got.double(), value), atol=1e-4), (step, dim, got)
+    for kind, gate in masks.gates.items():
+        la = gate.log_alpha.detach()
+        assert la.min() >= math.log(0.01) - 1e-6 and la.max() <= math.log(100) + 1e-6
+        order = torch.argsort(before[kind], dim=-1, stable=True)
+        assert bool((la.gather(-1, order).diff(dim=-1) >= -1e-6).all()), kind
+    assert masks.expected_shape()["hidden"].item() == pytest.approx(48.0, abs=1e-4)
     per = masks.expected_per_layer()
     assert per["intermediate"].shape == per["heads"].shape == per["kv_heads"].shape == (4,)
     for k, v in masks.expected_shape().items():

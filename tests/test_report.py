@@ -31,6 +31,9 @@ def test_report_from_tensorboard_logs(tmp_path, model_dir, tokenizer_dir):
     assert int(rows["parameters (base)"].replace(",", "")) == expected
     assert 0 < float(rows["tokens per character (base)"]) < 3
     assert "| prune | 4.4000 |" in text and "| continue | 3.4000 |" in text
+    # expected sparsity 0.3 against 0.5 at the end: the report says the masks were folded off target
+    assert "NOT converged" in rows["prune convergence (sparsity gap to target)"]
+    assert "WARNING: the prune stage did not converge" in text
     for png in ("loss_per_stage", "eval_loss_per_category", "domain_weights", "expected_sparsity"):
         assert (tmp_path / "out" / f"{png}.png").stat().st_size > 1000
         assert f"({png}.png)" in text

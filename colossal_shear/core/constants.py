@@ -52,4 +52,4 @@ def __getattr__(name: str):
 
 
 # a pruned dimension further than this from its target at the end of the prune stage is reported NOT CONVERGED
-PRUNE_TOLERANCE = 0.05
+PRUNE_TOLERANCE = 0.03

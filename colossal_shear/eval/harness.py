@@ -53,8 +53,16 @@ def run_tasks(
     limit: int | None = None,
     data_dir: Path | None = None,
     seed: int = 1234,
+    samples: list[int] | None = None,
 ) -> dict[str, dict] | None:
-    """{task: {acc, acc_norm, acc_stderr, n}} (None on ranks other than 0 of a data-parallel run)."""
+    """{task: {acc, acc_norm, acc_stderr, n}} (None on ranks other than 0 of a data-parallel run).
+
+    `samples`: only these documents (indices into each task's validation set; not with `limit`), through lm-eval's
+    `simple_evaluate(samples=...)`. `samples=range(N)` scores exactly what `limit=N` does; at 0-shot any disjoint
+    pieces pool (`results.pool`) to the whole run's figures. With few-shot examples a piece's prompts differ from the
+    whole run's (lm-eval draws each document's examples from one random sequence per task, in document order)."""
+    if samples is not None:
+        samples = _check_samples(samples, limit)
     go_offline()
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -69,6 +77,7 @@ def run_tasks(
             tasks=names,
             num_fewshot=num_fewshot,
             limit=limit,
+            samples=None if samples is None else dict.fromkeys(names, samples),
             task_manager=manager,
             random_seed=seed,
             numpy_random_seed=seed,
@@ -76,6 +85,17 @@ def run_tasks(
             fewshot_random_seed=seed,
         )
     return None if out is None else task_scores(out, names)
+
+
+def _check_samples(samples, limit: int | None) -> list[int]:
+    """Sorted, distinct, non-empty (lm-eval reads an empty list as "all documents" and maps its own positions back to
+    document indices assuming ascending order)."""
+    if limit is not None:
+        raise ValueError("run_tasks: give limit or samples, not both")
+    indices = sorted(set(samples))
+    if not indices or indices[0] < 0:
+        raise ValueError(f"run_tasks: samples must be non-empty document indices >= 0, got {list(samples)[:5]}")
+    return indices
 
 
 def task_scores(out: dict, names: list[str]) -> dict[str, dict]:

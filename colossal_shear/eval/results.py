@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from colossal_shear.core.fsutil import atomic_write_text
@@ -26,6 +27,38 @@ def write_results(path: str | Path, results: dict) -> Path:
 def read_results(path: str | Path) -> dict:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def correct(score: float | None, n: int) -> int | None:
+    """How many of `n` documents a score of accuracy type (a mean of 0/1 outcomes: acc, acc_norm) counts as right."""
+    if score is None:
+        return None
+    count = round(score * n)
+    if abs(score * n - count) > 1e-6 * max(1, n):
+        raise ValueError(f"{score} over {n} documents is not a fraction of right answers")
+    return count
+
+
+def pool(chunks: list[dict]) -> dict:
+    """{acc, acc_norm, acc_stderr, n} of the union of disjoint pieces of one task, each {acc, acc_norm, n, ...}: the
+    right answers summed over the pieces, and lm-eval's standard error of a mean (the sample standard deviation over
+    sqrt(n); for 0/1 outcomes sqrt(p (1 - p) / (n - 1))), as one run over the same documents gives them."""
+    n = sum(c["n"] for c in chunks)
+    if not chunks or n == 0:
+        raise ValueError("pool: no documents")
+    out = {}
+    for key in ("acc", "acc_norm"):
+        counts = [correct(c[key], c["n"]) for c in chunks]
+        if all(k is None for k in counts):
+            out[key] = None
+        elif any(k is None for k in counts):
+            raise ValueError(f"pool: {key} is missing from some pieces only")
+        else:
+            out[key] = sum(counts) / n
+    p = out["acc"]
+    out["acc_stderr"] = None if n < 2 or p is None else math.sqrt(p * (1 - p) / (n - 1))
+    out["n"] = n
+    return out
 
 
 def _fmt(value, spec: str = ".4f") -> str:

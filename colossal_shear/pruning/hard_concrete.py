@@ -18,7 +18,7 @@ LIMIT_R = 1.1
 BETA = 2.0 / 3.0
 EPS = 1e-6
 # log_alpha is kept in [ln 0.01, ln 100] (about +-4.6), as the reference does before every forward: beyond it the
-# sigmoid is flat, the gates stop responding to the Lagrangian and the expected shape never reaches the target.
+# sigmoid is flat, the gates stop responding and the projection onto the target (constraint.py) has nothing to move.
 LOG_ALPHA_MIN = math.log(1e-2)
 LOG_ALPHA_MAX = math.log(1e2)
 

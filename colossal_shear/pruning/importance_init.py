@@ -1,6 +1,6 @@
 """Importance-initialised masks: Minitron activation importance orders the initial log_alpha of the L0 masks.
 
-With a constant init every unit starts equal and the Lagrangian must discover which to drop from noisy gradients;
+With a constant init every unit starts equal and the masks must discover which to drop from noisy gradients;
 here the units the calibration activations rank lowest start lowest, so the masks start already ordered the way
 one-shot importance pruning would cut. Each pruned kind's scores are ranked within their row (per layer for heads,
 groups and neurons; over all units for hidden channels and layers) and mapped linearly to

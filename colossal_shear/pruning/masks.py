@@ -227,7 +227,7 @@ class PruningMasks(nn.Module):
 
     def expected_per_layer(self) -> dict[str, torch.Tensor]:
         """Like `expected_shape`, but 'heads', 'kv_heads' and 'intermediate' are [L] vectors (one expected count per
-        source layer): the Lagrangian takes its quadratic term per layer, then the mean, as the reference does."""
+        source layer): the projection puts every layer on the target (constraint.py)."""
         p = self.keep_probs()
         return {
             "hidden": p["hidden"].sum(),
@@ -267,6 +267,17 @@ class PruningMasks(nn.Module):
         det = self.deterministic()
         values = {k: det[k].clamp(min=self.min_kept_value) for k in ("layer", "group", "head", "intermediate")}
         return select(self.source, self.target, scores, values, self.device, self.layer_pattern)
+
+    @torch.no_grad()
+    def dropped_share(self) -> dict[str, float]:
+        """Per learnable kind, the share of the deterministic gates' sum that `binarize()` would set to 0: how much
+        of what the masked model still uses the fold removes (0: the fold removes only gates already off)."""
+        det, kept = self.deterministic(), self.binarize()
+        out = {}
+        for kind in self.pruned:
+            total = float(det[kind].sum())
+            out[kind] = float(det[kind][kept[kind] == 0].sum()) / total if total > 0 else 0.0
+        return out
 
 
 def _sizes(shape: PruneShape) -> dict[str, float]:

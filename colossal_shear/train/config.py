@@ -6,7 +6,7 @@ and help (colossal_shear.core.config derives argparse, YAML and docs/cli.md from
     data        the datasets and how they are sampled (batches.py, dynamic loading)
     optim       the schedule and the optimizer: batch sizes, steps, learning rate (trainer.py, optim.py)
     parallel    plugin, precision and parallel layout (distributed/plugins.py, engine.py)
-    prune       the prune stage's masks and Lagrangian (stages/prune.py)
+    prune       the prune stage's masks and their target ramp (stages/prune.py)
     distill     the teacher and the distillation term (stages/distill.py)
     checkpoint  checkpoints, resuming and the export (io/checkpoint.py, io/export.py)
     log         tensorboard, log lines and evaluations (io/run_logger.py)
@@ -157,10 +157,6 @@ class PruneConfig:
         "prune stage: target 'hidden,heads,layers,intermediate[,kv_heads]' or a "
         "config.json / HF model directory with the target shape",
     )
-    lag_lr: float = option(
-        0.2,
-        "prune stage: peak learning rate of the Lagrangian multipliers (gradient ascent; the --lr schedule scales it)",
-    )
     mask_lr: float = option(
         1.0, "prune stage: peak learning rate of the masks' log_alpha (the --lr schedule scales it)"
     )
@@ -180,12 +176,20 @@ class PruneConfig:
         2.0,
         "prune stage: with --mask_init_from importance, the most / least important unit starts at mask_init +- this",
     )
-    lagrangian_warmup_steps: int | None = option(
-        None, "prune stage: steps over which the target shape ramps in", default_text="40% of the steps, at least 30"
+    target_ramp_steps: int | None = option(
+        None,
+        "prune stage: steps over which the target shape ramps in (the masks' expected shape follows it exactly)",
+        default_text="40% of the steps",
+    )
+    mask_harden_steps: int | None = option(
+        None,
+        "prune stage: steps after the ramp over which the gates move from stochastic to the binary masks of the "
+        "fold (the rest of the run trains with exactly those)",
+        default_text="30% of the steps",
     )
 
     def __post_init__(self):
-        _not_negative(self, "lagrangian_warmup_steps")
+        _not_negative(self, "target_ramp_steps", "mask_harden_steps")
 
 
 @dataclass

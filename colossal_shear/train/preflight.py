@@ -121,6 +121,13 @@ def _check_prune(cfg: TrainConfig, model_config) -> None:
         PruneShape.parse(target, model_config).validate_against(PruneShape.from_config(model_config))
     except (ValueError, FileNotFoundError) as e:
         raise TrainingError(f"--target_shape: {e}") from None
+    from colossal_shear.pruning.constraint import schedule
+
+    try:
+        if cfg.optim.max_steps is not None:  # else known once the data is counted: the stage checks it then
+            schedule(cfg.optim.max_steps, cfg.prune.target_ramp_steps, cfg.prune.mask_harden_steps)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
     if cfg.parallel.plugin == "3d":
         raise TrainingError(
             "--stage prune runs under ddp, zero2, zero2_cpu or gemini: the 3d plugin's shardformer "

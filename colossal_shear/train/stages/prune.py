@@ -1,12 +1,12 @@
-"""The prune stage inside the trainer: hard-concrete masks on the standard HF model, a Lagrangian driving their
-expected shape to the target, and at the end binary masks folded into a smaller plain HF model.
+"""The prune stage inside the trainer: hard-concrete masks on the standard HF model, their expected shape held on a
+target that ramps in (a projection after every mask update: pruning/constraint.py), and at the end binary masks
+folded into a smaller plain HF model.
 
-The masks and multipliers live outside the Booster (they are tiny, fp32, and replicated on every rank): their
-gradients are averaged over all ranks by hand after each backward, and their own AdamW steps them (masks by
-descent, multipliers by ascent: a min-max game). Their state travels in the trainer checkpoint. As in the reference
-(Sheared-LLaMA), log_alpha is clamped to [ln 0.01, ln 100] before every forward, and the model's warm-up + cosine
-schedule scales the masks' and multipliers' learning rates too (their own scheduler, stepped here: the trainer's
-optimizer and scheduler are untouched), with betas (0.9, 0.95).
+The masks live outside the Booster (they are tiny, fp32, and replicated on every rank): their gradients are averaged
+over all ranks by hand after each backward, and their own AdamW steps them. Their state travels in the trainer
+checkpoint. As in the reference (Sheared-LLaMA), log_alpha is kept in [ln 0.01, ln 100], and the model's warm-up +
+cosine schedule scales the masks' learning rate too (their own scheduler, stepped here: the trainer's optimizer and
+scheduler are untouched), with betas (0.9, 0.95).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from colossal_shear.core.constants import (
     PRUNE_TOLERANCE as CONVERGED_TOLERANCE,
 )  # one threshold for the log and the report
 from colossal_shear.core.logger import get_logger
+from colossal_shear.pruning.constraint import ShapeConstraint, schedule
 from colossal_shear.pruning.fold import fold
-from colossal_shear.pruning.lagrangian import Lagrangian
 from colossal_shear.pruning.masked_model import MaskedModel
 from colossal_shear.pruning.masks import PruningMasks
 from colossal_shear.pruning.shape import PruneShape
@@ -29,17 +29,7 @@ from colossal_shear.train.stages.base import StageHooks
 
 log = get_logger(__name__)
 
-# The target ramp: RAMP_FRACTION of the prune steps, at least RAMP_MIN_STEPS (the masks need about that long to
-# follow a moving target without overshooting it), never more than all of them.
-RAMP_FRACTION = 0.4
-RAMP_MIN_STEPS = 30
-# Steps after the ramp the masks need to settle on the target (measured on the bundled tiny model: docs/pruning.md).
-SETTLE_STEPS = 60
 BETAS = (0.9, 0.95)
-
-
-def default_ramp(total_steps: int) -> int:
-    return min(total_steps, max(int(RAMP_FRACTION * total_steps), RAMP_MIN_STEPS))
 
 
 class PruneStage(StageHooks):
@@ -64,58 +54,61 @@ class PruneStage(StageHooks):
         self.source = PruneShape.from_config(model_config)
         self.target = PruneShape.parse(cfg.target_shape, model_config)
         self.target.validate_against(self.source)
-        ramp = cfg.lagrangian_warmup_steps if cfg.lagrangian_warmup_steps is not None else default_ramp(total_steps)
+        ramp, harden = schedule(total_steps, cfg.target_ramp_steps, cfg.mask_harden_steps)
         self.masks = PruningMasks(model_config, self.target, init_log_alpha=cfg.mask_init, seed=seed).to(device)
         if cfg.mask_init_from == "importance":
             from colossal_shear.pruning.importance_init import importance_log_alpha
 
             importance_log_alpha(self.masks, model, calibration_dataset, cfg.mask_init, cfg.mask_init_spread)
         self.masks.constrain()
-        self.lagrangian = Lagrangian(self.source, self.target, warmup_steps=ramp).to(device)
+        self.constraint = ShapeConstraint(self.masks, ramp, harden)
         self.optimizer = torch.optim.AdamW(
-            [
-                {"params": list(self.masks.parameters()), "lr": cfg.mask_lr, "weight_decay": 0.0},
-                {"params": list(self.lagrangian.parameters()), "lr": cfg.lag_lr, "weight_decay": 0.0},
-            ],
-            betas=BETAS,
+            [{"params": list(self.masks.parameters()), "lr": cfg.mask_lr, "weight_decay": 0.0}], betas=BETAS
         )
         self.scheduler = warmup_cosine(self.optimizer, warmup_steps, total_steps)
         self._seed = (seed, 0, 0)
+        self._hardness, self._binary = 0.0, None
         self.masked = MaskedModel(model, self._current_z)
         self.masked.attach()
-        self.last_penalty = None  # a device tensor, read back only when the step's scalars are logged
-        if total_steps < ramp + SETTLE_STEPS:
-            self._say(
-                f"WARNING: {total_steps} prune steps with a {ramp}-step target ramp: the masks need about "
-                f"{SETTLE_STEPS} steps after the ramp to settle, so they will probably end off target "
-                f"(use --max_steps >= {ramp + SETTLE_STEPS} or a shorter --lagrangian_warmup_steps)"
-            )
+        self._say(
+            f"the target shape ramps in over steps 0-{ramp} of {total_steps} (the masks' expected shape is held on "
+            f"it at every step), the masks harden to binary over steps {ramp}-{ramp + harden}, and the last "
+            f"{total_steps - ramp - harden} steps train with exactly the masks of the fold"
+        )
 
     def _say(self, line: str) -> None:
         (log.warning if "WARNING" in line else log.info)(f"prune: {line}")
 
     def _current_z(self):
+        a = self._hardness
+        if a >= 1.0:
+            return self._binary
         if self.masks.training:
             g = torch.Generator(device=self.device).manual_seed(hash(self._seed) % (2**62))
-            return self.masks.sample(generator=g)
-        return self.masks.deterministic()
+            z = self.masks.sample(generator=g)
+        else:
+            z = self.masks.deterministic()
+        if a > 0.0:
+            z = {k: (1 - a) * v + a * self._binary[k] for k, v in z.items()}
+        return z
 
     def before_forward(self, step: int, micro: int) -> None:
         """Masks are resampled for every micro-batch from a seed of (seed, step, micro, rank): exact on resume."""
         self._seed = (self.seed, step, micro, self.dp_rank)
         self.masks.constrain()
-
-    def extra_loss(self, step, inputs, outputs) -> torch.Tensor:
-        loss = self.lagrangian.penalty(self.masks.expected_per_layer(), step)
-        self.last_penalty = loss.detach()
-        return loss
+        if micro == 0:
+            self._hardness = self.constraint.hardness(step)
+            self._binary = self.masks.binarize() if self._hardness > 0 else None
 
     def after_optimizer_step(self, step: int, applied: bool) -> None:
-        if applied:
+        """Fully hardened masks no longer move: the binary masks the model trains with stay those of the fold."""
+        if applied and self._hardness < 1.0:
             self._step()
         else:
             self.optimizer.zero_grad()
         self.scheduler.step()  # like the trainer's: every step, applied or skipped
+        if self._hardness < 1.0:
+            self.constraint.project(self.masks, step + 1)  # the next step's target
 
     def _step(self) -> None:
         grads = [p.grad for group in self.optimizer.param_groups for p in group["params"]]
@@ -128,11 +121,10 @@ class PruneStage(StageHooks):
         dist.all_reduce(flat)
         flat /= dist.get_world_size()
         offset = 0
-        for group_index, group in enumerate(self.optimizer.param_groups):
+        for group in self.optimizer.param_groups:
             for p in group["params"]:
                 n = p.numel()
-                g = flat[offset : offset + n].view_as(p)
-                p.grad = -g if group_index == 1 else g  # multipliers: ascent
+                p.grad = flat[offset : offset + n].view_as(p).clone()
                 offset += n
         self.optimizer.step()
         self.optimizer.zero_grad()
@@ -150,12 +142,9 @@ class PruneStage(StageHooks):
         }
 
     def scalars(self, step: int) -> dict:
-        targets = self.lagrangian.target_at(step)
+        targets = self.constraint.target_at(step)
         log_alpha = [g.log_alpha.detach() for g in self.masks.gates.values()]
-        out = {
-            "prune/expected_params": float(self.masks.expected_params().detach()),
-            "prune/lagrangian": None if self.last_penalty is None else float(self.last_penalty),
-        }
+        out = {"prune/expected_params": float(self.masks.expected_params().detach())}
         if log_alpha:  # none when the target is the source's shape
             out["prune/log_alpha_min"] = min(float(a.min()) for a in log_alpha)
             out["prune/log_alpha_max"] = max(float(a.max()) for a in log_alpha)
@@ -163,22 +152,23 @@ class PruneStage(StageHooks):
             out[f"prune/expected_sparsity/{k}"] = expected
             out[f"prune/target_sparsity/{k}"] = target
             if k in targets:
-                out[f"prune/ramped_target/{k}"] = targets[k]
-        for k, (l1, l2) in self.lagrangian.lambdas().items():
-            out[f"prune/lambda_1/{k}"], out[f"prune/lambda_2/{k}"] = l1, l2
+                out[f"prune/ramped_target_sparsity/{k}"] = 1 - targets[k] / getattr(self.source, k)
+        out["prune/hardness"] = self.constraint.hardness(step)
+        for kind, share in self.masks.dropped_share().items():
+            out[f"prune/dropped_share/{kind}"] = share
         return out
 
     def state_dict(self) -> dict:
         return {
             "masks": self.masks.state_dict(),
-            "lagrangian": self.lagrangian.state_dict(),
+            "constraint": self.constraint.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.masks.load_state_dict(state["masks"])
-        self.lagrangian.load_state_dict(state["lagrangian"])
+        self.constraint.load_state_dict(state["constraint"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
@@ -186,7 +176,7 @@ class PruneStage(StageHooks):
         """|expected - target| sparsity per pruned dim, printed before folding; loud when one is off by more than
         CONVERGED_TOLERANCE (the binary masks then force a shape the training did not reach: expect a worse
         model)."""
-        gaps = {k: abs(e - t) for k, (e, t) in self.sparsity().items() if k in self.lagrangian.constraints}
+        gaps = {k: abs(e - t) for k, (e, t) in self.sparsity().items() if k in self.constraint.constraints}
         self._say("convergence |expected - target| sparsity: " + ", ".join(f"{k} {v:.3f}" for k, v in gaps.items()))
         off = {k: v for k, v in gaps.items() if v > CONVERGED_TOLERANCE}
         if off:
