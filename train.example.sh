@@ -36,6 +36,7 @@ PRUNE_STEPS=${PRUNE_STEPS:-200}                                    # masks settl
 #   depth       prune.py --method depth --match_params (whole layers: as many as give the target's parameter
 #               count), then the same recovery
 # Rule for the default: importance (to be set from docs/benchmarks.md, pruning quality, by the user's budget).
+# A finished prune stage is kept: to switch methods after it ran, delete $PARENT_SAVE_DIR/prune (and the stages after).
 PRUNE_METHOD=${PRUNE_METHOD:-importance}
 PRUNE_KD=${PRUNE_KD:-1}              # distil the prune stage: l0 from the parent (--teacher parent), one-shot from align
 PRUNE_KD_WEIGHT=${PRUNE_KD_WEIGHT:-1.0}                            # --kd_weight of the prune stage
