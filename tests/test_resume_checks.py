@@ -234,3 +234,18 @@ def test_a_dataset_manifest_part_going_up_is_refused(dataset, tokenizer_dir, tmp
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DatasetMismatch, match="is an absolute path"):
         open_prepared([str(copy)], AutoTokenizer.from_pretrained(tokenizer_dir))
+
+
+def test_a_new_lm_weight_or_teacher_is_refused_on_resume():
+    """The distillation mix is fixed for a run (origin.FIXED): a resume that changes it names the flag in one line."""
+    from colossal_shear.train.io.origin import FIXED, mismatch
+
+    assert {"distill.kd_weight", "distill.lm_weight"} <= set(FIXED)
+    same = {"model": {"config": {}, "weights": "w", "path": "m"}, "tokenizer": "t", "dataset": {"hash": "d"}}
+    saved = {**same, "settings": {"distill.lm_weight": 1.0, "distill.teacher": "parent"}}
+    for change, expected in (
+        ({"distill.lm_weight": 0.0}, "--lm_weight 0.0 != 1.0"),
+        ({"distill.teacher": None}, "--teacher None != parent"),
+    ):
+        line = mismatch(saved, {**same, "settings": {**saved["settings"], **change}}, "ckpt/step-3")
+        assert line.startswith(expected) and "in checkpoint ckpt/step-3" in line, line
