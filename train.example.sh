@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The staged recipe: vocabulary adaptation -> data preparation -> align (new embeddings only) -> structured pruning
-# to a target shape (dynamic loading) -> continual pretraining (optional distillation) -> knowledge replay ->
+# to a target shape (PRUNE_METHOD: learned L0 masks, or one-shot importance / depth pruning then a recovery stage;
+# dynamic loading, distillation) -> continual pretraining (optional distillation) -> knowledge replay ->
 # evaluation of the base model and every stage's export (evaluate.py) -> report.
 #
 # Copy to train.sh and edit the variables below. Every stage reads the previous stage's plain Hugging Face directory
@@ -28,6 +29,20 @@ MAX_LENGTH=${MAX_LENGTH:-128}
 BATCH_SIZE=${BATCH_SIZE:-4}
 ALIGN_STEPS=${ALIGN_STEPS:-10}
 PRUNE_STEPS=${PRUNE_STEPS:-200}                                    # masks settle on the target in ~150 (docs/pruning.md)
+# How the model is pruned to TARGET_SHAPE (docs/pruning.md; the prune stage's output is prune/export either way):
+#   l0          learned hard-concrete masks (Sheared-LLaMA), PRUNE_STEPS steps of train.py --stage prune
+#   importance  prune.py --method importance (Minitron activations, calibrated on the replay data), then PRUNE_STEPS
+#               steps of recovery training
+#   depth       prune.py --method depth --match_params (whole layers: as many as give the target's parameter
+#               count), then the same recovery
+# Rule for the default: importance (to be set from docs/benchmarks.md, pruning quality, by the user's budget).
+PRUNE_METHOD=${PRUNE_METHOD:-importance}
+PRUNE_KD=${PRUNE_KD:-1}              # distil the prune stage: l0 from the parent (--teacher parent), one-shot from align
+PRUNE_KD_WEIGHT=${PRUNE_KD_WEIGHT:-1.0}                            # --kd_weight of the prune stage
+PRUNE_KD_TEMPERATURE=${PRUNE_KD_TEMPERATURE:-1.0}                  # --kd_temperature
+PRUNE_LM_WEIGHT=${PRUNE_LM_WEIGHT:-}  # --lm_weight; empty: 1 for l0 (the parent moves with the weights), 0 (KL only) else
+CALIBRATION_SAMPLES=${CALIBRATION_SAMPLES:-512}                    # importance / depth: calibration sequences
+STOP_AFTER=${STOP_AFTER:-}           # align|prune|continue|replay: stop after that training stage (tests, staged jobs)
 CONTINUE_STEPS=${CONTINUE_STEPS:-20}
 REPLAY_STEPS=${REPLAY_STEPS:-20}
 USE_TEACHER=${USE_TEACHER:-1}                                      # distil the continue stage from the aligned model
@@ -35,6 +50,11 @@ EVAL_TASKS=${EVAL_TASKS-piqa}                                      # evaluate.py
 EVAL_LIMIT=${EVAL_LIMIT-20}                                        # documents per task; empty: the full validation sets
 EVAL_TEXTS=${EVAL_TEXTS-$NEW_DOMAIN_DATA}                          # nats/char per category (comma-separated files); empty: none
 PYTHON=${PYTHON:-python}
+
+case "$PRUNE_METHOD" in l0|importance|depth) ;;
+  *) echo "error: PRUNE_METHOD=$PRUNE_METHOD: must be l0, importance or depth" >&2; exit 2 ;; esac
+case "$STOP_AFTER" in ''|align|prune|continue|replay) ;;
+  *) echo "error: STOP_AFTER=$STOP_AFTER: must be empty, align, prune, continue or replay" >&2; exit 2 ;; esac
 
 LAUNCH=(colossalai run --nproc_per_node "$NPROC_PER_NODE" --master_port "${MASTER_PORT:-29511}")
 [ -n "$HOSTFILE" ] && LAUNCH+=(--hostfile "$HOSTFILE")
@@ -72,29 +92,57 @@ prepare "$NEW_DOMAIN_DATA" "$PARENT_SAVE_DIR/data/new"
 prepare "$REPLAY_DATA" "$PARENT_SAVE_DIR/data/replay"
 
 # ---- 3..6. training stages ----------------------------------------------------------------------------------------
-stage() {  # name, input model, dataset, steps, extra flags...
-  local name=$1 model=$2 data=$3 steps=$4; shift 4
+stage() {  # name[:train.py stage, when it differs], input model, dataset, steps, extra flags...
+  local name=${1%%:*} kind=${1#*:} model=$2 data=$3 steps=$4; shift 4
   local out=$PARENT_SAVE_DIR/$name
   if [ -f "$out/export/config.json" ]; then echo "stage $name: done ($out/export)"; return; fi
   say "stage $name"
   local resume=()
   [ -f "$out/checkpoints/latest" ] && resume=(--load_checkpoint "$out/checkpoints")
-  "${LAUNCH[@]}" train.py --stage "$name" --pretrained "$model" --dataset "$data" --eval_dataset "$data" \
+  "${LAUNCH[@]}" train.py --stage "$kind" --pretrained "$model" --dataset "$data" --eval_dataset "$data" \
     --plugin "$PLUGIN" --mixed_precision "$PRECISION" --batch_size "$BATCH_SIZE" --max_steps "$steps" \
     --save_dir "$out/checkpoints" --save_interval 10 --log_interval 5 \
     --tensorboard_dir "$PARENT_TENSORBOARD_DIR/$name" \
     --export_dir "$out/export" "${resume[@]}" "$@"
 }
+stop_after() { if [ "$STOP_AFTER" = "$1" ]; then echo "STOP_AFTER=$1: stopping after stage $1"; exit 0; fi; }
 REPLAY=$PARENT_SAVE_DIR/data/replay
+ALIGNED=$PARENT_SAVE_DIR/align/export
 stage align "$VOCAB/model" "$PARENT_SAVE_DIR/data/new" "$ALIGN_STEPS" --lr 1e-2 --warmup_steps 2
-stage prune "$PARENT_SAVE_DIR/align/export" "$REPLAY" "$PRUNE_STEPS" --lr 1e-3 --warmup_steps 2 \
-  --target_shape "$TARGET_SHAPE" --eval_interval 50 --dynamic_loading \
-  --reference_model "$PARENT_SAVE_DIR/align/export"
+stop_after align
+
+# the prune stage: whatever the method, PRUNE_STEPS steps on the replay data (dynamic loading) end in prune/export
+PRUNE_KD_ARGS=()
+if [ "$PRUNE_KD" = 1 ]; then
+  if [ "$PRUNE_METHOD" = l0 ]; then KD_FROM=parent; LM_DEFAULT=1.0; else KD_FROM=$ALIGNED; LM_DEFAULT=0.0; fi
+  PRUNE_KD_ARGS=(--teacher "$KD_FROM" --kd_weight "$PRUNE_KD_WEIGHT" --kd_temperature "$PRUNE_KD_TEMPERATURE"
+    --lm_weight "${PRUNE_LM_WEIGHT:-$LM_DEFAULT}")
+fi
+PRUNE_DATA=(--eval_interval 50 --dynamic_loading --reference_model "$ALIGNED")
+if [ "$PRUNE_METHOD" = l0 ]; then
+  stage prune "$ALIGNED" "$REPLAY" "$PRUNE_STEPS" --lr 1e-3 --warmup_steps 2 --target_shape "$TARGET_SHAPE" \
+    "${PRUNE_DATA[@]}" "${PRUNE_KD_ARGS[@]}"
+else
+  ONESHOT=$PARENT_SAVE_DIR/prune/oneshot-$PRUNE_METHOD
+  if [ ! -f "$PARENT_SAVE_DIR/prune/export/config.json" ] && [ ! -f "$ONESHOT/config.json" ]; then
+    say "one-shot pruning ($PRUNE_METHOD)"
+    DEPTH=(); [ "$PRUNE_METHOD" = depth ] && DEPTH=(--match_params)
+    $PYTHON prune.py --method "$PRUNE_METHOD" --pretrained "$ALIGNED" --target_shape "$TARGET_SHAPE" "${DEPTH[@]}" \
+      --calibration_dataset "$REPLAY" --num_calibration_samples "$CALIBRATION_SAMPLES" \
+      --calibration_length "$MAX_LENGTH" --output_dir "$ONESHOT" --overwrite
+  fi
+  stage prune:continue "$ONESHOT" "$REPLAY" "$PRUNE_STEPS" --lr 1e-3 --warmup_steps 2 \
+    "${PRUNE_DATA[@]}" "${PRUNE_KD_ARGS[@]}"
+fi
+stop_after prune
+
 TEACHER=()
-[ "$USE_TEACHER" = 1 ] && TEACHER=(--teacher "$PARENT_SAVE_DIR/align/export" --kd_weight 0.5 --kd_temperature 1.0)
+[ "$USE_TEACHER" = 1 ] && TEACHER=(--teacher "$ALIGNED" --kd_weight 0.5 --kd_temperature 1.0)
 stage continue "$PARENT_SAVE_DIR/prune/export" "$PARENT_SAVE_DIR/data/new" "$CONTINUE_STEPS" --lr 3e-3 \
   --warmup_steps 2 "${TEACHER[@]}"
+stop_after continue
 stage replay "$PARENT_SAVE_DIR/continue/export" "$REPLAY" "$REPLAY_STEPS" --lr 1e-3 --warmup_steps 2
+stop_after replay
 
 # ---- 7. evaluation: the base model and every stage's export --------------------------------------------------------
 EVAL_ARGS=()
@@ -116,7 +164,7 @@ for name in align prune continue replay; do evaluate "$name" "$PARENT_SAVE_DIR/$
 # ---- 8. the run report ----------------------------------------------------------------------------------------------
 say "report"
 $PYTHON -m colossal_shear.report --tensorboard_dir "$PARENT_TENSORBOARD_DIR" --out "$PARENT_SAVE_DIR" \
-  --models "before pruning=$PARENT_SAVE_DIR/align/export" "after pruning=$PARENT_SAVE_DIR/prune/export" \
+  --models "before pruning=$ALIGNED" "after pruning=$PARENT_SAVE_DIR/prune/export" \
   --tokenizers "before vocab change=$PRETRAINED_MODEL_PATH" "after vocab change=$VOCAB/model" \
   --eval_texts "$NEW_DOMAIN_DATA" ${EVALS[@]+--evals "${EVALS[@]}"}
 echo "final model: $PARENT_SAVE_DIR/replay/export"

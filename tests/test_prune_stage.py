@@ -59,13 +59,17 @@ def _prune_args(model_dir, dataset, tmp, plugin, *extra):
     ]
 
 
-@pytest.mark.parametrize("plugin,tied", [("ddp", False), ("zero2", True)])
+# zero2: distilled from the parent too (the teacher's KL resumes exactly with the rest)
+PARENT = ["--teacher", "parent", "--kd_weight", 0.5, "--kd_temperature", 2.0, "--lm_weight", 0.5]
+
+
+@pytest.mark.parametrize("plugin,tied,kd", [("ddp", False, []), ("zero2", True, PARENT)])
 def test_prune_stage_resumes_exactly_and_exports_the_target_shape(
-    plugin, tied, model_dir, tied_model_dir, dataset, tmp_path
+    plugin, tied, kd, model_dir, tied_model_dir, dataset, tmp_path
 ):
     model_dir = tied_model_dir if tied else model_dir
     full, part = tmp_path / "full", tmp_path / "part"
-    proc = run_distributed(TRAIN, *_prune_args(model_dir, dataset, full, plugin))
+    proc = run_distributed(TRAIN, *_prune_args(model_dir, dataset, full, plugin, *kd))
     # 6 steps cannot settle the masks: said before training and, with the gaps, before folding
     assert "prune steps with a 2-step target ramp" in proc.stderr
     assert "the masks did NOT converge" in proc.stderr
@@ -75,10 +79,15 @@ def test_prune_stage_resumes_exactly_and_exports_the_target_shape(
     report, summary = make_report(root, tmp_path / "report")
     assert "NOT converged" in dict(summary)["prune convergence (sparsity gap to target)"]
     assert "WARNING: the prune stage did not converge" in report.read_text()
-    run_distributed(TRAIN, *_prune_args(model_dir, dataset, part, plugin, "--stop_at_step", 3))
+    run_distributed(TRAIN, *_prune_args(model_dir, dataset, part, plugin, *kd, "--stop_at_step", 3))
     assert not (part / "export").exists()
-    run_distributed(TRAIN, *_prune_args(model_dir, dataset, part, plugin, "--load_checkpoint", part / "ckpt"))
-    for tag in ("train/loss", "prune/expected_params", "prune/lambda_1/layers", "domain_weight/zh"):
+    run_distributed(TRAIN, *_prune_args(model_dir, dataset, part, plugin, *kd, "--load_checkpoint", part / "ckpt"))
+    tags = ["train/loss", "prune/expected_params", "prune/lambda_1/layers", "domain_weight/zh"]
+    if kd:
+        kl = tb_scalars(full / "tb", "train/kd_loss")
+        assert all(v > 0 for v in kl.values()) and len(kl) == 6, kl  # gates close: the parent differs
+        tags.append("train/kd_loss")
+    for tag in tags:
         expected, got = tb_scalars(full / "tb", tag), tb_scalars(part / "tb", tag)
         for step in range(3, 7):
             if step in expected:
@@ -217,3 +226,39 @@ def test_distillation_from_an_identical_teacher_starts_at_zero(model_dir, datase
     kd = tb_scalars(tmp_path / "tb", "train/kd_loss")
     assert abs(kd[1]) < 1e-5, "teacher == student must give KL 0"
     assert kd[3] > 1e-4, "the student moved away from the teacher, KL must grow"
+
+
+def test_distillation_from_the_parent_matches_a_reference_under_ddp_and_zero2(model_dir, tmp_path):
+    """--teacher parent: the hook's KL term (the boosted model run again with its masks bypassed) equals the KL of the
+    unmasked vs the masked model's full logits by hand, is 0 with every gate open, and one engine step moves the
+    weights by the gradient of lm_weight x LM + kd_weight x KL by hand (lm_weight 0: the KL-only gradient; under ddp
+    with non-reentrant activation checkpointing, whose recomputation must see the student's gates again)."""
+    run_distributed(ROOT / "tests" / "workers" / "parent_distill.py", "--model", model_dir, "--out", tmp_path)
+    for rank in (0, 1):
+        for v in json.loads((tmp_path / f"rank{rank}.json").read_text())["variants"]:
+            where = (rank, v["plugin"], v["lm_loss"])
+            assert abs(v["kl_open"]) < 1e-6, where
+            assert v["kl"] > 1e-3, where  # some gates are closed: the check below is not vacuous
+            assert v["kl"] == pytest.approx(v["kl_ref"], rel=1e-5), where
+            assert v["lm_logged"] == pytest.approx(v["lm_ref"], rel=1e-5), where  # the log: the plain LM loss
+            assert v["update_err"] < 1e-4 * v["grad_max"], where
+            assert v["z_kept"], where
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--teacher", "parent"], "--teacher parent works with --stage prune only"),
+        (["--stage", "prune", "--teacher", "parent", "--plugin", "gemini"], "use ddp, zero2, zero2_cpu"),
+        (["--lm_weight", "0"], "--lm_weight 0 needs a --teacher"),
+        (["--lm_weight", "-1", "--teacher", "t"], "--lm_weight must not be negative"),
+    ],
+)
+def test_distillation_option_errors_are_one_line(args, match):
+    from colossal_shear.core.config import parse
+    from colossal_shear.core.errors import ConfigError
+    from colossal_shear.train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=match) as err:
+        parse(TrainConfig, args)
+    assert "\n" not in str(err.value)

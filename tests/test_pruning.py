@@ -646,6 +646,7 @@ def test_cli_in_process_and_errors(model_dir, tmp_path, capsys):
         (["--method", "random", "--target_shape", "48,2,3,128,1", "--output_dir", str(out)], "exists"),
         (["--method", "depth", "--target_shape", "48,4,3,192,2"], "importance"),
         (["--method", "random", "--target_shape", "48,2,3,128,1", "--keep_layers", "0"], "keep_layers"),
+        (["--method", "random", "--target_shape", "48,2,3,128,1", "--match_params"], "--match_params is for"),
     ]
     for args, message in cases:
         if "--output_dir" not in args:
@@ -671,3 +672,24 @@ def test_cli_in_process_and_errors(model_dir, tmp_path, capsys):
         == 0
     )
     assert json.loads((out / "config.json").read_text())["hidden_size"] == 48
+
+
+def test_depth_with_match_params_keeps_the_layers_closest_to_the_targets_size(model_dir, tmp_path, capsys):
+    """prune.py --method depth --match_params on a width target: the source's width, and the layer count whose
+    parameter count is closest to the target's (one layer more or less would be further off)."""
+    main = _prune_main()
+    out = tmp_path / "depth"
+    args = ["--method", "depth", "--pretrained", str(model_dir), "--target_shape", "48,4,4,192,2"]
+    assert main([*args, "--match_params", "--num_calibration_samples", "8", "--output_dir", str(out)]) == 0
+    small = AutoModelForCausalLM.from_pretrained(out)
+    source = PruneShape.from_config(AutoModelForCausalLM.from_pretrained(model_dir).config)
+    shape = PruneShape.from_config(small.config)
+    assert (shape.hidden, shape.heads, shape.intermediate, shape.kv_heads) == (64, 4, 192, 2)
+    assert 1 <= shape.layers < source.layers
+    want = PruneShape(48, 4, 4, 192, 2).num_params(small.config.vocab_size, small.config.head_dim, False)
+    per_layer = sum(p.numel() for p in small.model.layers[0].parameters())
+    have = small.num_parameters()
+    for other in (have - per_layer if shape.layers > 1 else None, have + per_layer):
+        if other is not None:
+            assert abs(have - want) <= abs(other - want), (have, other, want)
+    assert "kept layers: " in capsys.readouterr().out

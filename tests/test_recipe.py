@@ -2,11 +2,14 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import ROOT, _free_port
+from test_train import tb_scalars
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from colossal_shear.core.fetch import AssetUnavailable
@@ -26,12 +29,21 @@ def benchmark_tasks() -> str:
         return ""
 
 
-def test_recipe_runs_every_stage_and_skips_finished_ones(tmp_path):
-    out = tmp_path / "run"
+def recipe(env: dict, timeout: int = 1200) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(ROOT / "train.example.sh")], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def l0_run(tmp_path_factory):
+    """The whole recipe once, pruning with learned masks distilled from the parent: (output dir, env, process)."""
+    out = tmp_path_factory.mktemp("recipe") / "run"
     env = {
         **os.environ,
         "PARENT_SAVE_DIR": str(out),
         "ALIGN_STEPS": "2",
+        "PRUNE_METHOD": "l0",
         "PRUNE_STEPS": "4",
         "CONTINUE_STEPS": "2",
         "REPLAY_STEPS": "2",
@@ -42,10 +54,13 @@ def test_recipe_runs_every_stage_and_skips_finished_ones(tmp_path):
         "PYTHON": sys.executable,
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     }
-    first = subprocess.run(
-        ["bash", str(ROOT / "train.example.sh")], env=env, capture_output=True, text=True, timeout=1200
-    )
+    first = recipe(env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    return out, env, first
+
+
+def test_recipe_runs_every_stage_and_skips_finished_ones(l0_run):
+    out, env, first = l0_run
 
     base = AutoTokenizer.from_pretrained(out / "base" / "tiny-llama")
     adapted = AutoTokenizer.from_pretrained(out / "vocab" / "model")
@@ -56,6 +71,7 @@ def test_recipe_runs_every_stage_and_skips_finished_ones(tmp_path):
         assert len(AutoTokenizer.from_pretrained(export)) == len(adapted), stage
     pruned = PruneShape.from_config(AutoConfig.from_pretrained(out / "prune" / "export"))
     assert (pruned.hidden, pruned.heads, pruned.layers, pruned.intermediate) == (48, 2, 3, 128)
+    assert tb_scalars(out / "tensorboard" / "prune", "train/kd_loss"), "PRUNE_KD=1: distilled from the parent"
     assert PruneShape.from_config(AutoConfig.from_pretrained(out / "replay" / "export")) == pruned
     report = (out / "report.md").read_text()
     for row in (
@@ -75,12 +91,43 @@ def test_recipe_runs_every_stage_and_skips_finished_ones(tmp_path):
     assert (out / "nats_per_char_per_stage.png").is_file()
     assert f"final model: {out}/replay/export" in first.stdout
 
-    again = subprocess.run(
-        ["bash", str(ROOT / "train.example.sh")], env=env, capture_output=True, text=True, timeout=300
-    )
+    again = recipe(env, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     for stage in ("align", "prune", "continue", "replay"):
         assert f"stage {stage}: done" in again.stdout
     for name in EVALUATED:
         assert f"eval {name}: done" in again.stdout
     assert "Training on All Nodes" not in again.stdout
+
+
+@pytest.mark.parametrize("method", ["importance", "depth"])
+def test_recipe_prunes_one_shot_then_recovers_with_distillation(method, l0_run, tmp_path):
+    """PRUNE_METHOD=importance|depth from the l0 run's aligned model (its earlier steps copied, so skipped), up to
+    the prune stage (STOP_AFTER=prune): prune.py, then recovery distilled from the aligned model into prune/export."""
+    src, env, _ = l0_run
+    out = tmp_path / "run"
+    for part in ("base", "vocab", "data", "align"):
+        shutil.copytree(src / part, out / part, symlinks=True)
+    env = {**env, "PARENT_SAVE_DIR": str(out), "PRUNE_METHOD": method, "STOP_AFTER": "prune"}
+    env.update(CALIBRATION_SAMPLES="16", MASTER_PORT=str(_free_port()))
+    proc = recipe(env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "stage align: done" in proc.stdout and "STOP_AFTER=prune" in proc.stdout
+    assert not (out / "continue").exists()
+    source = PruneShape.from_config(AutoConfig.from_pretrained(out / "align" / "export"))
+    pruned = PruneShape.from_config(AutoConfig.from_pretrained(out / "prune" / "export"))
+    if method == "importance":
+        assert (pruned.hidden, pruned.heads, pruned.layers, pruned.intermediate) == (48, 2, 3, 128)
+    else:  # whole layers only: the source's width, fewer layers
+        assert (pruned.hidden, pruned.heads, pruned.intermediate) == (source.hidden, source.heads, source.intermediate)
+        assert pruned.layers < source.layers
+    AutoModelForCausalLM.from_pretrained(out / "prune" / "export")
+    assert len(tb_scalars(out / "tensorboard" / "prune", "train/kd_loss")) == 4  # recovery, from the aligned model
+
+
+def test_recipe_refuses_an_unknown_prune_method(tmp_path):
+    env = {**os.environ, "PARENT_SAVE_DIR": str(tmp_path / "run"), "PRUNE_METHOD": "magic"}
+    proc = recipe(env, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: PRUNE_METHOD=magic: must be l0, importance or depth"
+    assert not (tmp_path / "run").exists(), "work was done before the refusal"

@@ -32,6 +32,11 @@ class OneShotConfig:
     calibration_length: int = option(512, "tokens per calibration sequence")
     calibration_batch_size: int = option(8, "sequences per forward")
     keep_layers: list[int] | None = option(None, "--method depth: indices of the layers to keep (e.g. 0,1,5)", sep=",")
+    match_params: bool = option(
+        False,
+        "--method depth with a --target_shape narrower than the source: keep the source's width and as many layers "
+        "as bring the parameter count closest to the target's",
+    )
     seed: int = option(0, "seed of --method random")
     overwrite: bool = option(False, "replace an existing output directory")
     dtype: str | None = option(

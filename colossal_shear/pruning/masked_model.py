@@ -17,6 +17,8 @@ Gates are cast to the activation dtype. Gradients flow to whatever the gates wer
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -64,6 +66,7 @@ class MaskedModel:
         self.z: dict | None = None  # the gates of the current (last) forward
         self._handles: list = []
         self._prepared: dict = {}
+        self._unmasked = False
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -100,8 +103,24 @@ class MaskedModel:
     def __exit__(self, *exc) -> None:
         self.detach()
 
+    @contextmanager
+    def unmasked(self):
+        """Forwards inside run with every gate open (the hooks change nothing; `masks_fn` is not called): the parent
+        model, as distillation from it needs. On exit the last masked forward's gates are back in place, since a
+        non-reentrant checkpoint recomputes that forward's layers during its backward and its hooks read them."""
+        saved = self.z, self._prepared
+        self._unmasked = True
+        try:
+            yield self
+        finally:
+            self._unmasked = False
+            self.z, self._prepared = saved
+
     # ------------------------------------------------------------------ per-forward preparation
     def _begin(self, module, args):
+        if self._unmasked:
+            self.z, self._prepared = None, {}
+            return
         z = self.masks_fn()
         self.z = z
         self._prepared = self.prepare(z)

@@ -341,6 +341,8 @@ def _check_options(cfg: OneShotConfig) -> tuple[Path, Path]:
         raise PruneError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     if cfg.keep_layers is not None and cfg.method != "depth":
         raise PruneError("--keep_layers is for --method depth")
+    if cfg.match_params and (cfg.method != "depth" or cfg.keep_layers is not None):
+        raise PruneError("--match_params is for --method depth with a --target_shape (not with --keep_layers)")
     return src_dir, out
 
 
@@ -362,10 +364,14 @@ def _source_and_target(cfg: OneShotConfig, src_dir: Path):
         narrower = [
             k for k in ("hidden", "heads", "kv_heads", "intermediate") if getattr(target, k) != getattr(source, k)
         ]
-        if narrower:
+        if narrower and cfg.match_params and not cfg.keep_layers:
+            tied = bool(getattr(config, "tie_word_embeddings", False))
+            target = target.depth_of_same_size(source, config.vocab_size, head_dim_of(config), tied)
+        elif narrower:
             raise PruneError(
                 f"--method depth removes whole layers only; the target also shrinks "
-                f"{', '.join(narrower)}: use --method importance"
+                f"{', '.join(narrower)}: use --method importance, or --match_params for as many layers as give "
+                "the target's parameter count"
             )
     return config, source, target
 

@@ -157,6 +157,16 @@ class PruneShape:
         per_layer = attn + mlp + 2 * d
         return vocab_size * d * (1 if tied else 2) + d + self.layers * per_layer
 
+    def depth_of_same_size(self, source: PruneShape, vocab_size: int, head_dim: int, tied: bool) -> PruneShape:
+        """The source's width with as many layers (at least one) as bring the parameter count closest to this
+        shape's: what depth pruning keeps for a target given by its width (prune.py --method depth --match_params)."""
+        want = self.num_params(vocab_size, head_dim, tied)
+        shapes = [
+            PruneShape(source.hidden, source.heads, n, source.intermediate, source.kv_heads)
+            for n in range(1, source.layers + 1)
+        ]
+        return min(shapes, key=lambda s: abs(s.num_params(vocab_size, head_dim, tied) - want))
+
     def as_dict(self) -> dict:
         return asdict(self)
 

@@ -27,6 +27,11 @@ from colossal_shear.core.fsutil import atomic_write_text
 
 STAGES = ("align", "prune", "continue", "replay")
 PLUGINS = ("gemini", "gemini_auto", "zero2", "zero2_cpu", "3d", "ddp")
+PARENT_TEACHER = "parent"  # --teacher parent
+# the plugins under which the prune stage can run its model a second time, without gradients, between a forward and
+# its backward (Gemini's no-grad forward scatters its chunks and resets the record of the training forward that its
+# backward follows)
+PARENT_TEACHER_PLUGINS = ("ddp", "zero2", "zero2_cpu")
 
 
 def _at_least(cfg, minimum: int, *names: str) -> None:
@@ -187,14 +192,29 @@ class PruneConfig:
 class DistillConfig:
     """Distillation (Minitron) from a teacher of the same vocabulary."""
 
-    teacher: str | None = option(None, "HF model directory of a teacher: adds kd_weight * T^2 * KL(teacher || student)")
+    teacher: str | None = option(
+        None,
+        "HF model directory of a teacher: the loss becomes lm_weight * LM + kd_weight * T^2 * KL(teacher || student); "
+        "'parent' (--stage prune only): the model being pruned with every gate open, no second copy of the weights",
+    )
     kd_weight: float = option(1.0, "weight of the distillation term")
     kd_temperature: float = option(1.0, "distillation temperature T")
+    lm_weight: float = option(
+        1.0,
+        "weight of the LM loss in the objective (0 with a teacher: KL only, as Minitron; the logged loss is the LM's)",
+    )
 
     def __post_init__(self):
-        _not_negative(self, "kd_weight")
+        _not_negative(self, "kd_weight", "lm_weight")
         if self.kd_temperature <= 0:
             raise ValueError(f"--kd_temperature must be positive, got {self.kd_temperature}")
+        if self.lm_weight == 0 and not self.teacher:
+            raise ValueError("--lm_weight 0 needs a --teacher: without one nothing would be trained")
+
+    @property
+    def from_parent(self) -> bool:
+        """--teacher parent: the prune stage's own model with its masks bypassed (stages/distill.py)."""
+        return self.teacher == PARENT_TEACHER
 
 
 @dataclass
@@ -264,6 +284,17 @@ class TrainConfig:
                 f"--compile cannot be used with --plugin {self.parallel.plugin}: torch.compile fails in "
                 "dynamo on Gemini's chunked parameters (InternalTorchDynamoError); use zero2 or ddp"
             )
+        if self.distill.from_parent:
+            if self.stage != "prune":
+                raise ValueError(
+                    f"--teacher parent works with --stage prune only (the parent is the pruned model with every gate "
+                    f"open); --stage {self.stage} needs a teacher directory"
+                )
+            if self.parallel.plugin not in PARENT_TEACHER_PLUGINS:
+                raise ValueError(
+                    f"--teacher parent cannot run under --plugin {self.parallel.plugin} (a second forward without "
+                    f"gradients before the backward); use {', '.join(PARENT_TEACHER_PLUGINS)}"
+                )
 
     @property
     def freezes_body(self) -> bool:

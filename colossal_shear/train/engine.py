@@ -34,13 +34,16 @@ class Engine:
 
     def forward_backward(self, model, optimizer, inputs: dict, scale: float, hooks, step: int, last_micro: bool):
         """One micro-batch: returns (LM loss, objective), detached device tensors (None on ranks that do not hold
-        them). A non-finite objective still runs its backward: the step is then skipped as a whole."""
+        them). The objective is hooks.lm_weight x the LM loss plus the hooks' terms (with lm_weight 0 the LM loss
+        is computed for the log only). A non-finite objective still runs its backward: the step is then skipped as a
+        whole."""
         with self.autocast():
             outputs = model(**inputs)
-            objective = outputs.loss
+            weight = hooks.lm_weight
+            objective = outputs.loss if weight == 1 else outputs.loss * weight if weight else None
             extra = hooks.extra_loss(step, inputs, outputs)
             if extra is not None:
-                objective = objective + extra
+                objective = extra if objective is None else objective + extra
         with self.sync_context(model, optimizer, last_micro):
             self.booster.backward(objective * scale, optimizer)
         return outputs.loss.detach(), objective.detach()

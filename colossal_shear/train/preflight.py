@@ -90,17 +90,18 @@ def _check_stage_options(cfg: TrainConfig, model_config, train, evals) -> None:
         _check_prune(cfg, model_config)
     if cfg.data.dynamic_loading:
         _check_dynamic_loading(cfg, train, evals)
-    for flag, path in (("teacher", cfg.distill.teacher), ("reference_model", cfg.data.reference_model)):
+    teacher = None if cfg.distill.from_parent else cfg.distill.teacher  # the parent: the model itself
+    for flag, path in (("teacher", teacher), ("reference_model", cfg.data.reference_model)):
         if path and not (Path(path) / "config.json").is_file():
             raise TrainingError(f"--{flag} {path}: no config.json (not a Hugging Face model directory)")
-    if cfg.distill.teacher:
+    if teacher:
         from transformers import AutoConfig
 
         if cfg.parallel.pipeline:
             raise TrainingError(
                 "--teacher is not supported with --pp > 1 (the student's logits live on the last stage)"
             )
-        t = AutoConfig.from_pretrained(cfg.distill.teacher, trust_remote_code=cfg.model.trust_remote_code)
+        t = AutoConfig.from_pretrained(teacher, trust_remote_code=cfg.model.trust_remote_code)
         if t.vocab_size != model_config.vocab_size:
             raise TrainingError(
                 f"--teacher vocab size {t.vocab_size} differs from the model's "

@@ -179,20 +179,25 @@ class Trainer:
         if cfg.stage == "prune":
             from colossal_shear.train.stages.prune import PruneStage
 
-            hooks.append(
-                PruneStage(
-                    cfg.prune,
-                    model,
-                    self.inputs.model_config,
-                    total_steps=self.total_steps,
-                    warmup_steps=self.warmup_steps,
-                    seed=cfg.seed,
-                    calibration_dataset=cfg.data.dataset[0],
-                    device=self.device,
-                    dp_rank=self.ranks.dp_rank,
-                )
+            prune = PruneStage(
+                cfg.prune,
+                model,
+                self.inputs.model_config,
+                total_steps=self.total_steps,
+                warmup_steps=self.warmup_steps,
+                seed=cfg.seed,
+                calibration_dataset=cfg.data.dataset[0],
+                device=self.device,
+                dp_rank=self.ranks.dp_rank,
             )
-        if cfg.distill.teacher:
+            hooks.append(prune)
+        if cfg.distill.from_parent:  # the model being pruned, its masks bypassed: the boosted model, once built
+            from colossal_shear.train.stages.distill import ParentDistillation
+
+            hooks.append(
+                ParentDistillation(cfg.distill, prune.masked, lambda: self.model, cfg.optim.accumulation_steps)
+            )
+        elif cfg.distill.teacher:
             from colossal_shear.train.stages.distill import Distillation
 
             teacher = load_frozen_model(cfg, cfg.distill.teacher, self.device)

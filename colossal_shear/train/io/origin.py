@@ -43,6 +43,7 @@ FIXED = (
     "prune.lagrangian_warmup_steps",
     "distill.kd_weight",
     "distill.kd_temperature",
+    "distill.lm_weight",
 )
 # fields of config.json that say where or how it was saved, not what the model is
 NOT_THE_MODEL = ("_name_or_path", "transformers_version", "torch_dtype", "use_cache", "_attn_implementation_autoset")
@@ -71,7 +72,8 @@ def _get(cfg, dotted: str):
 def run_origin(cfg, inputs, schedule: dict) -> dict:
     """This run's origin (the same on every rank: computed from the same files and flags)."""
     settings = {name: _get(cfg, name) for name in FIXED}
-    settings["distill.teacher"] = weights_fingerprint(cfg.distill.teacher)
+    distill = cfg.distill
+    settings["distill.teacher"] = distill.teacher if distill.from_parent else weights_fingerprint(distill.teacher)
     settings["data.reference_model"] = weights_fingerprint(cfg.data.reference_model)
     if cfg.stage == "prune":  # the masks' target ramp and schedule are laid over the run's length
         settings["optim.max_steps"] = schedule["max_steps"]

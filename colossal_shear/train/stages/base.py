@@ -1,6 +1,7 @@
 """Stage hooks: how a training stage (pruning, distillation, dynamic loading, ...) plugs into the Trainer without
 the loop knowing it exists. Every method has a do-nothing default; the Trainer calls all of them unconditionally,
-in this order within one optimizer step:
+in this order within one optimizer step (and `lm_weight`, the factor of the LM loss in the objective: 1 unless a stage
+says otherwise, the product of every stage's; distillation's --lm_weight):
 
     start_scalars()                        values to log once when a run starts from step 0
     before_forward(step, micro)            per micro-batch, before the model runs
@@ -21,6 +22,7 @@ from collections.abc import Callable
 
 class StageHooks:
     name = "stage"
+    lm_weight = 1.0
 
     def start_scalars(self) -> dict:
         return {}
@@ -67,6 +69,9 @@ class HookList(StageHooks):
         names = [h.name for h in hooks]
         assert len(set(names)) == len(names), f"two stage hooks share a name: {names}"
         self.hooks = hooks
+        self.lm_weight = 1.0
+        for h in hooks:
+            self.lm_weight *= h.lm_weight
 
     def start_scalars(self):
         return {k: v for h in self.hooks for k, v in h.start_scalars().items()}
