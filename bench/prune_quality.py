@@ -24,7 +24,7 @@ phase 2 = round(budget x --recover_fraction) steps and phase 1 = the rest (defau
   phase 2:  train.py --stage continue on the phase-1 export, for every method.
 So L0 gets prune N + recover M steps and the one-shot methods recover N + M (two warm-up + cosine schedules, like
 L0): equal tokens and optimizer steps. Depth pruning removes whole layers only, as many as bring it closest to the
-target's parameter count.
+target's parameter count (prune.py --method depth --match_params).
 
 Distillation (`<method>-kd`, e.g. l0-kd, importance-kd, depth-kd): the same runs with every training phase distilled
 from the unpruned model: loss = --lm_weight x LM + --kd_weight x T^2 x KL(teacher || student), T = --kd_temperature
@@ -264,7 +264,7 @@ def save_results(path: Path, results: dict) -> None:
 
 
 class Bench:
-    """What every run shares: the model, the prepared data, the training options, the depth shape."""
+    """What every run shares: the model, the prepared data, the training options."""
 
     def __init__(self, args):
         from transformers import AutoConfig
@@ -282,7 +282,6 @@ class Bench:
         self.source = PruneShape.from_config(config)
         self.target = PruneShape.parse(args.target_shape, config)
         self.target.validate_against(self.source)
-        self.depth_shape = self._depth_shape(config)
         self.common = [
             *("--dataset", self.work / "train", "--plugin", args.plugin, "--mixed_precision", args.precision),
             *("--batch_size", args.batch_size, "--lr", args.lr, "--warmup_steps", args.warmup_steps),
@@ -312,17 +311,6 @@ class Bench:
                 cmd += ["--tokenizer_dir", self.model, "--data_output_dirs", self.work / name]
                 cmd += ["--max_length", self.args.max_length, "--num_spliced_dataset_bins", 1, "--no_progress"]
                 run(cmd, self.work / f"prep-{name}.log")
-
-    def _depth_shape(self, config) -> str:
-        """Full width, as many layers as bring the parameter count closest to the target's."""
-        from colossal_shear.pruning.shape import PruneShape, head_dim_of
-
-        s = self.source
-        vocab, head_dim, tied = config.vocab_size, head_dim_of(config), bool(config.tie_word_embeddings)
-        goal = self.target.num_params(vocab, head_dim, tied)
-        shapes = [PruneShape(s.hidden, s.heads, n, s.intermediate, s.kv_heads) for n in range(1, s.layers + 1)]
-        best = min(shapes, key=lambda x: abs(x.num_params(vocab, head_dim, tied) - goal))
-        return ",".join(str(getattr(best, k)) for k in ("hidden", "heads", "layers", "intermediate", "kv_heads"))
 
     def unpruned(self) -> dict:
         from colossal_shear.report import count_params
@@ -396,8 +384,17 @@ class Bench:
     def oneshot(self, method: str, seed: int, out: Path, log: Path) -> float:
         if (out / "config.json").is_file():
             return float((out / "seconds").read_text()) if (out / "seconds").is_file() else 0.0
-        shape = self.depth_shape if method == "depth" else self.args.target_shape
-        cmd = [self.py, "prune.py", "--method", method, "--pretrained", self.model, "--target_shape", shape]
+        cmd = [
+            self.py,
+            "prune.py",
+            "--method",
+            method,
+            "--pretrained",
+            self.model,
+            "--target_shape",
+            self.args.target_shape,
+        ]
+        cmd += ["--match_params"] if method == "depth" else []
         cmd += ["--output_dir", out, "--overwrite", "--calibration_dataset", self.work / "train"]
         cmd += ["--num_calibration_samples", 64, "--calibration_length", self.args.max_length, "--seed", seed]
         secs = run(cmd, log)
