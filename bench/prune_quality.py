@@ -34,8 +34,9 @@ pruned with every gate open, no second copy); of every continue phase, the unpru
 Results accumulate in --out (JSON, written after every run): a finished (budget, method, seed) is skipped on a re-run,
 so a long benchmark can be run in pieces (e.g. one budget or one seed per session) and the table printed at any time
 (`--report_only`). The settings that change what a run measures (model, target, batch, lr, kd mix...) are stored
-with it and a re-run with other settings is refused. Partial phases live in --work_dir (default: next to --out) and
-are reused; a run's models are deleted once its row is recorded (unless --keep_models).
+with it and a re-run with other settings is refused; each row records the code's commit (a table whose rows come
+from several commits says so). Partial phases live in --work_dir (default: next to --out) and are reused; a run's
+models are deleted once its row is recorded (unless --keep_models).
 
 Printed per budget: held-out loss per category and their mean (min-max of the per-seed means), the difference in nats
 to the best method without distillation, nats/char and accuracy from evaluate.py, each L0 run's final
@@ -115,6 +116,15 @@ def trained(tb: Path, cmd, log, export: Path | None = None) -> float:
     secs = run([*cmd, "--tensorboard_dir", tb], log)
     (tb / "done").write_text(str(secs))
     return secs
+
+
+def code_version() -> str:
+    """The checkout's commit (+ "-dirty" with uncommitted changes): a row measured before a change to the pruning
+    code is told apart from one after (the table says when a budget mixes them)."""
+    git = ["git", "-C", str(ROOT)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    return (head or "?") + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def split_corpus(work: Path, heldout_records: int) -> tuple[Path, Path]:
@@ -377,6 +387,7 @@ class Bench:
             loss=eval_losses(w / f"tb-{tag}-2"),
             gaps=gaps,
             seconds=t,
+            commit=code_version(),
             **evaluation(final, self.held_jsonl, a.eval_tasks, a.eval_limit, w / f"eval-{tag}.json"),
         )
         return row, curves
@@ -553,6 +564,8 @@ def print_budget(budget: int, by_method: dict, unpruned: dict | None, s: dict) -
         f"*-kd: lm_weight {s['lm_weight']}, kd_weight {s['kd_weight']}, T {s['kd_temperature']}; "
         "held-out loss (lower is better), mean over seeds (min-max of the per-seed means)"
     )
+    commits = sorted({r.get("commit") or "?" for rows in by_method.values() for r in rows})
+    print(f"code: {commits[0]}" if len(commits) == 1 else f"code: MIXED, rows from commits {', '.join(commits)}")
     means = {m: statistics.mean(_seed_means(rows, cats)) for m, rows in by_method.items()}
     plain = {m: v for m, v in means.items() if not m.endswith("-kd")}
     ref = min(plain, key=plain.get) if plain else None
