@@ -28,7 +28,7 @@ PRECISION=${PRECISION:-fp32}                                       # bf16 on GPU
 MAX_LENGTH=${MAX_LENGTH:-128}
 BATCH_SIZE=${BATCH_SIZE:-4}
 ALIGN_STEPS=${ALIGN_STEPS:-10}
-PRUNE_STEPS=${PRUNE_STEPS:-200}                                    # masks settle on the target in ~150 (docs/pruning.md)
+PRUNE_STEPS=${PRUNE_STEPS:-60}                                     # l0: target ramp 40%, hardening 30%, then fixed masks
 # How the model is pruned to TARGET_SHAPE (docs/pruning.md; the prune stage's output is prune/export either way):
 #   l0          learned hard-concrete masks (Sheared-LLaMA), PRUNE_STEPS steps of train.py --stage prune
 #   importance  prune.py --method importance (Minitron activations, calibrated on the replay data), then PRUNE_STEPS

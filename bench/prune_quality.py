@@ -366,7 +366,7 @@ class Bench:
             cmd += ["--export_dir", phase1, "--overwrite", *self.distil(kd, "parent")]
             t = trained(tb1, cmd, w / f"{tag}-1.log", phase1)
             scalars = read_scalars(tb1)
-            gaps, curves = prune_convergence(scalars), sparsity_curves(scalars, self.source)
+            gaps, curves = prune_convergence(scalars), sparsity_curves(scalars)
         else:
             oneshot = w / f"oneshot-{tag}"
             t = self.oneshot(base, seed, oneshot, w / f"{tag}-oneshot.log")
@@ -421,20 +421,17 @@ class Bench:
 # ---------------------------------------------------------------------------------------------------- curves
 
 
-def sparsity_curves(scalars: dict, source) -> list[dict]:
+def sparsity_curves(scalars: dict) -> list[dict]:
     """Per step and pruned dim (final target sparsity > 0): expected sparsity, ramped and final target sparsity, from
-    the prune stage's scalars. The ramped target is `prune/ramped_sparsity/<dim>` where logged, else
-    `prune/ramped_target/<dim>`: a count (as Lagrangian.target_at gives it, from the source's value down: every value
-    >= 1 is one) is turned into a sparsity over the source's value."""
+    the prune stage's scalars (`prune/expected_sparsity/<dim>`, `prune/ramped_target_sparsity/<dim>`,
+    `prune/target_sparsity/<dim>`)."""
     rows = []
     for tag, pts in sorted(scalars.items()):
         if not (tag.startswith("prune/target_sparsity/") and pts and pts[-1][1] > 0):
             continue
         dim = tag.rsplit("/", 1)[1]
         final = dict(pts)
-        ramped = dict(scalars.get(f"prune/ramped_sparsity/{dim}", []) or scalars.get(f"prune/ramped_target/{dim}", []))
-        if ramped and max(ramped.values()) >= 1:  # a count (it starts at the source's value, >= 2): to a sparsity
-            ramped = {s: 1 - v / getattr(source, dim) for s, v in ramped.items()}
+        ramped = dict(scalars.get(f"prune/ramped_target_sparsity/{dim}", []))
         for step, expected in scalars.get(f"prune/expected_sparsity/{dim}", []):
             rows.append(
                 dict(
