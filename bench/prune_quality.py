@@ -152,12 +152,13 @@ def eval_losses(tb_dir: Path) -> dict:
 
 
 def evaluation(model_dir: Path, held: Path, tasks: str, limit: int, out: Path) -> dict:
-    """evaluate.py on a model: accuracy on `tasks` and nats/char per category of the held-out records (cached)."""
+    """evaluate.py on a model: accuracy on `tasks` and nats/char per category of the held-out records (cached, while
+    the cache is newer than the model: a re-run method writes a new model, which is evaluated again)."""
     from colossal_shear.eval.config import EvalConfig
     from colossal_shear.eval.results import read_results
     from colossal_shear.eval.run import evaluate
 
-    if not out.is_file():
+    if not out.is_file() or out.stat().st_mtime < (model_dir / "config.json").stat().st_mtime:
         texts = sorted(held.glob("*.jsonl"))
         task_list = [t for t in tasks.split(",") if t]
         evaluate(EvalConfig(model=model_dir, tasks=task_list, limit=limit or None, text_eval=texts, output=out))
