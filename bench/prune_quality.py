@@ -38,7 +38,8 @@ so a long benchmark can be run in pieces (e.g. one budget or one seed per sessio
 (`--report_only`). The settings that change what a run measures (model, target, batch, lr, kd mix...) are stored
 with it and a re-run with other settings is refused; each row records the code's commit (a table whose rows come
 from several commits says so). Partial phases live in --work_dir (default: next to --out) and are reused; a run's
-models are deleted once its row is recorded (unless --keep_models).
+models are deleted once its row is recorded (unless --keep_models). Two processes can share one --out when they run
+different (budget, method, seed), e.g. one seed each: every write re-reads the file under a lock.
 
 Printed per budget: held-out loss per category and their mean (min-max of the per-seed means), the difference in nats
 to the best method without distillation, nats/char and accuracy from evaluate.py, each L0 run's final
@@ -266,11 +267,19 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def save_results(path: Path, results: dict) -> None:
+def record(path: Path, results: dict, change=None) -> dict:
+    """--out as it is now, with `change` applied and written, under the lock eval/chunks.py uses: two processes
+    running different (budget, method, seed) can share one --out."""
     from colossal_shear.core.fsutil import atomic_write_text
+    from colossal_shear.eval.chunks import locked
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(results, indent=1) + "\n")
+    with locked(path) as now:
+        now = now or results
+        now.setdefault("runs", {})
+        if change is not None:
+            change(now)
+            atomic_write_text(path, json.dumps(now, indent=1) + "\n")
+        return now
 
 
 # ---------------------------------------------------------------------------------------------------- runs
@@ -638,19 +647,18 @@ def main(argv=None):
     if not args.report_only:
         bench = Bench(args)
         if results.get("unpruned") is None:
-            results["unpruned"] = bench.unpruned()
-            save_results(args.out, results)
+            unpruned = bench.unpruned()
+            results = record(args.out, results, lambda r: r.update(unpruned=unpruned))
         for budget in args.budget_list:
             for seed in args.seed_list:
                 for method in args.method_list:
                     key = f"{budget}/{method}/{seed}"
-                    if key in results["runs"]:
+                    if key in record(args.out, results)["runs"]:
                         continue
                     row, curves = bench.run_one(budget, method, seed)
                     if curves is not None:
                         write_curves(curves_path(args.out, budget, method, seed), curves)
-                    results["runs"][key] = row
-                    save_results(args.out, results)
+                    results = record(args.out, results, lambda r, key=key, row=row: r["runs"].update({key: row}))
                     if not args.keep_models:
                         bench.clean(budget, method, seed)
                     gaps = row["gaps"]
