@@ -39,8 +39,7 @@ class Engine:
         whole."""
         with self.autocast():
             outputs = model(**inputs)
-            weight = hooks.lm_weight
-            objective = outputs.loss if weight == 1 else outputs.loss * weight if weight else None
+            objective = outputs.loss * hooks.lm_weight if hooks.lm_weight else None
             extra = hooks.extra_loss(step, inputs, outputs)
             if extra is not None:
                 objective = extra if objective is None else objective + extra
