@@ -39,7 +39,11 @@ PRUNE_STEPS=${PRUNE_STEPS:-60}                                     # l0: target 
 # quality); l0 is for long runs (Sheared-LLaMA: thousands of prune steps); the 400-step budget is not measured yet.
 # A finished prune stage is kept: to switch methods after it ran, delete $PARENT_SAVE_DIR/prune (and the stages after).
 PRUNE_METHOD=${PRUNE_METHOD:-importance}
-PRUNE_KD=${PRUNE_KD:-1}              # distil the prune stage: l0 from the parent (--teacher parent), one-shot from align
+# Distil the prune stage (l0 from the parent, --teacher parent; one-shot from the aligned model): 1, 0, or auto: on when
+# the stage trains on at least PRUNE_KD_MIN_TOKENS tokens (PRUNE_STEPS x BATCH_SIZE x MAX_LENGTH x processes). Measured
+# on SmolLM2-135M (docs/benchmarks.md, pruning quality): distillation lost at 9,600 tokens and won at 25,600.
+PRUNE_KD=${PRUNE_KD:-auto}
+PRUNE_KD_MIN_TOKENS=${PRUNE_KD_MIN_TOKENS:-16384}
 PRUNE_KD_WEIGHT=${PRUNE_KD_WEIGHT:-1.0}                            # --kd_weight of the prune stage
 PRUNE_KD_TEMPERATURE=${PRUNE_KD_TEMPERATURE:-1.0}                  # --kd_temperature
 PRUNE_LM_WEIGHT=${PRUNE_LM_WEIGHT:-}  # --lm_weight; empty: 1 for l0 (the parent moves with the weights), 0 (KL only) else
@@ -57,6 +61,15 @@ case "$PRUNE_METHOD" in l0|importance|depth) ;;
   *) echo "error: PRUNE_METHOD=$PRUNE_METHOD: must be l0, importance or depth" >&2; exit 2 ;; esac
 case "$STOP_AFTER" in ''|align|prune|continue|replay) ;;
   *) echo "error: STOP_AFTER=$STOP_AFTER: must be empty, align, prune, continue or replay" >&2; exit 2 ;; esac
+case "$PRUNE_KD" in 0|1|auto) ;;
+  *) echo "error: PRUNE_KD=$PRUNE_KD: must be 0, 1 or auto" >&2; exit 2 ;; esac
+if [ "$PRUNE_KD" = auto ]; then  # the rule from the user's budget (above)
+  HOSTS=1; [ -n "$HOSTFILE" ] && HOSTS=$(grep -cv '^[[:space:]]*\(#\|$\)' "$HOSTFILE" || true)
+  [ "${HOSTS:-0}" -ge 1 ] || { echo "error: HOSTFILE=$HOSTFILE: no host names in it" >&2; exit 2; }
+  PRUNE_TOKENS=$((PRUNE_STEPS * BATCH_SIZE * MAX_LENGTH * NPROC_PER_NODE * HOSTS))
+  PRUNE_KD=0; [ "$PRUNE_TOKENS" -ge "$PRUNE_KD_MIN_TOKENS" ] && PRUNE_KD=1
+  echo "PRUNE_KD=auto: the prune stage trains on $PRUNE_TOKENS tokens, distillation $([ "$PRUNE_KD" = 1 ] && echo on || echo off) (on from $PRUNE_KD_MIN_TOKENS)"
+fi
 
 LAUNCH=(colossalai run --nproc_per_node "$NPROC_PER_NODE" --master_port "${MASTER_PORT:-29511}")
 [ -n "$HOSTFILE" ] && LAUNCH+=(--hostfile "$HOSTFILE")

@@ -45,6 +45,7 @@ def l0_run(tmp_path_factory):
         "ALIGN_STEPS": "2",
         "PRUNE_METHOD": "l0",
         "PRUNE_STEPS": "4",
+        "PRUNE_KD": "1",
         "CONTINUE_STEPS": "2",
         "REPLAY_STEPS": "2",
         "NUM_NEW_PIECES": "16",
@@ -100,19 +101,24 @@ def test_recipe_runs_every_stage_and_skips_finished_ones(l0_run):
     assert "Training on All Nodes" not in again.stdout
 
 
-@pytest.mark.parametrize("method", ["importance", "depth"])
-def test_recipe_prunes_one_shot_then_recovers_with_distillation(method, l0_run, tmp_path):
+@pytest.mark.parametrize("method,steps", [("importance", 16), ("depth", 4)])
+def test_recipe_prunes_one_shot_then_recovers_distilled_by_the_budget_rule(method, steps, l0_run, tmp_path):
     """PRUNE_METHOD=importance|depth from the l0 run's aligned model (its earlier steps copied, so skipped), up to
-    the prune stage (STOP_AFTER=prune): prune.py, then recovery distilled from the aligned model into prune/export."""
+    the prune stage (STOP_AFTER=prune): prune.py, then recovery into prune/export, distilled from the aligned model
+    when PRUNE_KD=auto finds the budget large enough (16 steps x 4 sequences x 2 processes x 128 tokens = 16,384
+    tokens: on; 4 steps: 4,096 tokens, off)."""
     src, env, _ = l0_run
     out = tmp_path / "run"
     for part in ("base", "vocab", "data", "align"):
         shutil.copytree(src / part, out / part, symlinks=True)
     env = {**env, "PARENT_SAVE_DIR": str(out), "PRUNE_METHOD": method, "STOP_AFTER": "prune"}
-    env.update(CALIBRATION_SAMPLES="16", MASTER_PORT=str(_free_port()))
+    env.update(CALIBRATION_SAMPLES="16", MASTER_PORT=str(_free_port()), PRUNE_KD="auto", PRUNE_STEPS=str(steps))
     proc = recipe(env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "stage align: done" in proc.stdout and "STOP_AFTER=prune" in proc.stdout
+    tokens, on = steps * 4 * 2 * 128, steps == 16
+    rule = f"PRUNE_KD=auto: the prune stage trains on {tokens} tokens, distillation {'on' if on else 'off'}"
+    assert rule in proc.stdout
     assert not (out / "continue").exists()
     source = PruneShape.from_config(AutoConfig.from_pretrained(out / "align" / "export"))
     pruned = PruneShape.from_config(AutoConfig.from_pretrained(out / "prune" / "export"))
@@ -122,12 +128,30 @@ def test_recipe_prunes_one_shot_then_recovers_with_distillation(method, l0_run, 
         assert (pruned.hidden, pruned.heads, pruned.intermediate) == (source.hidden, source.heads, source.intermediate)
         assert pruned.layers < source.layers
     AutoModelForCausalLM.from_pretrained(out / "prune" / "export")
-    assert len(tb_scalars(out / "tensorboard" / "prune", "train/kd_loss")) == 4  # recovery, from the aligned model
+    logged = tb_scalars(out / "tensorboard" / "prune")  # recovery's LM loss, at every logged step
+    assert max(logged) == steps
+    if on:  # distilled from the aligned model at every logged step
+        assert tb_scalars(out / "tensorboard" / "prune", "train/kd_loss").keys() == logged.keys()
+    else:
+        with pytest.raises(KeyError):
+            tb_scalars(out / "tensorboard" / "prune", "train/kd_loss")
 
 
-def test_recipe_refuses_an_unknown_prune_method(tmp_path):
-    env = {**os.environ, "PARENT_SAVE_DIR": str(tmp_path / "run"), "PRUNE_METHOD": "magic"}
+@pytest.mark.parametrize(
+    "var,value,error",
+    [
+        ("PRUNE_METHOD", "magic", "error: PRUNE_METHOD=magic: must be l0, importance or depth"),
+        ("PRUNE_KD", "yes", "error: PRUNE_KD=yes: must be 0, 1 or auto"),
+        ("HOSTFILE", "EMPTY", "error: HOSTFILE=EMPTY: no host names in it"),
+    ],
+)
+def test_recipe_refuses_a_bad_setting_before_any_work(var, value, error, tmp_path):
+    if value == "EMPTY":
+        value = str(tmp_path / "hostfile")
+        Path(value).write_text("# no hosts yet\n\n")
+        error = error.replace("EMPTY", value)
+    env = {**os.environ, "PARENT_SAVE_DIR": str(tmp_path / "run"), var: value}
     proc = recipe(env, timeout=60)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: PRUNE_METHOD=magic: must be l0, importance or depth"
+    assert proc.stderr.strip() == error
     assert not (tmp_path / "run").exists(), "work was done before the refusal"
