@@ -35,14 +35,14 @@ PRUNE_STEPS=${PRUNE_STEPS:-60}                                     # l0: target 
 #               steps of recovery training
 #   depth       prune.py --method depth --match_params (whole layers: as many as give the target's parameter
 #               count), then the same recovery
-# Default importance: the best measured on SmolLM2-135M at both budgets (docs/benchmarks.md, pruning quality), 0.97
-# nats ahead of l0 at 150 steps and 0.49 at 400: l0 closes the gap with steps, and is for long runs (Sheared-LLaMA:
-# thousands of prune steps).
+# Default importance: the best measured on SmolLM2-135M at every budget (docs/benchmarks.md, pruning quality), 0.97
+# nats ahead of l0 at 150 steps, 0.50 at 400 and 0.43 at 1000: l0 closes the gap slowly, and is for long runs
+# (Sheared-LLaMA: thousands of prune steps).
 # A finished prune stage is kept: to switch methods after it ran, delete $PARENT_SAVE_DIR/prune (and the stages after).
 PRUNE_METHOD=${PRUNE_METHOD:-importance}
 # Distil the prune stage (l0 from the parent, --teacher parent; one-shot from the aligned model): 1, 0, or auto: on when
 # the stage trains on at least PRUNE_KD_MIN_TOKENS tokens (PRUNE_STEPS x BATCH_SIZE x MAX_LENGTH x processes). Measured
-# on SmolLM2-135M (docs/benchmarks.md, pruning quality): distillation lost at 9,600 tokens and won at 25,600.
+# on SmolLM2-135M (docs/benchmarks.md, pruning quality): distillation lost at 9,600 tokens, won at 25,600 and 64,000.
 PRUNE_KD=${PRUNE_KD:-auto}
 PRUNE_KD_MIN_TOKENS=${PRUNE_KD_MIN_TOKENS:-16384}
 PRUNE_KD_WEIGHT=${PRUNE_KD_WEIGHT:-1.0}                            # --kd_weight of the prune stage

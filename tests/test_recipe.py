@@ -12,8 +12,10 @@ from conftest import ROOT, _free_port
 from test_train import tb_scalars
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from colossal_shear.core.config import load_yaml
 from colossal_shear.core.fetch import AssetUnavailable
 from colossal_shear.pruning.shape import PruneShape
+from colossal_shear.train.config import TrainConfig
 
 EVALUATED = ("base", "align", "prune", "continue", "replay")
 
@@ -130,8 +132,10 @@ def test_recipe_prunes_one_shot_then_recovers_distilled_by_the_budget_rule(metho
     AutoModelForCausalLM.from_pretrained(out / "prune" / "export")
     logged = tb_scalars(out / "tensorboard" / "prune")  # recovery's LM loss, at every logged step
     assert max(logged) == steps
-    if on:  # distilled from the aligned model at every logged step
+    if on:  # distilled from the aligned model at every logged step, KL only
         assert tb_scalars(out / "tensorboard" / "prune", "train/kd_loss").keys() == logged.keys()
+        used = load_yaml(out / "prune" / "checkpoints" / "config.yaml", TrainConfig)
+        assert (used["teacher"], used["lm_weight"]) == (str(out / "align" / "export"), 0.0)
     else:
         with pytest.raises(KeyError):
             tb_scalars(out / "tensorboard" / "prune", "train/kd_loss")
